@@ -1,0 +1,177 @@
+//! Meter selection of a pipeline source: shell globs with `!` exclusions (Ceilometer rules).
+
+/// A validated meter filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterFilter {
+    includes: Vec<String>,
+    excludes: Vec<String>,
+}
+
+impl MeterFilter {
+    /// Validates a source's `meters` list as Ceilometer did: non-empty; not includes mixed
+    /// with excludes; not `*` mixed with includes. A glob like `disk.*` counts as an include.
+    pub fn new(meters: &[String]) -> Result<Self, String> {
+        if meters.is_empty() {
+            return Err("No meters specified".into());
+        }
+        let (excludes, includes): (Vec<_>, Vec<_>) =
+            meters.iter().cloned().partition(|m| m.starts_with('!'));
+        let plain = includes.iter().any(|m| m != "*");
+        if plain && !excludes.is_empty() {
+            return Err("Both included and excluded meters specified".into());
+        }
+        if plain && includes.iter().any(|m| m == "*") {
+            return Err("Included meters specified with wildcard".into());
+        }
+        let excludes = excludes.into_iter().map(|m| m[1..].to_string()).collect();
+        Ok(MeterFilter { includes, excludes })
+    }
+
+    /// Whether meter `name` passes this filter.
+    pub fn matches(&self, name: &str) -> bool {
+        if self.excludes.iter().any(|p| fnmatch(p, name)) {
+            return false;
+        }
+        if self.includes.iter().any(|p| fnmatch(p, name)) {
+            return true;
+        }
+        self.includes.is_empty()
+    }
+}
+
+/// Shell-style glob match (`*`, `?`, `[abc]`, `[!abc]`, `[a-z]`), case-sensitive.
+pub fn fnmatch(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    fn go(p: &[char], n: &[char]) -> bool {
+        let (mut pi, mut ni) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while ni < n.len() {
+            if pi < p.len() {
+                match p[pi] {
+                    '*' => {
+                        star = Some((pi, ni));
+                        pi += 1;
+                        continue;
+                    }
+                    '?' => {
+                        pi += 1;
+                        ni += 1;
+                        continue;
+                    }
+                    '[' => {
+                        if let Some((matched, len)) = class(&p[pi..], n[ni]) {
+                            if matched {
+                                pi += len;
+                                ni += 1;
+                                continue;
+                            }
+                        } else if n[ni] == '[' {
+                            pi += 1;
+                            ni += 1;
+                            continue;
+                        }
+                    }
+                    c if c == n[ni] => {
+                        pi += 1;
+                        ni += 1;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            }
+        }
+        p[pi..].iter().all(|c| *c == '*')
+    }
+    go(&p, &n)
+}
+
+/// Matches a `[...]` class at the start of `p`; returns (matched, pattern length) or `None`
+/// when the bracket is not closed (then it is a literal `[`).
+fn class(p: &[char], c: char) -> Option<(bool, usize)> {
+    let mut i = 1;
+    let negate = matches!(p.get(1), Some('!'));
+    if negate {
+        i += 1;
+    }
+    let start = i;
+    let mut hit = false;
+    while i < p.len() {
+        if p[i] == ']' && i > start {
+            return Some((hit != negate, i + 1));
+        }
+        if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+            if p[i] <= c && c <= p[i + 2] {
+                hit = true;
+            }
+            i += 3;
+        } else {
+            if p[i] == c {
+                hit = true;
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(m: &[&str]) -> Result<MeterFilter, String> {
+        MeterFilter::new(&m.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn globs() {
+        assert!(fnmatch("disk.*", "disk.read.bytes"));
+        assert!(!fnmatch("disk.*", "disk"));
+        assert!(fnmatch("*", ""));
+        assert!(fnmatch("cpu?", "cpu1"));
+        assert!(fnmatch("net[a-c]", "netb"));
+        assert!(!fnmatch("net[!a-c]", "netb"));
+        assert!(fnmatch("a*b*c", "aXXbYYc"));
+        assert!(!fnmatch("a*b*c", "aXXbYY"));
+        assert!(!fnmatch("CPU", "cpu"));
+        assert!(fnmatch("x[", "x["));
+    }
+
+    #[test]
+    fn ceilometer_validation_rules() {
+        assert_eq!(f(&[]).unwrap_err(), "No meters specified");
+        assert_eq!(
+            f(&["a", "!b"]).unwrap_err(),
+            "Both included and excluded meters specified"
+        );
+        assert_eq!(
+            f(&["a", "!a"]).unwrap_err(),
+            "Both included and excluded meters specified"
+        );
+        assert_eq!(
+            f(&["*", "a"]).unwrap_err(),
+            "Included meters specified with wildcard"
+        );
+        assert!(f(&["*", "!a"]).is_ok());
+        assert!(f(&["!a", "!b"]).is_ok());
+        assert!(f(&["cpu", "disk.*"]).is_ok());
+    }
+
+    #[test]
+    fn matching() {
+        let w = f(&["*", "!a"]).unwrap();
+        assert!(!w.matches("a") && w.matches("b"));
+        let ex = f(&["!cpu", "!disk.*"]).unwrap();
+        assert!(!ex.matches("cpu") && !ex.matches("disk.x") && ex.matches("memory"));
+        let inc = f(&["cpu", "disk.*"]).unwrap();
+        assert!(inc.matches("cpu") && inc.matches("disk.read.bytes") && !inc.matches("instance"));
+    }
+}

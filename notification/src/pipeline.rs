@@ -1,0 +1,153 @@
+//! Running a [`PipelineDef`]: publish contexts, transformer chains, flushes.
+//!
+//! One consumed message is one publish context: for each pipeline in order, the samples its
+//! source selects go through its sink's transformer chain; survivors are emitted for the
+//! sink's publishers; then every pipeline is flushed (transformer i's flush output continues
+//! through transformers i+1..n). Pipelines that share a sink share its transformer instances.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use vmeter_core::Sample;
+
+use crate::definition::PipelineDef;
+use crate::transformers::{Cx, Dropped, Transformer};
+
+/// Samples a pipeline publishes at once (one `publish_samples` call per publisher).
+#[derive(Debug)]
+pub struct Emission {
+    /// Index into [`PipelineDef::pipelines`].
+    pub pipeline: usize,
+    pub samples: Vec<Sample>,
+}
+
+/// The live pipelines with their transformer state.
+pub struct Runtime {
+    def: Arc<PipelineDef>,
+    /// Per sink: its transformer chain.
+    chains: Vec<Vec<Box<dyn Transformer>>>,
+    /// Drops recorded since the last [`take_drops`](Self::take_drops).
+    drops: Vec<Dropped>,
+}
+
+impl Runtime {
+    /// Fresh state for `def`.
+    pub fn new(def: Arc<PipelineDef>) -> Self {
+        let chains = def
+            .sinks
+            .iter()
+            .map(|s| s.transformers.iter().map(|t| t.build()).collect())
+            .collect();
+        Runtime {
+            def,
+            chains,
+            drops: Vec::new(),
+        }
+    }
+
+    /// The definition being run.
+    pub fn def(&self) -> &Arc<PipelineDef> {
+        &self.def
+    }
+
+    /// Drops recorded since the last call.
+    pub fn take_drops(&mut self) -> Vec<Dropped> {
+        std::mem::take(&mut self.drops)
+    }
+
+    /// Runs one publish context (one consumed message) and the flush that ends it.
+    pub fn publish_context(&mut self, samples: Vec<Sample>, now: DateTime<Utc>) -> Vec<Emission> {
+        let mut out = Vec::new();
+        let mut valid = Vec::with_capacity(samples.len());
+        for s in samples {
+            if s.volume.is_finite() {
+                valid.push(s);
+            } else {
+                self.drops.push(Dropped {
+                    reason: "invalid_volume",
+                    detail: format!(
+                        "{} {}: volume {} is not a finite number",
+                        s.name, s.resource_id, s.volume
+                    ),
+                });
+            }
+        }
+        let def = self.def.clone();
+        for (pi, p) in def.pipelines.iter().enumerate() {
+            let filter = &def.sources[p.source].filter;
+            let sink = &def.sinks[p.sink];
+            let chain = &mut self.chains[p.sink];
+            let mut survivors = Vec::new();
+            for s in valid.iter().filter(|s| filter.matches(&s.name)) {
+                let mut cx = Cx {
+                    now,
+                    sink: &sink.name,
+                    index: 0,
+                    drops: &mut self.drops,
+                };
+                if let Some(o) = run_chain(chain, 0, s.clone(), &mut cx) {
+                    survivors.push(o);
+                }
+            }
+            if !survivors.is_empty() {
+                out.push(Emission {
+                    pipeline: pi,
+                    samples: survivors,
+                });
+            }
+        }
+        self.flush_into(now, &mut out);
+        out
+    }
+
+    /// Flushes every pipeline (the end of a context, or the timer).
+    pub fn flush(&mut self, now: DateTime<Utc>) -> Vec<Emission> {
+        let mut out = Vec::new();
+        self.flush_into(now, &mut out);
+        out
+    }
+
+    fn flush_into(&mut self, now: DateTime<Utc>, out: &mut Vec<Emission>) {
+        let def = self.def.clone();
+        for (pi, p) in def.pipelines.iter().enumerate() {
+            let sink = &def.sinks[p.sink];
+            let chain = &mut self.chains[p.sink];
+            for i in 0..chain.len() {
+                let mut cx = Cx {
+                    now,
+                    sink: &sink.name,
+                    index: i,
+                    drops: &mut self.drops,
+                };
+                let flushed = chain[i].flush(&mut cx);
+                if flushed.is_empty() {
+                    continue;
+                }
+                let survivors: Vec<Sample> = flushed
+                    .into_iter()
+                    .filter_map(|s| run_chain(chain, i + 1, s, &mut cx))
+                    .collect();
+                if !survivors.is_empty() {
+                    out.push(Emission {
+                        pipeline: pi,
+                        samples: survivors,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn run_chain(
+    chain: &mut [Box<dyn Transformer>],
+    from: usize,
+    s: Sample,
+    cx: &mut Cx<'_>,
+) -> Option<Sample> {
+    let mut cur = s;
+    for (i, t) in chain.iter_mut().enumerate().skip(from) {
+        cx.index = i;
+        cur = t.handle(cur, cx)?;
+    }
+    Some(cur)
+}

@@ -1,0 +1,306 @@
+//! The notification service: consume `vmeter.samples.raw` as its single active consumer,
+//! run the pipelines, publish to `vmeter.samples.processed` with confirms, then ack.
+//!
+//! Delivery rule: a chunk of deliveries is acked (multiple) only after every output it caused
+//! was confirmed by the broker. Outputs that could not be confirmed are kept and published
+//! first after reconnecting; the unacked inputs then come back redelivered, and the
+//! transformers recognise them by `message_id` (no double rates), while pass-through copies
+//! carry their original ids and are dropped by the collector's dedup.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde::{Deserialize, Serialize};
+use vmeter_core::Sample;
+use vmeter_core::amqp::{self, BrokerConfig, PublishError, Publisher, SigningConfig};
+use vmeter_core::http::Health;
+use vmeter_core::shutdown::Shutdown;
+use vmeter_core::telemetry::{self, LogConfig};
+
+use crate::definition::{PipelineDef, PublisherUrl};
+use crate::pipeline::{Emission, Runtime};
+
+/// `notification.yaml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub signing: SigningConfig,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub pipeline: PipelineConfig,
+}
+
+/// `http:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/health` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9102".parse().expect("valid"),
+        }
+    }
+}
+
+/// `pipeline:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// The pipeline.yaml to run.
+    pub file: PathBuf,
+    /// Period of the timer flush that lets time-based aggregation emit without traffic, ms.
+    pub flush_interval_ms: u64,
+    /// Most samples per message published to the processed queue.
+    pub max_batch_samples: usize,
+    /// Most deliveries processed before their outputs are published and they are acked.
+    pub max_chunk_messages: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            file: "/etc/vmeter/pipeline.yaml".into(),
+            flush_interval_ms: 1000,
+            max_batch_samples: 1000,
+            max_chunk_messages: 64,
+        }
+    }
+}
+
+const SERVICE: &str = "notification";
+
+/// Counters of this service (handles cached at start).
+struct Metrics {
+    messages_in: telemetry::Counter,
+    samples_in: telemetry::Counter,
+    samples_out: telemetry::Counter,
+    dead_lettered: telemetry::Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Metrics {
+            messages_in: telemetry::counter(
+                "vmeter_notification_messages_total",
+                "Raw messages consumed.",
+                &[],
+            ),
+            samples_in: telemetry::counter(
+                "vmeter_notification_samples_in_total",
+                "Samples received from agents.",
+                &[],
+            ),
+            samples_out: telemetry::counter(
+                "vmeter_notification_samples_out_total",
+                "Samples published to the processed queue.",
+                &[],
+            ),
+            dead_lettered: telemetry::counter(
+                "vmeter_notification_dead_lettered_total",
+                "Messages sent to the dead-letter queue.",
+                &[],
+            ),
+        }
+    }
+}
+
+/// Runs until shutdown. Returns an error only for what retrying cannot fix.
+pub async fn run(
+    cfg: Config,
+    def: Arc<PipelineDef>,
+    health: Health,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let signer = cfg.signing.signer(SERVICE);
+    let metrics = Metrics::new();
+    let broker_up = health.part("broker");
+    let mut rt = Runtime::new(def);
+    let mut pending: Vec<Sample> = Vec::new();
+    let flush_every = Duration::from_millis(cfg.pipeline.flush_interval_ms.max(10));
+
+    while !*shutdown.borrow() {
+        let Some(conn) =
+            amqp::connect_retrying(&cfg.broker, "vmeter-notification", &mut shutdown).await
+        else {
+            break;
+        };
+        let session = async {
+            let publisher = Publisher::open(&conn, signer.clone()).await?;
+            amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
+            // Outputs left over from a broken connection go first.
+            publish_outputs(&publisher, &cfg, &mut pending, &metrics).await?;
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(cfg.broker.prefetch, BasicQosOptions::default())
+                .await?;
+            let tag = format!("notification-{}", std::process::id());
+            let consumer = ch
+                .basic_consume(
+                    cfg.broker.raw_queue.as_str().into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            broker_up.store(true, Ordering::Relaxed);
+            tracing::info!(queue = %cfg.broker.raw_queue, "Consuming (single active consumer; a second instance waits as hot standby).");
+            let mut chunks = consumer.ready_chunks(cfg.pipeline.max_chunk_messages.max(1));
+            let mut timer = tokio::time::interval(flush_every);
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok::<_, anyhow::Error>(()),
+                    chunk = chunks.next() => {
+                        let Some(chunk) = chunk else { anyhow::bail!("consumer cancelled by the broker") };
+                        let mut last = None;
+                        for d in chunk {
+                            let d = d?;
+                            metrics.messages_in.inc();
+                            match amqp::open_delivery(&signer, &d.properties, &d.data) {
+                                Ok(samples) => {
+                                    metrics.samples_in.add(samples.len() as u64);
+                                    let em = rt.publish_context(samples, Utc::now());
+                                    route(&rt, em, &mut pending);
+                                    report_drops(&mut rt);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(reason = e.reason(), error = %e, "Message can never be processed; dead-lettering it.");
+                                    publisher.dead_letter(&cfg.broker, d.routing_key.as_str(), &d.data, &d.properties, e.reason()).await?;
+                                    metrics.dead_lettered.inc();
+                                    telemetry::counter("vmeter_dead_lettered_total", "Messages dead-lettered, by service and reason.", &[("service", SERVICE), ("reason", e.reason())]).inc();
+                                }
+                            }
+                            last = Some(d.acker);
+                        }
+                        publish_outputs(&publisher, &cfg, &mut pending, &metrics).await?;
+                        if let Some(acker) = last {
+                            acker.ack(BasicAckOptions { multiple: true }).await?;
+                        }
+                    }
+                    _ = timer.tick() => {
+                        let em = rt.flush(Utc::now());
+                        route(&rt, em, &mut pending);
+                        report_drops(&mut rt);
+                        publish_outputs(&publisher, &cfg, &mut pending, &metrics).await?;
+                    }
+                }
+            }
+        };
+        let result = session.await;
+        broker_up.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                let _ = conn.close(200, "shutdown".into()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pending = pending.len(), "Broker session ended; reconnecting.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    tracing::info!("Notification service stopped.");
+    Ok(())
+}
+
+/// Publishes and confirms everything in `pending`; on success `pending` is empty.
+async fn publish_outputs(
+    p: &Publisher,
+    cfg: &Config,
+    pending: &mut Vec<Sample>,
+    m: &Metrics,
+) -> Result<(), PublishError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut confirms = Vec::new();
+    for chunk in pending.chunks(cfg.pipeline.max_batch_samples.max(1)) {
+        confirms.push(
+            p.send_batch(
+                &cfg.broker.exchange,
+                &cfg.broker.processed_routing_key,
+                chunk,
+            )
+            .await?,
+        );
+    }
+    for c in confirms {
+        c.confirmed().await?;
+    }
+    m.samples_out.add(pending.len() as u64);
+    pending.clear();
+    Ok(())
+}
+
+/// Hands emissions to their sinks' publishers: `notifier://` into `pending` (published with
+/// confirms by the caller), `log://` and `file://` right away.
+fn route(rt: &Runtime, emissions: Vec<Emission>, pending: &mut Vec<Sample>) {
+    let def = rt.def();
+    for e in emissions {
+        let p = &def.pipelines[e.pipeline];
+        let publishers = &def.sinks[p.sink].publishers;
+        for url in publishers {
+            match url {
+                PublisherUrl::Notifier => pending.extend(e.samples.iter().cloned()),
+                PublisherUrl::Log => {
+                    for s in &e.samples {
+                        tracing::info!(pipeline = %p.name, sample = %crate::replay::sample_to_json(s), "Published sample.");
+                    }
+                }
+                PublisherUrl::File(path) => {
+                    if let Err(err) = append_jsonl(path, &e.samples) {
+                        for _ in &e.samples {
+                            telemetry::sample_dropped(
+                                SERVICE,
+                                "file_publisher_error",
+                                &format!("{}: {err}", path.display()),
+                            );
+                        }
+                    }
+                }
+                PublisherUrl::Test => {}
+            }
+        }
+    }
+}
+
+fn append_jsonl(path: &std::path::Path, samples: &[Sample]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut buf = Vec::new();
+    for s in samples {
+        serde_json::to_writer(&mut buf, &crate::replay::sample_to_json(s))?;
+        buf.push(b'\n');
+    }
+    f.write_all(&buf)
+}
+
+fn report_drops(rt: &mut Runtime) {
+    for d in rt.take_drops() {
+        telemetry::counter(
+            "vmeter_samples_dropped_total",
+            "Samples dropped, by service and reason.",
+            &[("service", SERVICE), ("reason", d.reason)],
+        )
+        .inc();
+        if d.is_expected() {
+            tracing::debug!(reason = d.reason, detail = %d.detail, "Sample not transformed.");
+        } else {
+            tracing::warn!(reason = d.reason, detail = %d.detail, "Sample dropped.");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! `/health` and `/metrics`, served by every vmeter service.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get};
+
+use crate::shutdown::Shutdown;
+
+/// Named readiness flags (e.g. `broker`, `database`, `libvirt`); healthy when all are up.
+#[derive(Clone, Default)]
+pub struct Health {
+    parts: Arc<Mutex<BTreeMap<&'static str, Arc<AtomicBool>>>>,
+}
+
+impl Health {
+    /// A flag for `part`, initially down.
+    pub fn part(&self, part: &'static str) -> Arc<AtomicBool> {
+        self.parts
+            .lock()
+            .expect("health poisoned")
+            .entry(part)
+            .or_default()
+            .clone()
+    }
+
+    fn report(&self) -> (bool, BTreeMap<&'static str, bool>) {
+        let parts = self.parts.lock().expect("health poisoned");
+        let m: BTreeMap<_, _> = parts
+            .iter()
+            .map(|(k, v)| (*k, v.load(Ordering::Relaxed)))
+            .collect();
+        (m.values().all(|v| *v), m)
+    }
+}
+
+/// Router with `/health` (200 when every part is up, else 503, JSON body) and `/metrics`.
+pub fn router(health: Health) -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(move || {
+                let h = health.clone();
+                async move {
+                    let (ok, parts) = h.report();
+                    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                    (code, Json(serde_json::json!({"status": if ok {"ok"} else {"degraded"}, "parts": parts})))
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async { ([("content-type", "text/plain; version=0.0.4")], crate::telemetry::render()).into_response() }),
+        )
+}
+
+/// Binds `listen` and serves `app` until shutdown. Errors only if the address cannot be bound.
+pub async fn serve(listen: SocketAddr, app: Router, mut shutdown: Shutdown) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "HTTP endpoint listening.");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { crate::shutdown::wait(&mut shutdown).await })
+        .await
+}

@@ -1,0 +1,24 @@
+//! Shared pieces of vmeter, used by all three services.
+//!
+//! Module map:
+//! - [`sample`]: the [`Sample`](sample::Sample) type — Ceilometer's fields plus `monotonic_time`.
+//! - [`wire`]: one AMQP message = one msgpack batch of samples; headers and format version.
+//! - [`signing`]: HMAC-SHA256 over the exact body bytes, verified in constant time.
+//! - [`amqp`]: broker topology (exchange, queues, dead-letter), connection with back-off,
+//!   a publisher that waits for confirms and treats returns and nacks as errors.
+//! - [`config`]: one YAML file + `VMETER_<SECTION>__<KEY>` environment overrides, errors that
+//!   name the file, line and key.
+//! - [`telemetry`]: tracing setup and a small Prometheus counter registry.
+//! - [`http`]: the `/health` and `/metrics` endpoints every service exposes.
+//! - [`shutdown`]: SIGINT/SIGTERM as a watch channel.
+
+pub mod amqp;
+pub mod config;
+pub mod http;
+pub mod sample;
+pub mod shutdown;
+pub mod signing;
+pub mod telemetry;
+pub mod wire;
+
+pub use sample::{Metadata, Sample, SampleType};
