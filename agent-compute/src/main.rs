@@ -1,1 +1,144 @@
-fn main() {}
+//! `agent-compute`: poll libvirt on this hypervisor and publish signed sample batches.
+
+mod config;
+mod domain_xml;
+mod inspector;
+mod poller;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmeter_core::{http, shutdown, telemetry};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "agent-compute",
+    version,
+    about = "vmeter compute agent: polls libvirt and publishes samples"
+)]
+struct Cli {
+    /// Config file (YAML). Default: /etc/vmeter/agent-compute.yaml if it exists.
+    #[arg(long, global = true, env = "VMETER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Run,
+    /// Poll once and print the samples as JSON lines, without any broker.
+    PollOnce {
+        /// libvirt URI (default: libvirt.uri from the config; `demo` for the demo node).
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Validate the config file and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match vmeter_core::config::load::<Config>(
+        cli.config.as_deref(),
+        &vmeter_core::config::default_path("agent-compute"),
+    ) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = cfg.validate() {
+        eprintln!("error: config: {e}");
+        return ExitCode::from(2);
+    }
+    let host = cfg
+        .libvirt
+        .host
+        .clone()
+        .unwrap_or_else(inspector::system_hostname);
+    match cli.cmd.unwrap_or(Cmd::Run) {
+        Cmd::CheckConfig => {
+            println!("config OK");
+            ExitCode::SUCCESS
+        }
+        Cmd::PollOnce { uri } => {
+            telemetry::init_logging(&cfg.log);
+            virt::error::clear_error_callback();
+            let uri = match inspector::resolve_uri(uri.as_deref().unwrap_or(&cfg.libvirt.uri)) {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut insp = match inspector::Inspector::open(&uri, host) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("error: cannot open libvirt {uri}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match insp.poll() {
+                Ok((samples, stats)) => {
+                    for s in &samples {
+                        println!("{}", serde_json::to_string(&poll_json(s)).expect("json"));
+                    }
+                    eprintln!(
+                        "{} domains, {} skipped, {} samples",
+                        stats.domains, stats.skipped, stats.samples
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: polling {uri}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Run => {
+            telemetry::init_logging(&cfg.log);
+            let uri = match inspector::resolve_uri(&cfg.libvirt.uri) {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            rt.block_on(async move {
+                let stop = shutdown::on_signals();
+                let health = http::Health::default();
+                let web = tokio::spawn(http::serve(
+                    cfg.http.listen,
+                    http::router(health.clone()),
+                    stop.clone(),
+                ));
+                let r = poller::run(cfg, uri, host, health, stop).await;
+                web.abort();
+                match r {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Agent failed.");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn poll_json(s: &vmeter_core::Sample) -> serde_json::Value {
+    serde_json::json!({
+        "name": s.name, "type": s.kind.as_str(), "unit": s.unit, "volume": s.volume,
+        "user_id": s.user_id, "project_id": s.project_id, "resource_id": s.resource_id,
+        "timestamp": vmeter_core::sample::format_timestamp(&s.timestamp),
+        "resource_metadata": s.resource_metadata, "source": s.source,
+        "message_id": s.message_id.to_string(), "monotonic_time": s.monotonic_time,
+    })
+}

@@ -1,1 +1,12 @@
+//! vmeter's collector: stores processed samples in PostgreSQL and serves the v2 query API.
+//!
+//! Module map:
+//! - [`store`]: schema migrations, partitions, idempotent batched inserts.
+//! - [`ingest`]: the AMQP consumer loop (ack after commit, dead-letter what can never be stored).
+//! - [`api`]: the Ceilometer-v2-style HTTP API.
+//! - [`config`]: `collector.yaml`.
 
+pub mod api;
+pub mod config;
+pub mod ingest;
+pub mod store;

@@ -1,0 +1,105 @@
+//! `agent-compute.yaml`.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use vmeter_core::amqp::{BrokerConfig, SigningConfig};
+use vmeter_core::telemetry::LogConfig;
+
+/// The agent's configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub signing: SigningConfig,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub libvirt: LibvirtConfig,
+    pub polling: PollingConfig,
+}
+
+/// `http:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/health` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9101".parse().expect("valid"),
+        }
+    }
+}
+
+/// `libvirt:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Connection URI, opened read-only. `demo` selects the embedded demo node (libvirt's
+    /// in-process test driver with four fake domains) — never used unless asked for.
+    pub uri: String,
+    /// Host name reported as `resource_metadata.host` and the host resource id
+    /// (default: the system's host name).
+    pub host: Option<String>,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig {
+            uri: "qemu:///system".into(),
+            host: None,
+        }
+    }
+}
+
+/// `polling:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollingConfig {
+    /// Seconds between the starts of two polling cycles.
+    pub interval_secs: f64,
+    /// Upper bound of the random delay before the first cycle, seconds (drawn once at start,
+    /// so a fleet restarted together spreads its load).
+    pub shuffle_time_secs: f64,
+    /// Most samples per published message.
+    pub batch_size: usize,
+    /// Samples kept in memory while the broker is unreachable; beyond it the oldest are
+    /// dropped and counted.
+    pub max_pending_samples: usize,
+}
+
+impl Default for PollingConfig {
+    fn default() -> Self {
+        PollingConfig {
+            interval_secs: 60.0,
+            shuffle_time_secs: 10.0,
+            batch_size: 500,
+            max_pending_samples: 1_000_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks values serde cannot check.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.polling.interval_secs > 0.0) {
+            return Err(format!(
+                "polling.interval_secs must be > 0, got {}",
+                self.polling.interval_secs
+            ));
+        }
+        if !(self.polling.shuffle_time_secs >= 0.0) {
+            return Err(format!(
+                "polling.shuffle_time_secs must be >= 0, got {}",
+                self.polling.shuffle_time_secs
+            ));
+        }
+        if self.polling.batch_size == 0 {
+            return Err("polling.batch_size must be > 0".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,166 @@
+//! What the agent reads from a domain's XML: disks, vNICs and the Nova metadata element.
+
+/// Nova's libvirt metadata namespace.
+pub const NOVA_NS: &str = "http://openstack.org/xmlns/libvirt/nova/1.0";
+
+/// One disk with a source (empty CD-ROMs and config drives without source are skipped).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disk {
+    pub target: String,
+}
+
+/// One vNIC that has both a target device and a MAC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nic {
+    pub target: String,
+    pub mac: String,
+    pub filterref: Option<String>,
+}
+
+/// Flavor from the Nova metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Flavor {
+    pub name: Option<String>,
+    pub vcpus: Option<i64>,
+    pub ram_mb: Option<i64>,
+    pub disk_gb: Option<i64>,
+    pub ephemeral_gb: Option<i64>,
+    pub swap_mb: Option<i64>,
+}
+
+/// The parsed parts of a domain XML.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DomainXml {
+    pub disks: Vec<Disk>,
+    pub nics: Vec<Nic>,
+    /// `<nova:name>`: the instance's display name.
+    pub display_name: Option<String>,
+    pub flavor: Option<Flavor>,
+    pub user_id: Option<String>,
+    pub project_id: Option<String>,
+    pub image_ref: Option<String>,
+}
+
+/// Parses a domain XML document.
+pub fn parse(xml: &str) -> Result<DomainXml, roxmltree::Error> {
+    let doc = roxmltree::Document::parse(xml)?;
+    let root = doc.root_element();
+    let mut out = DomainXml::default();
+    if let Some(devices) = root.children().find(|n| n.has_tag_name("devices")) {
+        for d in devices.children().filter(|n| n.has_tag_name("disk")) {
+            let has_source = d.children().any(|c| c.has_tag_name("source"));
+            let target = d
+                .children()
+                .find(|c| c.has_tag_name("target"))
+                .and_then(|t| t.attribute("dev"));
+            if let (true, Some(t)) = (has_source, target) {
+                out.disks.push(Disk {
+                    target: t.to_string(),
+                });
+            }
+        }
+        for i in devices.children().filter(|n| n.has_tag_name("interface")) {
+            let target = i
+                .children()
+                .find(|c| c.has_tag_name("target"))
+                .and_then(|t| t.attribute("dev"));
+            let mac = i
+                .children()
+                .find(|c| c.has_tag_name("mac"))
+                .and_then(|t| t.attribute("address"));
+            if let (Some(t), Some(m)) = (target, mac) {
+                let filterref = i
+                    .children()
+                    .find(|c| c.has_tag_name("filterref"))
+                    .and_then(|f| f.attribute("filter"))
+                    .map(str::to_string);
+                out.nics.push(Nic {
+                    target: t.to_string(),
+                    mac: m.to_string(),
+                    filterref,
+                });
+            }
+        }
+    }
+    let nova = root
+        .descendants()
+        .find(|n| n.has_tag_name((NOVA_NS, "instance")));
+    if let Some(nova) = nova {
+        let child = |name: &str| nova.children().find(|c| c.has_tag_name((NOVA_NS, name)));
+        out.display_name = child("name").and_then(|n| n.text()).map(str::to_string);
+        if let Some(f) = child("flavor") {
+            let num = |name: &str| {
+                f.children()
+                    .find(|c| c.has_tag_name((NOVA_NS, name)))
+                    .and_then(|n| n.text())
+                    .and_then(|t| t.trim().parse().ok())
+            };
+            out.flavor = Some(Flavor {
+                name: f.attribute("name").map(str::to_string),
+                vcpus: num("vcpus"),
+                ram_mb: num("memory"),
+                disk_gb: num("disk"),
+                ephemeral_gb: num("ephemeral"),
+                swap_mb: num("swap"),
+            });
+        }
+        if let Some(owner) = child("owner") {
+            let uuid = |name: &str| {
+                owner
+                    .children()
+                    .find(|c| c.has_tag_name((NOVA_NS, name)))
+                    .and_then(|n| n.attribute("uuid"))
+                    .map(str::to_string)
+            };
+            out.user_id = uuid("user");
+            out.project_id = uuid("project");
+        }
+        out.image_ref = child("root")
+            .filter(|r| r.attribute("type") == Some("image"))
+            .and_then(|r| r.attribute("uuid"))
+            .map(str::to_string);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_demo_node_domain() {
+        let node = include_str!("../../deploy/demo-node.xml");
+        let doc = roxmltree::Document::parse(node).unwrap();
+        let dom = doc
+            .root_element()
+            .children()
+            .filter(|n| n.has_tag_name("domain"))
+            .nth(1)
+            .unwrap();
+        let xml = &node[dom.range()];
+        let d = parse(xml).unwrap();
+        assert_eq!(
+            d.disks
+                .iter()
+                .map(|x| x.target.as_str())
+                .collect::<Vec<_>>(),
+            ["vda", "vdb"],
+            "the CD-ROM without source is skipped"
+        );
+        assert_eq!(d.nics.len(), 2);
+        assert_eq!(d.display_name.as_deref(), Some("db-1"));
+        let f = d.flavor.unwrap();
+        assert_eq!(
+            (f.name.as_deref(), f.vcpus, f.ram_mb),
+            (Some("m1.medium"), Some(2), Some(4096))
+        );
+        assert!(d.user_id.is_some() && d.project_id.is_some() && d.image_ref.is_some());
+    }
+
+    #[test]
+    fn domain_without_nova_metadata() {
+        let d = parse("<domain><name>i-376-1733-VM</name><devices><interface><mac address='a'/><target dev='t'/><filterref filter='f1'/></interface></devices></domain>").unwrap();
+        assert_eq!(d.display_name, None);
+        assert_eq!(d.nics[0].filterref.as_deref(), Some("f1"));
+    }
+}

@@ -1,0 +1,62 @@
+//! `collector.yaml`.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use vmeter_core::amqp::{BrokerConfig, SigningConfig};
+use vmeter_core::telemetry::LogConfig;
+
+/// The collector's configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub signing: SigningConfig,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+}
+
+/// `http:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the API, `/health` and `/metrics` (8777 is Ceilometer's API port).
+    pub listen: SocketAddr,
+    /// Page size when a request gives no `limit` (Ceilometer's `default_api_return_limit`).
+    pub default_limit: i64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8777".parse().expect("valid"),
+            default_limit: 100,
+        }
+    }
+}
+
+/// `database:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. The default matches what deploy/setup.sh creates.
+    pub url: String,
+    /// Pool size (ingest uses one connection at a time; the rest serve the API).
+    pub max_connections: u32,
+    /// Most AMQP messages written in one transaction.
+    pub batch_max_messages: usize,
+    /// Daily partitions created ahead of today.
+    pub partitions_ahead_days: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter".into(),
+            max_connections: 8,
+            batch_max_messages: 100,
+            partitions_ahead_days: 2,
+        }
+    }
+}

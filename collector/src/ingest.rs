@@ -1,0 +1,189 @@
+//! Consume `vmeter.samples.processed`, write to PostgreSQL, ack after commit.
+//!
+//! A chunk of ready deliveries is verified and decoded; what can never be stored (bad
+//! signature, undecodable) is dead-lettered; the rest is written in one transaction and the
+//! chunk is acked (multiple) after the commit. If PostgreSQL is down the same chunk is
+//! retried with back-off and nothing is acked: the queue holds the backlog. If the database
+//! rejects the data itself, the chunk is retried message by message so only the offending
+//! message is dead-lettered.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use vmeter_core::Sample;
+use vmeter_core::amqp::{self, Backoff, Publisher};
+use vmeter_core::http::Health;
+use vmeter_core::shutdown::Shutdown;
+use vmeter_core::telemetry;
+
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+
+const SERVICE: &str = "collector";
+
+/// Runs the ingest loop until shutdown.
+pub async fn run(
+    cfg: Config,
+    mut store: Store,
+    health: Health,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let signer = cfg.signing.signer(SERVICE);
+    let broker_up = health.part("broker");
+    let db_up = health.part("database");
+    let stored = telemetry::counter(
+        "vmeter_collector_samples_stored_total",
+        "Samples written to PostgreSQL.",
+        &[],
+    );
+    let dups = telemetry::counter(
+        "vmeter_collector_duplicates_total",
+        "Samples already stored (redeliveries), ignored.",
+        &[],
+    );
+    let batches = telemetry::counter(
+        "vmeter_collector_batches_total",
+        "Transactions committed.",
+        &[],
+    );
+
+    while !*shutdown.borrow() {
+        let Some(conn) =
+            amqp::connect_retrying(&cfg.broker, "vmeter-collector", &mut shutdown).await
+        else {
+            break;
+        };
+        let session = async {
+            let publisher = Publisher::open(&conn, signer.clone()).await?;
+            amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(cfg.broker.prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = ch
+                .basic_consume(
+                    cfg.broker.processed_queue.as_str().into(),
+                    format!("collector-{}", std::process::id()).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            broker_up.store(true, Ordering::Relaxed);
+            tracing::info!(queue = %cfg.broker.processed_queue, "Consuming.");
+            let mut chunks = consumer.ready_chunks(cfg.database.batch_max_messages.max(1));
+            loop {
+                let chunk = tokio::select! {
+                    biased;
+                    _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok::<_, anyhow::Error>(()),
+                    c = chunks.next() => c,
+                };
+                let Some(chunk) = chunk else {
+                    anyhow::bail!("consumer cancelled by the broker")
+                };
+                let deliveries: Vec<Delivery> = chunk.into_iter().collect::<Result<_, _>>()?;
+                let mut good: Vec<(usize, Vec<Sample>)> = Vec::new();
+                for (i, d) in deliveries.iter().enumerate() {
+                    match amqp::open_delivery(&signer, &d.properties, &d.data) {
+                        Ok(s) => good.push((i, s)),
+                        Err(e) => {
+                            tracing::warn!(reason = e.reason(), error = %e, "Message can never be stored; dead-lettering it.");
+                            publisher
+                                .dead_letter(
+                                    &cfg.broker,
+                                    d.routing_key.as_str(),
+                                    &d.data,
+                                    &d.properties,
+                                    e.reason(),
+                                )
+                                .await?;
+                            telemetry::counter(
+                                "vmeter_dead_lettered_total",
+                                "Messages dead-lettered, by service and reason.",
+                                &[("service", SERVICE), ("reason", e.reason())],
+                            )
+                            .inc();
+                        }
+                    }
+                }
+                let all: Vec<Sample> = good.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+                let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+                loop {
+                    match store.write(&all).await {
+                        Ok(w) => {
+                            db_up.store(true, Ordering::Relaxed);
+                            stored.add(w.inserted);
+                            dups.add(w.duplicates);
+                            batches.inc();
+                            break;
+                        }
+                        Err(StoreError::Transient(e)) => {
+                            db_up.store(false, Ordering::Relaxed);
+                            let wait = backoff.next_delay();
+                            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "PostgreSQL unavailable; nothing acked, retrying.");
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok(()),
+                            }
+                        }
+                        Err(StoreError::Permanent(e)) => {
+                            tracing::warn!(error = %e, "Batch rejected by PostgreSQL; writing message by message to isolate it.");
+                            for (i, samples) in &good {
+                                match store.write(samples).await {
+                                    Ok(w) => {
+                                        stored.add(w.inserted);
+                                        dups.add(w.duplicates);
+                                    }
+                                    Err(StoreError::Permanent(e)) => {
+                                        let d = &deliveries[*i];
+                                        tracing::warn!(error = %e, "Message violates the schema; dead-lettering it.");
+                                        publisher
+                                            .dead_letter(
+                                                &cfg.broker,
+                                                d.routing_key.as_str(),
+                                                &d.data,
+                                                &d.properties,
+                                                "rejected_by_database",
+                                            )
+                                            .await?;
+                                        telemetry::counter(
+                                            "vmeter_dead_lettered_total",
+                                            "Messages dead-lettered, by service and reason.",
+                                            &[
+                                                ("service", SERVICE),
+                                                ("reason", "rejected_by_database"),
+                                            ],
+                                        )
+                                        .inc();
+                                    }
+                                    Err(StoreError::Transient(e)) => anyhow::bail!(
+                                        "database failed while isolating a bad message: {e}"
+                                    ),
+                                }
+                            }
+                            break;
+                        }
+                    }
+                }
+                if let Some(last) = deliveries.last() {
+                    last.acker.ack(BasicAckOptions { multiple: true }).await?;
+                }
+            }
+        };
+        let result = session.await;
+        broker_up.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                let _ = conn.close(200, "shutdown".into()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Broker session ended; reconnecting (unacked messages will be redelivered).");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    tracing::info!("Collector ingest stopped.");
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! `collector`: store processed samples in PostgreSQL and serve the v2 API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use collector::config::Config;
+use collector::store::{self, Store};
+use collector::{api, ingest};
+use vmeter_core::amqp::Backoff;
+use vmeter_core::{config, http, shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "collector",
+    version,
+    about = "vmeter collector: PostgreSQL storage and the v2 query API"
+)]
+struct Cli {
+    /// Config file (YAML). Default: /etc/vmeter/collector.yaml if it exists.
+    #[arg(long, global = true, env = "VMETER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run ingest and the API (the default).
+    Run,
+    /// Validate the config file and exit.
+    CheckConfig,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg =
+        match config::load::<Config>(cli.config.as_deref(), &config::default_path("collector")) {
+            Ok((c, _)) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    if matches!(cli.cmd, Some(Cmd::CheckConfig)) {
+        println!("config OK");
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init_logging(&cfg.log);
+    let migrate_only = matches!(cli.cmd, Some(Cmd::Migrate));
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async move {
+        let mut stop = shutdown::on_signals();
+        let pool = match store::pool(&cfg.database.url, cfg.database.max_connections) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: database.url {}: {e}", vmeter_core::amqp::redact_url(&cfg.database.url));
+                return ExitCode::from(2);
+            }
+        };
+        let mut store = Store::new(pool.clone());
+        // The database may not be up yet: retry with back-off, saying so.
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            match store.migrate().await {
+                Ok(()) => break,
+                Err(sqlx::migrate::MigrateError::Execute(e)) if !matches!(e, sqlx::Error::Database(_)) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(url = %vmeter_core::amqp::redact_url(&cfg.database.url), error = %e, retry_in_ms = wait.as_millis() as u64, "PostgreSQL unreachable; retrying.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown::wait(&mut stop) => return ExitCode::SUCCESS,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Database migration failed.");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        tracing::info!("Database schema is current.");
+        if migrate_only {
+            return ExitCode::SUCCESS;
+        }
+        if let Err(e) = store.ensure_partitions_around(chrono::Utc::now(), cfg.database.partitions_ahead_days).await {
+            tracing::warn!(error = %e, "Could not create partitions ahead; they will be created on first insert.");
+        }
+        let health = http::Health::default();
+        let app = http::router(health.clone()).merge(api::router(api::Api { pool, default_limit: cfg.http.default_limit }));
+        let listen = cfg.http.listen;
+        let web = tokio::spawn(http::serve(listen, app, stop.clone()));
+        let result = ingest::run(cfg, store, health, stop).await;
+        match web.await {
+            Ok(Err(e)) => {
+                tracing::error!(%listen, error = %e, "HTTP API could not serve.");
+                return ExitCode::FAILURE;
+            }
+            _ => {}
+        }
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "Collector failed.");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,262 @@
+//! PostgreSQL storage: migrations, daily partitions, idempotent batched inserts.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use uuid::Uuid;
+use vmeter_core::Sample;
+
+/// Embedded, numbered migrations (collector/migrations), applied at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A storage failure, classified for the ack decision.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data itself is unacceptable (SQLSTATE class 22 data exception or 23 integrity
+    /// violation): retrying cannot help; the message goes to the dead-letter queue.
+    #[error("rejected by the database: {0}")]
+    Permanent(sqlx::Error),
+    /// Connection lost, database down, timeouts…: retry later, ack nothing.
+    #[error("database unavailable: {0}")]
+    Transient(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let permanent = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => true,
+            _ => false,
+        };
+        if permanent {
+            StoreError::Permanent(e)
+        } else {
+            StoreError::Transient(e)
+        }
+    }
+}
+
+/// Result of writing one batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// New rows.
+    pub inserted: u64,
+    /// Samples that were already stored (redeliveries): ignored.
+    pub duplicates: u64,
+}
+
+/// The storage handle: a pool plus caches of meter ids and existing partitions.
+pub struct Store {
+    pool: PgPool,
+    meters: HashMap<(String, String, String), i32>,
+    partitions: HashSet<NaiveDate>,
+}
+
+/// Connects a pool (lazily: no connection is made until first use).
+pub fn pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy(url)
+}
+
+impl Store {
+    /// Wraps a pool; call [`migrate`](Self::migrate) before use.
+    pub fn new(pool: PgPool) -> Self {
+        Store {
+            pool,
+            meters: HashMap::new(),
+            partitions: HashSet::new(),
+        }
+    }
+
+    /// The pool (shared with the API).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations (idempotent; concurrent collectors serialise on sqlx's lock).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Creates the daily partitions from yesterday to `ahead_days` after today.
+    pub async fn ensure_partitions_around(
+        &mut self,
+        now: DateTime<Utc>,
+        ahead_days: u32,
+    ) -> Result<(), StoreError> {
+        let today = now.date_naive();
+        let days: Vec<NaiveDate> = (-1..=ahead_days as i64)
+            .map(|d| today + Duration::days(d))
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        for d in days {
+            self.ensure_partition(&mut tx, d).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ensure_partition(
+        &mut self,
+        tx: &mut Transaction<'_, Postgres>,
+        day: NaiveDate,
+    ) -> Result<(), StoreError> {
+        if self.partitions.contains(&day) {
+            return Ok(());
+        }
+        // Serialise partition creation between collectors.
+        sqlx::query("select pg_advisory_xact_lock(7266315512)")
+            .execute(&mut **tx)
+            .await?;
+        let next = day + Duration::days(1);
+        let sql = format!(
+            "create table if not exists sample_p{} partition of sample for values from ('{} 00:00:00+00') to ('{} 00:00:00+00')",
+            day.format("%Y%m%d"),
+            day.format("%Y-%m-%d"),
+            next.format("%Y-%m-%d")
+        );
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
+        self.partitions.insert(day);
+        Ok(())
+    }
+
+    async fn meter_id(
+        &mut self,
+        tx: &mut Transaction<'_, Postgres>,
+        s: &Sample,
+    ) -> Result<i32, StoreError> {
+        let key = (s.name.clone(), s.kind.as_str().to_string(), s.unit.clone());
+        if let Some(id) = self.meters.get(&key) {
+            return Ok(*id);
+        }
+        let id: i32 = sqlx::query_scalar(
+            "insert into meter (name, type, unit) values ($1, $2, $3)
+             on conflict on constraint meter_name_type_unit_key do update set name = excluded.name
+             returning id",
+        )
+        .bind(&key.0)
+        .bind(&key.1)
+        .bind(&key.2)
+        .fetch_one(&mut **tx)
+        .await?;
+        self.meters.insert(key, id);
+        Ok(id)
+    }
+
+    /// Writes `samples` in one transaction; duplicates (same meter, resource, timestamp) are
+    /// ignored. Nothing is written if it fails.
+    pub async fn write(&mut self, samples: &[Sample]) -> Result<Written, StoreError> {
+        if samples.is_empty() {
+            return Ok(Written::default());
+        }
+        let result = self.write_inner(samples).await;
+        if result.is_err() {
+            // A rolled-back transaction may have created partitions or meters we cached.
+            self.partitions.clear();
+            self.meters.clear();
+        }
+        result
+    }
+
+    async fn write_inner(&mut self, samples: &[Sample]) -> Result<Written, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let days: HashSet<NaiveDate> = samples.iter().map(|s| s.timestamp.date_naive()).collect();
+        for d in days {
+            self.ensure_partition(&mut tx, d).await?;
+        }
+        let mut meter_ids = Vec::with_capacity(samples.len());
+        for s in samples {
+            meter_ids.push(self.meter_id(&mut tx, s).await?);
+        }
+
+        // Resources: the newest sample of each carries the metadata to keep.
+        let mut newest: HashMap<&str, &Sample> = HashMap::new();
+        let mut oldest: HashMap<&str, DateTime<Utc>> = HashMap::new();
+        for s in samples {
+            let e = newest.entry(s.resource_id.as_str()).or_insert(s);
+            if s.timestamp >= e.timestamp {
+                *e = s;
+            }
+            let o = oldest.entry(s.resource_id.as_str()).or_insert(s.timestamp);
+            *o = (*o).min(s.timestamp);
+        }
+        let mut rids = Vec::new();
+        let (mut users, mut projects, mut sources, mut metas, mut firsts, mut lasts) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for (rid, s) in &newest {
+            rids.push(rid.to_string());
+            users.push(s.user_id.clone());
+            projects.push(s.project_id.clone());
+            sources.push(s.source.clone());
+            metas.push(serde_json::Value::Object(s.resource_metadata.clone()));
+            firsts.push(oldest[rid]);
+            lasts.push(s.timestamp);
+        }
+        let rows: Vec<(i32, String)> = sqlx::query_as(
+            "insert into resource (resource_id, user_id, project_id, source, metadata, first_seen, last_seen)
+             select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[], $7::timestamptz[])
+             on conflict on constraint resource_resource_id_key do update set
+               user_id    = case when excluded.last_seen >= resource.last_seen then excluded.user_id else resource.user_id end,
+               project_id = case when excluded.last_seen >= resource.last_seen then excluded.project_id else resource.project_id end,
+               source     = case when excluded.last_seen >= resource.last_seen then excluded.source else resource.source end,
+               metadata   = case when excluded.last_seen >= resource.last_seen then excluded.metadata else resource.metadata end,
+               first_seen = least(resource.first_seen, excluded.first_seen),
+               last_seen  = greatest(resource.last_seen, excluded.last_seen)
+             returning id, resource_id",
+        )
+        .bind(&rids)
+        .bind(&users)
+        .bind(&projects)
+        .bind(&sources)
+        .bind(&metas)
+        .bind(&firsts)
+        .bind(&lasts)
+        .fetch_all(&mut *tx)
+        .await?;
+        let resource_ids: HashMap<String, i32> = rows.into_iter().map(|(id, r)| (r, id)).collect();
+
+        let n = samples.len();
+        let (mut ts, mut rid, mut vol, mut mid) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::<Uuid>::with_capacity(n),
+        );
+        for s in samples {
+            ts.push(s.timestamp);
+            rid.push(resource_ids[&s.resource_id]);
+            vol.push(s.volume);
+            mid.push(s.message_id);
+        }
+        let inserted = sqlx::query(
+            "insert into sample (ts, meter_id, resource_id, volume, message_id)
+             select * from unnest($1::timestamptz[], $2::int4[], $3::int4[], $4::float8[], $5::uuid[])
+             on conflict do nothing",
+        )
+        .bind(&ts)
+        .bind(&meter_ids)
+        .bind(&rid)
+        .bind(&vol)
+        .bind(&mid)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Written {
+            inserted,
+            duplicates: n as u64 - inserted,
+        })
+    }
+}
