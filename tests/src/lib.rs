@@ -1,1 +1,144 @@
+//! Helpers for vmeter's end-to-end tests: isolated broker names and database per test,
+//! starting the real binaries as child processes.
+//!
+//! Prerequisite: RabbitMQ and PostgreSQL running as `deploy/setup.sh` leaves them, and the
+//! binaries built (`cargo build --workspace --bins`); `deploy/test.sh` does both.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Directory of the workspace binaries (next to the test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+/// Base AMQP URL (vhost /vmeter) and admin database URL, overridable for other setups.
+pub fn amqp_url() -> String {
+    std::env::var("VMETER_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2fvmeter".into())
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("VMETER_TEST_PG_URL").unwrap_or_else(|_| "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter".into())
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Names unique to one test run, so tests never see each other's traffic.
+pub struct Names {
+    pub id: String,
+    pub exchange: String,
+    pub raw_queue: String,
+    pub processed_queue: String,
+    pub dlx: String,
+    pub dead_queue: String,
+    pub database: String,
+}
+
+impl Names {
+    pub fn new(tag: &str) -> Self {
+        let id = format!("{tag}{}x{}", std::process::id(), fastrand_u32());
+        Names {
+            exchange: format!("e2e.{id}"),
+            raw_queue: format!("e2e.{id}.raw"),
+            processed_queue: format!("e2e.{id}.processed"),
+            dlx: format!("e2e.{id}.dlx"),
+            dead_queue: format!("e2e.{id}.dead"),
+            database: format!("vmeter_e2e_{id}"),
+            id,
+        }
+    }
+
+    /// Environment overrides that point a service at these names.
+    pub fn env(&self, secret: &str) -> Vec<(String, String)> {
+        vec![
+            ("VMETER_BROKER__URL".into(), amqp_url()),
+            ("VMETER_BROKER__EXCHANGE".into(), self.exchange.clone()),
+            ("VMETER_BROKER__RAW_QUEUE".into(), self.raw_queue.clone()),
+            ("VMETER_BROKER__PROCESSED_QUEUE".into(), self.processed_queue.clone()),
+            ("VMETER_BROKER__DEAD_LETTER_EXCHANGE".into(), self.dlx.clone()),
+            ("VMETER_BROKER__DEAD_LETTER_QUEUE".into(), self.dead_queue.clone()),
+            ("VMETER_SIGNING__TELEMETRY_SECRET".into(), format!("\"{secret}\"")),
+            ("VMETER_LOG__LEVEL".into(), "info".into()),
+        ]
+    }
+
+    /// The test database URL.
+    pub fn db_url(&self) -> String {
+        let admin = pg_admin_url();
+        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
+        format!("{base}/{}", self.database)
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)
+}
+
+/// A child process killed (SIGTERM, then SIGKILL) when dropped; its log goes to a file.
+pub struct Service {
+    pub name: &'static str,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// Starts `bin` with `args` and `env` (plus the inherited environment).
+    pub fn start(name: &'static str, bin: &str, args: &[&str], env: &[(String, String)], log_dir: &Path) -> Service {
+        let log = log_dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let path = bin_dir().join(bin);
+        assert!(path.exists(), "{} is not built; run `cargo build --workspace --bins` first (deploy/test.sh does)", path.display());
+        let child = Command::new(&path)
+            .args(args)
+            .envs(env.iter().cloned())
+            .env_remove("VMETER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
+        Service { name, child, log }
+    }
+
+    /// The log so far (for assertion messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asks it to stop and waits up to 10 s.
+    pub fn stop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up everything on this machine (deploy/setup.sh) and run the whole test suite:
+# unit tests, conformance cases and the end-to-end tests over real RabbitMQ, PostgreSQL
+# and libvirt. This is the command .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+if [ "$(id -u)" = 0 ]; then
+  bash deploy/setup.sh
+else
+  sudo -E bash deploy/setup.sh
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+# The e2e tests start the real binaries as processes: build them first.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked -- --test-threads=2
