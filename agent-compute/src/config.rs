@@ -85,13 +85,13 @@ impl Default for PollingConfig {
 impl Config {
     /// Checks values serde cannot check.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.polling.interval_secs > 0.0) {
+        if !self.polling.interval_secs.is_finite() || self.polling.interval_secs <= 0.0 {
             return Err(format!(
                 "polling.interval_secs must be > 0, got {}",
                 self.polling.interval_secs
             ));
         }
-        if !(self.polling.shuffle_time_secs >= 0.0) {
+        if !self.polling.shuffle_time_secs.is_finite() || self.polling.shuffle_time_secs < 0.0 {
             return Err(format!(
                 "polling.shuffle_time_secs must be >= 0, got {}",
                 self.polling.shuffle_time_secs

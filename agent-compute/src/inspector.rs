@@ -122,7 +122,7 @@ impl Inspector {
         });
         // libvirt state codes: 0 nostate, 1 running, 2 blocked, 3 paused, 4 shutdown,
         // 5 shutoff, 6 crashed, 7 pmsuspended.
-        let state = info.state.to_raw() as u32;
+        let state = info.state.to_raw();
         let running = matches!(state, 1..=3);
         let mem_stats = if running {
             d.memory_stats(0).unwrap_or_default()

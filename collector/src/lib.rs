@@ -4,7 +4,7 @@
 //! - [`store`]: schema migrations, partitions, idempotent batched inserts.
 //! - [`ingest`]: the AMQP consumer loop (ack after commit, dead-letter what can never be stored).
 //! - [`api`]: the Ceilometer-v2-style HTTP API.
-//! - [`config`]: `collector.yaml`.
+//! - [`config`]: the `collector.yaml` structure.
 
 pub mod api;
 pub mod config;

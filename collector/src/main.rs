@@ -91,15 +91,20 @@ fn main() -> ExitCode {
         let health = http::Health::default();
         let app = http::router(health.clone()).merge(api::router(api::Api { pool, default_limit: cfg.http.default_limit }));
         let listen = cfg.http.listen;
-        let web = tokio::spawn(http::serve(listen, app, stop.clone()));
-        let result = ingest::run(cfg, store, health, stop).await;
-        match web.await {
-            Ok(Err(e)) => {
-                tracing::error!(%listen, error = %e, "HTTP API could not serve.");
+        let mut web = tokio::spawn(http::serve(listen, app, stop.clone()));
+        // A web server that cannot bind must stop the collector, not be noticed at exit.
+        let result = tokio::select! {
+            r = ingest::run(cfg, store, health, stop) => r,
+            w = &mut web => {
+                let msg = match w {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "HTTP server stopped".to_string(),
+                };
+                tracing::error!(%listen, error = %msg, "HTTP API could not serve.");
                 return ExitCode::FAILURE;
             }
-            _ => {}
-        }
+        };
+        web.abort();
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

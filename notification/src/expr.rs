@@ -564,11 +564,7 @@ impl Expr {
     pub fn meters(&self) -> Vec<String> {
         fn walk(n: &Node, out: &mut Vec<String>) {
             match n {
-                Node::Meter(m, _) => {
-                    if !out.contains(m) {
-                        out.push(m.clone());
-                    }
-                }
+                Node::Meter(m, _) if !out.contains(m) => out.push(m.clone()),
                 Node::Neg(a) | Node::Not(a) => walk(a, out),
                 Node::And(a, b) | Node::Or(a, b) | Node::Bin(_, a, b) => {
                     walk(a, out);
@@ -877,11 +873,11 @@ mod tests {
         );
         assert_eq!(
             ev(
-                "int(7.9) + float('1.5') + round(2.5) + round(3.14159, 2)",
+                "int(7.9) + float('1.5') + round(2.5) + round(2.71828, 2)",
                 s.clone()
             )
             .unwrap(),
-            7.0 + 1.5 + 2.0 + 3.14
+            7.0 + 1.5 + 2.0 + 2.72
         );
         assert_eq!(
             ev("volume / ((10**6) * 60)", json!({"volume": 1200000000})).unwrap(),

@@ -10,27 +10,39 @@ use std::time::Duration;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Directory of the workspace binaries (next to the test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
 }
 
 /// Base AMQP URL (vhost /vmeter) and admin database URL, overridable for other setups.
 pub fn amqp_url() -> String {
-    std::env::var("VMETER_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2fvmeter".into())
+    std::env::var("VMETER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2fvmeter".into())
 }
 
 pub fn pg_admin_url() -> String {
-    std::env::var("VMETER_TEST_PG_URL").unwrap_or_else(|_| "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter".into())
+    std::env::var("VMETER_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter".into())
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Names unique to one test run, so tests never see each other's traffic.
@@ -64,10 +76,22 @@ impl Names {
             ("VMETER_BROKER__URL".into(), amqp_url()),
             ("VMETER_BROKER__EXCHANGE".into(), self.exchange.clone()),
             ("VMETER_BROKER__RAW_QUEUE".into(), self.raw_queue.clone()),
-            ("VMETER_BROKER__PROCESSED_QUEUE".into(), self.processed_queue.clone()),
-            ("VMETER_BROKER__DEAD_LETTER_EXCHANGE".into(), self.dlx.clone()),
-            ("VMETER_BROKER__DEAD_LETTER_QUEUE".into(), self.dead_queue.clone()),
-            ("VMETER_SIGNING__TELEMETRY_SECRET".into(), format!("\"{secret}\"")),
+            (
+                "VMETER_BROKER__PROCESSED_QUEUE".into(),
+                self.processed_queue.clone(),
+            ),
+            (
+                "VMETER_BROKER__DEAD_LETTER_EXCHANGE".into(),
+                self.dlx.clone(),
+            ),
+            (
+                "VMETER_BROKER__DEAD_LETTER_QUEUE".into(),
+                self.dead_queue.clone(),
+            ),
+            (
+                "VMETER_SIGNING__TELEMETRY_SECRET".into(),
+                format!("\"{secret}\""),
+            ),
             ("VMETER_LOG__LEVEL".into(), "info".into()),
         ]
     }
@@ -75,13 +99,18 @@ impl Names {
     /// The test database URL.
     pub fn db_url(&self) -> String {
         let admin = pg_admin_url();
-        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_string())
+            .unwrap_or(admin);
         format!("{base}/{}", self.database)
     }
 }
 
 fn fastrand_u32() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)
 }
 
@@ -94,11 +123,21 @@ pub struct Service {
 
 impl Service {
     /// Starts `bin` with `args` and `env` (plus the inherited environment).
-    pub fn start(name: &'static str, bin: &str, args: &[&str], env: &[(String, String)], log_dir: &Path) -> Service {
+    pub fn start(
+        name: &'static str,
+        bin: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> Service {
         let log = log_dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         let path = bin_dir().join(bin);
-        assert!(path.exists(), "{} is not built; run `cargo build --workspace --bins` first (deploy/test.sh does)", path.display());
+        assert!(
+            path.exists(),
+            "{} is not built; run `cargo build --workspace --bins` first (deploy/test.sh does)",
+            path.display()
+        );
         let child = Command::new(&path)
             .args(args)
             .envs(env.iter().cloned())

@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sqlx::Row;
@@ -40,24 +42,51 @@ fn forged_sample(rid: &str) -> Sample {
     }
 }
 
-async fn publish_signed(conn: &Connection, names: &Names, routing_key: &str, samples: &[Sample], secret: &str) {
+async fn publish_signed(
+    conn: &Connection,
+    names: &Names,
+    routing_key: &str,
+    samples: &[Sample],
+    secret: &str,
+) {
     let ch = conn.create_channel().await.unwrap();
     let body = wire::encode(samples);
     let mut h = FieldTable::default();
     h.insert("x-vmeter-format".into(), AMQPValue::LongLongInt(1));
-    h.insert("x-vmeter-signature".into(), AMQPValue::LongString(Signer::new(secret).sign(&body).unwrap().into()));
+    h.insert(
+        "x-vmeter-signature".into(),
+        AMQPValue::LongString(Signer::new(secret).sign(&body).unwrap().into()),
+    );
     ch.confirm_select(Default::default()).await.unwrap();
     let c = ch
-        .basic_publish(names.exchange.as_str().into(), routing_key.into(), BasicPublishOptions { mandatory: true, ..Default::default() }, &body, BasicProperties::default().with_delivery_mode(2).with_headers(h))
+        .basic_publish(
+            names.exchange.as_str().into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(h),
+        )
         .await
         .unwrap()
         .await
         .unwrap();
-    assert!(c.is_ack() && c.take_message().is_none(), "publish of a test message was not routed");
+    assert!(
+        c.is_ack() && c.take_message().is_none(),
+        "publish of a test message was not routed"
+    );
 }
 
 async fn count(pool: &sqlx::PgPool, sql: &'static str, arg: &str) -> i64 {
-    sqlx::query_scalar(sql).bind(arg).fetch_one(pool).await.unwrap_or(0)
+    sqlx::query_scalar(sql)
+        .bind(arg)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,32 +96,62 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     std::fs::create_dir_all(&logs).unwrap();
 
     // Fresh database for this run.
-    let admin = sqlx::PgPool::connect(&pg_admin_url()).await.expect("PostgreSQL from deploy/setup.sh must be running");
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {}", names.database))).execute(&admin).await.unwrap();
+    let admin = sqlx::PgPool::connect(&pg_admin_url())
+        .await
+        .expect("PostgreSQL from deploy/setup.sh must be running");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create database {}",
+        names.database
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
 
     let mut env = names.env(SECRET);
     let node = repo_root().join("deploy/demo-node.xml");
     let collector_port = free_port();
     let common = env.clone();
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
-    env.push(("VMETER_HTTP__LISTEN".into(), format!("127.0.0.1:{collector_port}")));
+    env.push((
+        "VMETER_HTTP__LISTEN".into(),
+        format!("127.0.0.1:{collector_port}"),
+    ));
     let collector = Service::start("collector", "collector", &[], &env, &logs);
 
     let mut env = common.clone();
-    env.push(("VMETER_PIPELINE__FILE".into(), repo_root().join("pipeline.yaml").display().to_string()));
-    env.push(("VMETER_HTTP__LISTEN".into(), format!("127.0.0.1:{}", free_port())));
+    env.push((
+        "VMETER_PIPELINE__FILE".into(),
+        repo_root().join("pipeline.yaml").display().to_string(),
+    ));
+    env.push((
+        "VMETER_HTTP__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ));
     let notification = Service::start("notification", "notification", &[], &env, &logs);
 
     let mut env = common.clone();
-    env.push(("VMETER_LIBVIRT__URI".into(), format!("test://{}", node.display())));
+    env.push((
+        "VMETER_LIBVIRT__URI".into(),
+        format!("test://{}", node.display()),
+    ));
     env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "2".into()));
     env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
-    env.push(("VMETER_HTTP__LISTEN".into(), format!("127.0.0.1:{}", free_port())));
+    env.push((
+        "VMETER_HTTP__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ));
     let agent = Service::start("agent", "agent-compute", &[], &env, &logs);
     let started = Instant::now();
 
     let pool = sqlx::PgPool::connect(&names.db_url()).await.unwrap();
-    let diag = |msg: &str| format!("{msg}\n--- collector:\n{}\n--- notification:\n{}\n--- agent:\n{}", collector.log_text(), notification.log_text(), agent.log_text());
+    let diag = |msg: &str| {
+        format!(
+            "{msg}\n--- collector:\n{}\n--- notification:\n{}\n--- agent:\n{}",
+            collector.log_text(),
+            notification.log_text(),
+            agent.log_text()
+        )
+    };
 
     // Wait until every demo VM has at least 3 cpu_util points.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -101,7 +160,14 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
         if rows.len() == 4 && rows.iter().all(|r| r.get::<i64, _>("n") >= 3) {
             break;
         }
-        assert!(Instant::now() < deadline, "{}", diag(&format!("cpu_util rows did not appear in time: {} resources", rows.len())));
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            diag(&format!(
+                "cpu_util rows did not appear in time: {} resources",
+                rows.len()
+            ))
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
@@ -110,45 +176,111 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     let mut per_vm: HashMap<String, (i32, usize)> = HashMap::new();
     for r in &rows {
         let (rid, v, vcpus): (String, f64, i32) = (r.get(0), r.get(1), r.get(2));
-        assert_eq!((r.get::<String, _>(3).as_str(), r.get::<String, _>(4).as_str()), ("%", "gauge"));
+        assert_eq!(
+            (
+                r.get::<String, _>(3).as_str(),
+                r.get::<String, _>(4).as_str()
+            ),
+            ("%", "gauge")
+        );
         let expected = 100.0 / vcpus as f64;
-        assert!((v - expected).abs() <= 0.02 * expected, "cpu_util of {rid} = {v}, expected {expected} ± 2 %");
+        assert!(
+            (v - expected).abs() <= 0.02 * expected,
+            "cpu_util of {rid} = {v}, expected {expected} ± 2 %"
+        );
         per_vm.entry(rid).or_insert((vcpus, 0)).1 += 1;
     }
     let mut vcpu_counts: Vec<i32> = per_vm.values().map(|v| v.0).collect();
     vcpu_counts.sort();
-    assert_eq!(vcpu_counts, vec![1, 2, 2, 4], "the demo node's four VMs, with 1, 2, 4 and 2 vCPUs");
+    assert_eq!(
+        vcpu_counts,
+        vec![1, 2, 2, 4],
+        "the demo node's four VMs, with 1, 2, 4 and 2 vCPUs"
+    );
 
     // Raw meters flowed through the pass-through sink, and the rate sinks produced rates.
-    for meter in ["cpu", "vcpus", "memory", "disk.device.read.bytes", "network.incoming.bytes", "disk.device.read.bytes.rate", "network.incoming.bytes.rate", "cpu.delta"] {
-        assert!(count(&pool, "select count(*) from samples where meter = $1", meter).await > 0, "{}", diag(&format!("no {meter} rows")));
+    for meter in [
+        "cpu",
+        "vcpus",
+        "memory",
+        "disk.device.read.bytes",
+        "network.incoming.bytes",
+        "disk.device.read.bytes.rate",
+        "network.incoming.bytes.rate",
+        "cpu.delta",
+    ] {
+        assert!(
+            count(
+                &pool,
+                "select count(*) from samples where meter = $1",
+                meter
+            )
+            .await
+                > 0,
+            "{}",
+            diag(&format!("no {meter} rows"))
+        );
     }
 
     // The API answers with the same data.
     let url = format!("http://127.0.0.1:{collector_port}/v2/meters/cpu_util?limit=5");
     let body = http_get(&url).await;
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"));
     let arr = json.as_array().expect("a JSON list");
     assert_eq!(arr.len(), 5);
     assert_eq!(arr[0]["counter_name"], "cpu_util");
     assert!(arr[0]["counter_volume"].as_f64().unwrap() > 0.0);
 
     // A forged message (wrong secret) goes to the dead-letter queue, never to the database.
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
     let forged_rid = format!("forged-{}", names.id);
-    publish_signed(&conn, &names, "sample.raw", &[forged_sample(&forged_rid)], "not-the-secret").await;
+    publish_signed(
+        &conn,
+        &names,
+        "sample.raw",
+        &[forged_sample(&forged_rid)],
+        "not-the-secret",
+    )
+    .await;
     let ch = conn.create_channel().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let dead = loop {
-        if let Some(m) = ch.basic_get(names.dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        if let Some(m) = ch
+            .basic_get(
+                names.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
             break m;
         }
-        assert!(Instant::now() < deadline, "{}", diag("forged message did not reach the dead-letter queue"));
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            diag("forged message did not reach the dead-letter queue")
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let reason = dead.delivery.properties.headers().as_ref().and_then(|h| h.inner().get("x-vmeter-dead-reason").cloned());
-    assert_eq!(reason, Some(AMQPValue::LongString("signature_mismatch".into())));
-    let n_before = count(&pool, "select count(*) from samples where meter = $1", "cpu_util").await;
+    let reason = dead
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-vmeter-dead-reason").cloned());
+    assert_eq!(
+        reason,
+        Some(AMQPValue::LongString("signature_mismatch".into()))
+    );
+    let n_before = count(
+        &pool,
+        "select count(*) from samples where meter = $1",
+        "cpu_util",
+    )
+    .await;
 
     // Idempotent storage: the same processed batch twice stores its samples once.
     let dup_rid = format!("dup-{}", names.id);
@@ -163,30 +295,74 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
 
     // Let more cycles flow, so that the forged message would have been processed by now.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while count(&pool, "select count(*) from samples where meter = $1", "cpu_util").await < n_before + 8 {
-        assert!(Instant::now() < deadline, "{}", diag("pipeline stalled after the forged message"));
+    while count(
+        &pool,
+        "select count(*) from samples where meter = $1",
+        "cpu_util",
+    )
+    .await
+        < n_before + 8
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            diag("pipeline stalled after the forged message")
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(count(&pool, "select count(*) from samples where resource_id = $1", &forged_rid).await, 0, "forged sample reached the database");
-    assert_eq!(count(&pool, "select count(*) from samples where resource_id = $1", &dup_rid).await, 2, "a redelivered batch must not duplicate rows");
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from samples where resource_id = $1",
+            &forged_rid
+        )
+        .await,
+        0,
+        "forged sample reached the database"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from samples where resource_id = $1",
+            &dup_rid
+        )
+        .await,
+        2,
+        "a redelivered batch must not duplicate rows"
+    );
 
     // Throughput of this run (informational; the pipeline is paced by the agent interval).
-    let total: i64 = sqlx::query_scalar("select count(*) from sample").fetch_one(&pool).await.unwrap();
+    let total: i64 = sqlx::query_scalar("select count(*) from sample")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let secs = started.elapsed().as_secs_f64();
-    println!("e2e: {total} samples stored end to end in {secs:.1} s = {:.0} samples/s (agent interval 2 s, 4 demo VMs)", total as f64 / secs);
+    println!(
+        "e2e: {total} samples stored end to end in {secs:.1} s = {:.0} samples/s (agent interval 2 s, 4 demo VMs)",
+        total as f64 / secs
+    );
 
     // Clean shutdown, then remove this run's broker objects and database.
     drop(agent);
     drop(notification);
     drop(collector);
     for q in [&names.raw_queue, &names.processed_queue, &names.dead_queue] {
-        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     for e in [&names.exchange, &names.dlx] {
-        let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = ch
+            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
     }
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("drop database if exists {} with (force)", names.database))).execute(&admin).await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {} with (force)",
+        names.database
+    )))
+    .execute(&admin)
+    .await;
     let _ = std::fs::remove_dir_all(&logs);
     let _ = futures::stream::iter([0]).next().await;
 }
@@ -196,12 +372,23 @@ async fn http_get(url: &str) -> String {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let (head, body) = buf.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{url}: {head}");
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    }
 }
 
 fn dechunk(mut body: &str) -> String {

@@ -479,22 +479,22 @@ pub fn open_delivery(
     props: &BasicProperties,
     body: &[u8],
 ) -> Result<Vec<Sample>, Undeliverable> {
-    let sig = header(props, wire::SIGNATURE_HEADER).and_then(|v| match v {
-        AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
-        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
-        AMQPValue::ByteArray(b) => Some(b.as_slice().to_vec()),
-        _ => Some(Vec::new()),
+    let sig = header(props, wire::SIGNATURE_HEADER).map(|v| match v {
+        AMQPValue::LongString(s) => s.as_bytes().to_vec(),
+        AMQPValue::ShortString(s) => s.as_str().as_bytes().to_vec(),
+        AMQPValue::ByteArray(b) => b.as_slice().to_vec(),
+        _ => Vec::new(),
     });
     signer.verify(body, sig.as_deref())?;
-    let version = header(props, wire::FORMAT_HEADER).and_then(|v| match v {
-        AMQPValue::LongLongInt(i) => Some(*i),
-        AMQPValue::LongInt(i) => Some(i64::from(*i)),
-        AMQPValue::ShortInt(i) => Some(i64::from(*i)),
-        AMQPValue::ShortShortInt(i) => Some(i64::from(*i)),
-        AMQPValue::LongUInt(i) => Some(i64::from(*i)),
-        AMQPValue::ShortUInt(i) => Some(i64::from(*i)),
-        AMQPValue::ShortShortUInt(i) => Some(i64::from(*i)),
-        _ => Some(-1),
+    let version = header(props, wire::FORMAT_HEADER).map(|v| match v {
+        AMQPValue::LongLongInt(i) => *i,
+        AMQPValue::LongInt(i) => i64::from(*i),
+        AMQPValue::ShortInt(i) => i64::from(*i),
+        AMQPValue::ShortShortInt(i) => i64::from(*i),
+        AMQPValue::LongUInt(i) => i64::from(*i),
+        AMQPValue::ShortUInt(i) => i64::from(*i),
+        AMQPValue::ShortShortUInt(i) => i64::from(*i),
+        _ => -1,
     });
     Ok(wire::decode(body, version)?)
 }
