@@ -99,12 +99,7 @@ pub async fn run(
                                     e.reason(),
                                 )
                                 .await?;
-                            telemetry::counter(
-                                "vmeter_dead_lettered_total",
-                                "Messages dead-lettered, by service and reason.",
-                                &[("service", SERVICE), ("reason", e.reason())],
-                            )
-                            .inc();
+                            telemetry::dead_lettered(SERVICE, e.reason());
                         }
                     }
                 }

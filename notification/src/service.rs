@@ -180,7 +180,7 @@ pub async fn run(
                                     tracing::warn!(reason = e.reason(), error = %e, "Message can never be processed; dead-lettering it.");
                                     publisher.dead_letter(&cfg.broker, d.routing_key.as_str(), &d.data, &d.properties, e.reason()).await?;
                                     metrics.dead_lettered.inc();
-                                    telemetry::counter("vmeter_dead_lettered_total", "Messages dead-lettered, by service and reason.", &[("service", SERVICE), ("reason", e.reason())]).inc();
+                                    telemetry::dead_lettered(SERVICE, e.reason());
                                 }
                             }
                             last = Some(d.acker);

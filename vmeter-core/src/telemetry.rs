@@ -187,6 +187,16 @@ pub fn sample_dropped(service: &str, reason: &str, detail: &str) {
     tracing::warn!(service, reason, detail, "Sample dropped.");
 }
 
+/// Counts a message sent to the dead-letter queue with its reason.
+pub fn dead_lettered(service: &str, reason: &str) {
+    counter(
+        "vmeter_dead_lettered_total",
+        "Messages dead-lettered, by service and reason.",
+        &[("service", service), ("reason", reason)],
+    )
+    .inc();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
