@@ -58,6 +58,38 @@ impl Runtime {
     /// Runs one publish context (one consumed message) and the flush that ends it.
     pub fn publish_context(&mut self, samples: Vec<Sample>, now: DateTime<Utc>) -> Vec<Emission> {
         let mut out = Vec::new();
+        let valid = self.finite(samples);
+        for pi in 0..self.def.pipelines.len() {
+            self.publish_into(pi, &valid, now, &mut out);
+        }
+        self.flush_into(now, &mut out);
+        out
+    }
+
+    /// Ceilometer's `pipeline.publish_data` on one pipeline, without the flush that a
+    /// publish context adds. Used by the conformance runner, which drives pipelines one by
+    /// one like the upstream tests do.
+    pub fn publish_one(
+        &mut self,
+        pipeline: usize,
+        samples: Vec<Sample>,
+        now: DateTime<Utc>,
+    ) -> Vec<Emission> {
+        let mut out = Vec::new();
+        let valid = self.finite(samples);
+        self.publish_into(pipeline, &valid, now, &mut out);
+        out
+    }
+
+    /// Flushes one pipeline (Ceilometer's `pipeline.flush()`).
+    pub fn flush_one(&mut self, pipeline: usize, now: DateTime<Utc>) -> Vec<Emission> {
+        let mut out = Vec::new();
+        self.flush_pipeline(pipeline, now, &mut out);
+        out
+    }
+
+    /// Keeps samples with a finite volume; the others are counted as `invalid_volume`.
+    fn finite(&mut self, samples: Vec<Sample>) -> Vec<Sample> {
         let mut valid = Vec::with_capacity(samples.len());
         for s in samples {
             if s.volume.is_finite() {
@@ -72,32 +104,39 @@ impl Runtime {
                 });
             }
         }
-        let def = self.def.clone();
-        for (pi, p) in def.pipelines.iter().enumerate() {
-            let filter = &def.sources[p.source].filter;
-            let sink = &def.sinks[p.sink];
-            let chain = &mut self.chains[p.sink];
-            let mut survivors = Vec::new();
-            for s in valid.iter().filter(|s| filter.matches(&s.name)) {
-                let mut cx = Cx {
-                    now,
-                    sink: &sink.name,
-                    index: 0,
-                    drops: &mut self.drops,
-                };
-                if let Some(o) = run_chain(chain, 0, s.clone(), &mut cx) {
-                    survivors.push(o);
-                }
-            }
-            if !survivors.is_empty() {
-                out.push(Emission {
-                    pipeline: pi,
-                    samples: survivors,
-                });
+        valid
+    }
+
+    fn publish_into(
+        &mut self,
+        pi: usize,
+        valid: &[Sample],
+        now: DateTime<Utc>,
+        out: &mut Vec<Emission>,
+    ) {
+        let def = &*self.def;
+        let p = &def.pipelines[pi];
+        let filter = &def.sources[p.source].filter;
+        let sink = &def.sinks[p.sink];
+        let chain = &mut self.chains[p.sink];
+        let mut survivors = Vec::new();
+        for s in valid.iter().filter(|s| filter.matches(&s.name)) {
+            let mut cx = Cx {
+                now,
+                sink: &sink.name,
+                index: 0,
+                drops: &mut self.drops,
+            };
+            if let Some(o) = run_chain(chain, 0, s.clone(), &mut cx) {
+                survivors.push(o);
             }
         }
-        self.flush_into(now, &mut out);
-        out
+        if !survivors.is_empty() {
+            out.push(Emission {
+                pipeline: pi,
+                samples: survivors,
+            });
+        }
     }
 
     /// Flushes every pipeline (the end of a context, or the timer).
@@ -108,31 +147,36 @@ impl Runtime {
     }
 
     fn flush_into(&mut self, now: DateTime<Utc>, out: &mut Vec<Emission>) {
-        let def = self.def.clone();
-        for (pi, p) in def.pipelines.iter().enumerate() {
-            let sink = &def.sinks[p.sink];
-            let chain = &mut self.chains[p.sink];
-            for i in 0..chain.len() {
-                let mut cx = Cx {
-                    now,
-                    sink: &sink.name,
-                    index: i,
-                    drops: &mut self.drops,
-                };
-                let flushed = chain[i].flush(&mut cx);
-                if flushed.is_empty() {
-                    continue;
-                }
-                let survivors: Vec<Sample> = flushed
-                    .into_iter()
-                    .filter_map(|s| run_chain(chain, i + 1, s, &mut cx))
-                    .collect();
-                if !survivors.is_empty() {
-                    out.push(Emission {
-                        pipeline: pi,
-                        samples: survivors,
-                    });
-                }
+        for pi in 0..self.def.pipelines.len() {
+            self.flush_pipeline(pi, now, out);
+        }
+    }
+
+    fn flush_pipeline(&mut self, pi: usize, now: DateTime<Utc>, out: &mut Vec<Emission>) {
+        let def = &*self.def;
+        let p = &def.pipelines[pi];
+        let sink = &def.sinks[p.sink];
+        let chain = &mut self.chains[p.sink];
+        for i in 0..chain.len() {
+            let mut cx = Cx {
+                now,
+                sink: &sink.name,
+                index: i,
+                drops: &mut self.drops,
+            };
+            let flushed = chain[i].flush(&mut cx);
+            if flushed.is_empty() {
+                continue;
+            }
+            let survivors: Vec<Sample> = flushed
+                .into_iter()
+                .filter_map(|s| run_chain(chain, i + 1, s, &mut cx))
+                .collect();
+            if !survivors.is_empty() {
+                out.push(Emission {
+                    pipeline: pi,
+                    samples: survivors,
+                });
             }
         }
     }
