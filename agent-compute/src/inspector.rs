@@ -5,6 +5,7 @@
 //! answered. A domain that disappears or fails mid-cycle is skipped for that cycle; a
 //! connection-level failure is returned so the caller reconnects.
 
+use std::sync::Arc;
 use std::collections::HashSet;
 
 use chrono::Utc;
@@ -135,10 +136,10 @@ impl Inspector {
 
         let instance_id = uuid.clone();
         let vcpus = info.nr_virt_cpu as i64;
-        let md = self.instance_metadata(&name, &instance_id, &parsed, vcpus, info.max_mem, state);
+        let md = Arc::new(self.instance_metadata(&name, &instance_id, &parsed, vcpus, info.max_mem, state));
         let (user, project) = (parsed.user_id.clone(), parsed.project_id.clone());
         let mk =
-            |name: &str, kind: SampleType, unit: &str, volume: f64, rid: &str, md: Metadata| {
+            |name: &str, kind: SampleType, unit: &str, volume: f64, rid: &str, md: Arc<Metadata>| {
                 Sample {
                     name: name.into(),
                     kind,
@@ -249,8 +250,9 @@ impl Inspector {
 
         for disk in &parsed.disks {
             let rid = format!("{instance_id}-{}", disk.target);
-            let mut dmd = md.clone();
+            let mut dmd = (*md).clone();
             dmd.insert("disk_name".into(), Value::String(disk.target.clone()));
+            let dmd = Arc::new(dmd);
             if running {
                 match d.block_stats(&disk.target) {
                     Ok(b) => {
@@ -311,7 +313,7 @@ impl Inspector {
                     .filterref
                     .clone()
                     .unwrap_or_else(|| format!("{name}-{instance_id}-{}", nic.target));
-                let mut nmd = md.clone();
+                let mut nmd = (*md).clone();
                 nmd.insert("mac".into(), json!(nic.mac));
                 nmd.insert("fref".into(), json!(nic.filterref));
                 nmd.insert(
@@ -319,6 +321,7 @@ impl Inspector {
                     json!(nic.filterref.clone().unwrap_or_else(|| nic.target.clone())),
                 );
                 nmd.insert("instance_name".into(), json!(name));
+                let nmd = Arc::new(nmd);
                 match d.interface_stats(&nic.target) {
                     Ok(s) => {
                         for (meter, unit, v) in [

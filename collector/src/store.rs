@@ -200,7 +200,7 @@ impl Store {
             users.push(s.user_id.clone());
             projects.push(s.project_id.clone());
             sources.push(s.source.clone());
-            metas.push(serde_json::Value::Object(s.resource_metadata.clone()));
+            metas.push(serde_json::Value::Object((*s.resource_metadata).clone()));
             firsts.push(oldest[rid]);
             lasts.push(s.timestamp);
         }

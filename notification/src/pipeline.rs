@@ -5,6 +5,7 @@
 //! sink's publishers; then every pipeline is flushed (transformer i's flush output continues
 //! through transformers i+1..n). Pipelines that share a sink share its transformer instances.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -28,7 +29,14 @@ pub struct Runtime {
     chains: Vec<Vec<Box<dyn Transformer>>>,
     /// Drops recorded since the last [`take_drops`](Self::take_drops).
     drops: Vec<Dropped>,
+    /// Meter name → index into `route_table`.
+    routes: HashMap<String, u32>,
+    /// Per route: for each pipeline, whether its source selects the meter.
+    route_table: Vec<Box<[bool]>>,
 }
+
+/// Distinct meter names whose routes are cached before the cache is reset.
+const MAX_ROUTES: usize = 4096;
 
 impl Runtime {
     /// Fresh state for `def`.
@@ -42,6 +50,8 @@ impl Runtime {
             def,
             chains,
             drops: Vec::new(),
+            routes: HashMap::new(),
+            route_table: Vec::new(),
         }
     }
 
@@ -56,14 +66,84 @@ impl Runtime {
     }
 
     /// Runs one publish context (one consumed message) and the flush that ends it.
+    ///
+    /// Pipelines run in definition order, each over all samples (Ceilometer's order, which
+    /// matters when two pipelines share a sink). A sample is cloned for every matching
+    /// pipeline but the last, which takes it by value.
     pub fn publish_context(&mut self, samples: Vec<Sample>, now: DateTime<Utc>) -> Vec<Emission> {
         let mut out = Vec::new();
         let valid = self.finite(samples);
-        for pi in 0..self.def.pipelines.len() {
-            self.publish_into(pi, &valid, now, &mut out);
+        let npipes = self.def.pipelines.len();
+        if self.routes.len() >= MAX_ROUTES {
+            // A stream of ever-new meter names must not grow memory without bound. Reset
+            // only here: route indices must stay valid for the whole context.
+            self.routes.clear();
+            self.route_table.clear();
+        }
+        // Per sample: its route (pipelines that select its meter) and the last of them.
+        let mut routed: Vec<(Option<Sample>, u32, usize)> = Vec::with_capacity(valid.len());
+        for s in valid {
+            let r = self.route(&s.name);
+            let last = self.route_table[r as usize]
+                .iter()
+                .rposition(|m| *m)
+                .unwrap_or(usize::MAX);
+            if last != usize::MAX {
+                routed.push((Some(s), r, last));
+            }
+        }
+        for pi in 0..npipes {
+            let def = &*self.def;
+            let p = &def.pipelines[pi];
+            let sink = &def.sinks[p.sink];
+            let chain = &mut self.chains[p.sink];
+            let mut survivors = Vec::new();
+            for (slot, r, last) in routed.iter_mut() {
+                if !self.route_table[*r as usize][pi] {
+                    continue;
+                }
+                let s = if *last == pi {
+                    slot.take().expect("sample moved only at its last pipeline")
+                } else {
+                    slot.as_ref().expect("sample still present").clone()
+                };
+                let mut cx = Cx {
+                    now,
+                    sink: &sink.name,
+                    index: 0,
+                    drops: &mut self.drops,
+                };
+                if let Some(o) = run_chain(chain, 0, s, &mut cx) {
+                    survivors.push(o);
+                }
+            }
+            if !survivors.is_empty() {
+                out.push(Emission {
+                    pipeline: pi,
+                    samples: survivors,
+                });
+            }
         }
         self.flush_into(now, &mut out);
         out
+    }
+
+    /// Index into `route_table` of the pipelines that select meter `name` (cached: meter
+    /// names are few, globbing them per sample is not free).
+    fn route(&mut self, name: &str) -> u32 {
+        if let Some(r) = self.routes.get(name) {
+            return *r;
+        }
+        let def = &*self.def;
+        let row: Box<[bool]> = def
+            .pipelines
+            .iter()
+            .map(|p| def.sources[p.source].filter.matches(name))
+            .collect();
+        let idx = self.route_table.len() as u32;
+        self.route_table.push(row);
+        self.routes.insert(name.to_string(), idx);
+        idx
     }
 
     /// Ceilometer's `pipeline.publish_data` on one pipeline, without the flush that a

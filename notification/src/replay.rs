@@ -140,7 +140,7 @@ pub fn sample_from_json(v: &Value, fallback_id: Uuid) -> Result<Sample, Rejected
         project_id: opt_text("project_id"),
         resource_id: text("resource_id")?,
         timestamp,
-        resource_metadata,
+        resource_metadata: resource_metadata.into(),
         source: opt_text("source").unwrap_or_else(|| DEFAULT_SOURCE.to_string()),
         message_id,
         monotonic_time,

@@ -1,5 +1,7 @@
 //! The unit of data that flows through vmeter.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -72,8 +74,11 @@ pub struct Sample {
     #[serde(with = "micros")]
     pub timestamp: DateTime<Utc>,
     /// Metadata a scale expression, a bill or a dashboard needs (`cpu_number`, `flavor`, …).
+    ///
+    /// Shared (`Arc`): one instance's metadata is the same for all its samples of a cycle,
+    /// and a pipeline clones samples once per matching sink; cloning must be a refcount.
     #[serde(default)]
-    pub resource_metadata: Metadata,
+    pub resource_metadata: Arc<Metadata>,
     /// Origin of the sample (`openstack` by default, as in Ceilometer).
     pub source: String,
     /// Unique id of this measurement; the storage dedup key's companion and the API sample id.

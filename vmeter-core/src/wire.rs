@@ -80,7 +80,7 @@ mod tests {
             resource_id: "r".into(),
             timestamp: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap()
                 + chrono::Duration::microseconds(7),
-            resource_metadata: md,
+            resource_metadata: md.into(),
             source: "openstack".into(),
             message_id: uuid::Uuid::now_v7(),
             monotonic_time: Some(12345.678),

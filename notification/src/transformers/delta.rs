@@ -1,16 +1,12 @@
 //! `delta`: the change of a value since its predecessor, as a `delta` sample.
 
-use std::collections::HashMap;
-
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
-use uuid::Uuid;
 use vmeter_core::{Sample, SampleType};
 
 use super::{
-    Cx, RawSource, RawTarget, Target, Transformer, lenient_bool, params, seconds_between,
-    series_key,
+    Cx, Predecessor, RawSource, RawTarget, SeriesMap, Target, Transformer, lenient_bool, params,
+    seconds_between,
 };
 
 #[derive(Deserialize, Default)]
@@ -48,33 +44,29 @@ impl DeltaSpec {
 /// See the module doc.
 pub struct Delta {
     spec: DeltaSpec,
-    cache: HashMap<String, (f64, DateTime<Utc>, Option<f64>, Uuid)>,
+    cache: SeriesMap<Predecessor>,
 }
 
 impl Delta {
     pub fn new(spec: DeltaSpec) -> Self {
         Delta {
             spec,
-            cache: HashMap::new(),
+            cache: SeriesMap::default(),
         }
     }
 }
 
 impl Transformer for Delta {
     fn handle(&mut self, s: Sample, cx: &mut Cx<'_>) -> Option<Sample> {
-        let key = series_key(&s);
-        let Some(prev) = self.cache.insert(
-            key.clone(),
-            (s.volume, s.timestamp, s.monotonic_time, s.message_id),
-        ) else {
+        let Some(slot) = self.cache.get_mut(&s) else {
+            self.cache.insert(&s, Predecessor::of(&s));
             cx.drop(
                 "no_predecessor",
                 format!("{} {}: first sample of the series", s.name, s.resource_id),
             );
             return None;
         };
-        if prev.3 == s.message_id {
-            self.cache.insert(key, prev);
+        if slot.id == s.message_id {
             cx.drop(
                 "duplicate",
                 format!(
@@ -84,8 +76,7 @@ impl Transformer for Delta {
             );
             return None;
         }
-        if seconds_between(prev.1, prev.2, s.timestamp, s.monotonic_time) < 0.0 {
-            self.cache.insert(key, prev);
+        if seconds_between(slot.timestamp, slot.monotonic, s.timestamp, s.monotonic_time) < 0.0 {
             cx.drop(
                 "out_of_order",
                 format!(
@@ -95,7 +86,8 @@ impl Transformer for Delta {
             );
             return None;
         }
-        let delta = s.volume - prev.0;
+        let prev = std::mem::replace(slot, Predecessor::of(&s));
+        let delta = s.volume - prev.volume;
         if self.spec.growth_only && delta < 0.0 {
             cx.drop(
                 "negative_delta",
@@ -114,6 +106,15 @@ impl Transformer for Delta {
         out.volume = delta;
         out.message_id = id;
         Some(out)
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cache).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        self.cache = serde_json::from_value(state).map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 

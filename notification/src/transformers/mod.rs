@@ -15,6 +15,8 @@ pub mod arithmetic;
 pub mod delta;
 pub mod scaling;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_yaml_ng::Value;
@@ -62,15 +64,29 @@ impl Cx<'_> {
     /// Deterministic id of an output derived from `parts`, salted with sink and position:
     /// a redelivered input reproduces the same id, so storage drops the copy.
     pub fn derive_id(&self, parts: &[&[u8]]) -> Uuid {
-        let mut buf = Vec::with_capacity(64);
-        buf.extend_from_slice(self.sink.as_bytes());
-        buf.push(0);
-        buf.extend_from_slice(&(self.index as u32).to_le_bytes());
+        // Stack buffer for the common case (short sink name, one uuid part).
+        let mut stack = [0u8; 128];
+        let mut heap = Vec::new();
+        let len = self.sink.len() + 5 + parts.iter().map(|p| p.len() + 1).sum::<usize>();
+        let buf: &mut [u8] = if len <= stack.len() {
+            &mut stack[..len]
+        } else {
+            heap.resize(len, 0);
+            &mut heap
+        };
+        let mut at = 0;
+        let mut put = |b: &[u8]| {
+            buf[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        };
+        put(self.sink.as_bytes());
+        put(&[0]);
+        put(&(self.index as u32).to_le_bytes());
         for p in parts {
-            buf.extend_from_slice(p);
-            buf.push(0);
+            put(p);
+            put(&[0]);
         }
-        Uuid::new_v5(&ID_NAMESPACE, &buf)
+        Uuid::new_v5(&ID_NAMESPACE, buf)
     }
 
     /// Records a dropped sample.
@@ -87,6 +103,14 @@ pub trait Transformer: Send {
     /// Releases what is due at the end of a publish context or on the timer.
     fn flush(&mut self, _cx: &mut Cx<'_>) -> Vec<Sample> {
         Vec::new()
+    }
+    /// The state to carry over a planned restart (JSON; `null` when stateless).
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores what [`save_state`](Self::save_state) produced for the same definition.
+    fn restore_state(&mut self, _state: serde_json::Value) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -448,14 +472,81 @@ pub fn scale_value(scale: &Scale, s: &Sample) -> Result<f64, String> {
     }
 }
 
-/// Predecessor key of per-series state: meter name and resource (unambiguous, unlike
-/// Ceilometer's plain concatenation).
-pub fn series_key(s: &Sample) -> String {
-    let mut k = String::with_capacity(s.name.len() + s.resource_id.len() + 1);
-    k.push_str(&s.name);
-    k.push('\u{1f}');
-    k.push_str(&s.resource_id);
-    k
+/// Per-series state keyed by (meter name, resource id), looked up without allocating.
+///
+/// Two levels (meter → resource → value) so that a hit borrows the sample's strings; only a
+/// new series allocates its keys. Serialisable for the state file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct SeriesMap<V> {
+    by_meter: FastMap<String, FastMap<String, V>>,
+}
+
+/// `HashMap` with a fast non-cryptographic hasher (keys come from signed messages).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+impl<V> Default for SeriesMap<V> {
+    fn default() -> Self {
+        SeriesMap {
+            by_meter: FastMap::default(),
+        }
+    }
+}
+
+impl<V> SeriesMap<V> {
+    /// The state of `s`'s series.
+    pub fn get_mut(&mut self, s: &Sample) -> Option<&mut V> {
+        self.by_meter.get_mut(&s.name)?.get_mut(&s.resource_id)
+    }
+
+    /// Sets the state of `s`'s series (allocating its keys if new).
+    pub fn insert(&mut self, s: &Sample, v: V) {
+        match self.by_meter.get_mut(&s.name) {
+            Some(m) => match m.get_mut(&s.resource_id) {
+                Some(slot) => *slot = v,
+                None => {
+                    m.insert(s.resource_id.clone(), v);
+                }
+            },
+            None => {
+                self.by_meter
+                    .entry(s.name.clone())
+                    .or_default()
+                    .insert(s.resource_id.clone(), v);
+            }
+        }
+    }
+
+    /// Number of series.
+    pub fn len(&self) -> usize {
+        self.by_meter.values().map(FastMap::len).sum()
+    }
+
+    /// Whether no series is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What `rate_of_change` and `delta` remember of a series: its latest accepted sample.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Predecessor {
+    pub volume: f64,
+    pub timestamp: DateTime<Utc>,
+    pub monotonic: Option<f64>,
+    /// `message_id` of that sample: a redelivery carries the same id.
+    pub id: Uuid,
+}
+
+impl Predecessor {
+    pub fn of(s: &Sample) -> Self {
+        Predecessor {
+            volume: s.volume,
+            timestamp: s.timestamp,
+            monotonic: s.monotonic_time,
+            id: s.message_id,
+        }
+    }
 }
 
 /// Seconds from `a` to `b`: monotonic clock when both samples carry it, else timestamps.

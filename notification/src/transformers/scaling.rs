@@ -1,16 +1,12 @@
 //! `rate_of_change` and `unit_conversion` (Ceilometer's ScalingTransformer family).
 
-use std::collections::HashMap;
-
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
-use uuid::Uuid;
 use vmeter_core::Sample;
 
 use super::{
-    Cx, RawSource, RawTarget, Scale, Target, Transformer, derived, params, scale_value,
-    seconds_between, series_key,
+    Cx, Predecessor, RawSource, RawTarget, Scale, SeriesMap, Target, Transformer, derived,
+    params, scale_value, seconds_between,
 };
 
 #[derive(Deserialize, Default)]
@@ -95,51 +91,34 @@ impl Transformer for UnitConversion {
     }
 }
 
-/// What rate_of_change remembers per (meter, resource).
-#[derive(Debug, Clone, Copy)]
-struct Prev {
-    volume: f64,
-    timestamp: DateTime<Utc>,
-    monotonic: Option<f64>,
-    id: Uuid,
-}
-
 /// Δvolume/Δt × scale per (meter, resource), with Ceilometer's rules (reference §c.2) and
 /// vmeter's fixes: monotonic time is used when both samples carry it; a redelivered sample
 /// (same `message_id` as the stored predecessor) is ignored instead of yielding 0.
 pub struct RateOfChange {
     spec: ScalingSpec,
-    cache: HashMap<String, Prev>,
+    cache: SeriesMap<Predecessor>,
 }
 
 impl RateOfChange {
     pub fn new(spec: ScalingSpec) -> Self {
         RateOfChange {
             spec,
-            cache: HashMap::new(),
+            cache: SeriesMap::default(),
         }
     }
 }
 
 impl Transformer for RateOfChange {
     fn handle(&mut self, s: Sample, cx: &mut Cx<'_>) -> Option<Sample> {
-        let key = series_key(&s);
-        let now = Prev {
-            volume: s.volume,
-            timestamp: s.timestamp,
-            monotonic: s.monotonic_time,
-            id: s.message_id,
-        };
-        let prev = self.cache.insert(key.clone(), now);
-        let Some(prev) = prev else {
+        let Some(slot) = self.cache.get_mut(&s) else {
+            self.cache.insert(&s, Predecessor::of(&s));
             cx.drop(
                 "no_predecessor",
                 format!("{} {}: first sample of the series", s.name, s.resource_id),
             );
             return None;
         };
-        if prev.id == s.message_id {
-            self.cache.insert(key, prev);
+        if slot.id == s.message_id {
             cx.drop(
                 "duplicate",
                 format!(
@@ -149,15 +128,9 @@ impl Transformer for RateOfChange {
             );
             return None;
         }
-        let dt = seconds_between(
-            prev.timestamp,
-            prev.monotonic,
-            s.timestamp,
-            s.monotonic_time,
-        );
+        let dt = seconds_between(slot.timestamp, slot.monotonic, s.timestamp, s.monotonic_time);
         if dt < 0.0 {
             // Out of order: keep the newer predecessor.
-            self.cache.insert(key, prev);
             cx.drop(
                 "out_of_order",
                 format!(
@@ -167,6 +140,7 @@ impl Transformer for RateOfChange {
             );
             return None;
         }
+        let prev = std::mem::replace(slot, Predecessor::of(&s));
         let mut dv = s.volume - prev.volume;
         if s.kind == vmeter_core::SampleType::Cumulative && dv < 0.0 {
             // Counter reset (reboot, migration): assume it restarted from zero.
@@ -195,6 +169,15 @@ impl Transformer for RateOfChange {
         out.volume = volume;
         out.message_id = id;
         Some(out)
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cache).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        self.cache = serde_json::from_value(state).map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 
