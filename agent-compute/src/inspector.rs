@@ -5,8 +5,8 @@
 //! answered. A domain that disappears or fails mid-cycle is skipped for that cycle; a
 //! connection-level failure is returned so the caller reconnects.
 
-use std::sync::Arc;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::{Value, json};
@@ -136,25 +136,36 @@ impl Inspector {
 
         let instance_id = uuid.clone();
         let vcpus = info.nr_virt_cpu as i64;
-        let md = Arc::new(self.instance_metadata(&name, &instance_id, &parsed, vcpus, info.max_mem, state));
+        let md = Arc::new(self.instance_metadata(
+            &name,
+            &instance_id,
+            &parsed,
+            vcpus,
+            info.max_mem,
+            state,
+        ));
         let (user, project) = (parsed.user_id.clone(), parsed.project_id.clone());
-        let mk =
-            |name: &str, kind: SampleType, unit: &str, volume: f64, rid: &str, md: Arc<Metadata>| {
-                Sample {
-                    name: name.into(),
-                    kind,
-                    unit: unit.into(),
-                    volume,
-                    user_id: user.clone(),
-                    project_id: project.clone(),
-                    resource_id: rid.into(),
-                    timestamp,
-                    resource_metadata: md,
-                    source: DEFAULT_SOURCE.into(),
-                    message_id: Uuid::now_v7(),
-                    monotonic_time: Some(mono),
-                }
-            };
+        let mk = |name: &str,
+                  kind: SampleType,
+                  unit: &str,
+                  volume: f64,
+                  rid: &str,
+                  md: Arc<Metadata>| {
+            Sample {
+                name: name.into(),
+                kind,
+                unit: unit.into(),
+                volume,
+                user_id: user.clone(),
+                project_id: project.clone(),
+                resource_id: rid.into(),
+                timestamp,
+                resource_metadata: md,
+                source: DEFAULT_SOURCE.into(),
+                message_id: Uuid::now_v7(),
+                monotonic_time: Some(mono),
+            }
+        };
 
         out.push(mk(
             "power.state",

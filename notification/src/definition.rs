@@ -106,6 +106,10 @@ pub struct SinkDef {
     pub name: String,
     pub transformers: Vec<TransformerSpec>,
     pub publishers: Vec<PublisherUrl>,
+    /// The sink's `transformers:` as written (canonical JSON of the parsed YAML): two sinks
+    /// with the same name and fingerprint have interchangeable transformer state (hot
+    /// reload keeps it, a saved state file restores it).
+    pub fingerprint: String,
 }
 
 /// A pipeline: one (source, sink) pair.
@@ -214,8 +218,16 @@ pub fn parse(text: &str, file: &str) -> Result<PipelineDef, LoadErrors> {
             errors.push(at(format!("Duplicated sink names: {name}")));
             continue;
         }
+        let raw_transformers = rs.transformers.unwrap_or_default();
+        let fingerprint = serde_yaml_ng::to_string(
+            &raw_transformers
+                .iter()
+                .map(|t| (&t.name, &t.parameters))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_default();
         let mut transformers = Vec::new();
-        for (ti, t) in rs.transformers.unwrap_or_default().into_iter().enumerate() {
+        for (ti, t) in raw_transformers.into_iter().enumerate() {
             match TransformerSpec::from_config(
                 &t.name,
                 t.parameters.unwrap_or(Value::Null),
@@ -250,6 +262,7 @@ pub fn parse(text: &str, file: &str) -> Result<PipelineDef, LoadErrors> {
             name,
             transformers,
             publishers,
+            fingerprint,
         });
     }
 

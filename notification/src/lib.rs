@@ -16,4 +16,5 @@ pub mod meters;
 pub mod pipeline;
 pub mod replay;
 pub mod service;
+pub mod state;
 pub mod transformers;

@@ -25,8 +25,9 @@ use vmeter_core::http::Health;
 use vmeter_core::shutdown::Shutdown;
 use vmeter_core::telemetry::{self, LogConfig};
 
-use crate::definition::{PipelineDef, PublisherUrl};
+use crate::definition::{self, PipelineDef, PublisherUrl};
 use crate::pipeline::{Emission, Runtime};
+use crate::state;
 
 /// `notification.yaml`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -67,6 +68,13 @@ pub struct PipelineConfig {
     pub max_batch_samples: usize,
     /// Most deliveries processed before their outputs are published and they are acked.
     pub max_chunk_messages: usize,
+    /// Where transformer state is saved on graceful shutdown and restored from at start
+    /// (`null` disables). See [`crate::state`].
+    pub state_file: Option<PathBuf>,
+    /// A state file older than this is ignored at start, s.
+    pub state_max_age_secs: u64,
+    /// How often the pipeline file is checked for changes, s (0: only on SIGHUP).
+    pub reload_check_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -76,6 +84,9 @@ impl Default for PipelineConfig {
             flush_interval_ms: 1000,
             max_batch_samples: 1000,
             max_chunk_messages: 64,
+            state_file: Some("/var/lib/vmeter/notification-state.json".into()),
+            state_max_age_secs: 900,
+            reload_check_secs: 5,
         }
     }
 }
@@ -127,9 +138,13 @@ pub async fn run(
     let signer = cfg.signing.signer(SERVICE);
     let metrics = Metrics::new();
     let broker_up = health.part("broker");
-    let mut rt = Runtime::new(def);
+    let mut rt = Runtime::new(def.clone());
     let mut pending: Vec<Sample> = Vec::new();
     let flush_every = Duration::from_millis(cfg.pipeline.flush_interval_ms.max(10));
+    if let Some(path) = &cfg.pipeline.state_file {
+        restore_state(path, &cfg, &mut rt, &mut pending);
+    }
+    let mut reloads = spawn_reload_watcher(&cfg.pipeline, def, shutdown.clone());
 
     while !*shutdown.borrow() {
         let Some(conn) =
@@ -196,6 +211,10 @@ pub async fn run(
                         report_drops(&mut rt);
                         publish_outputs(&publisher, &cfg, &mut pending, &metrics).await?;
                     }
+                    Ok(()) = reloads.changed() => {
+                        let new = reloads.borrow_and_update().clone();
+                        apply_reload(&mut rt, new);
+                    }
                 }
             }
         };
@@ -211,8 +230,159 @@ pub async fn run(
             }
         }
     }
+    if let Some(path) = &cfg.pipeline.state_file {
+        let saved = state::Saved {
+            format: state::FORMAT,
+            saved_at: Utc::now(),
+            sinks: rt.snapshot(),
+            pending: std::mem::take(&mut pending),
+        };
+        match state::save(path, &saved) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                unpublished = saved.pending.len(),
+                "Transformer state saved for the next start."
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "Could not save transformer state; the next start begins without predecessors.")
+            }
+        }
+    } else if !pending.is_empty() {
+        for _ in &pending {
+            telemetry::sample_dropped(
+                SERVICE,
+                "unpublished_at_shutdown",
+                "no state_file configured",
+            );
+        }
+    }
     tracing::info!("Notification service stopped.");
     Ok(())
+}
+
+/// Restores the state file (if any) into `rt` and `pending`, logging what happened.
+fn restore_state(
+    path: &std::path::Path,
+    cfg: &Config,
+    rt: &mut Runtime,
+    pending: &mut Vec<Sample>,
+) {
+    let max_age = Duration::from_secs(cfg.pipeline.state_max_age_secs);
+    match state::take(path, max_age, Utc::now()) {
+        Ok(Some(saved)) => {
+            let age = (Utc::now() - saved.saved_at).num_seconds();
+            let (restored, skipped) = rt.restore(saved.sinks);
+            for (sink, why) in &skipped {
+                tracing::warn!(sink = %sink, reason = %why, "Saved state not restored for this sink.");
+            }
+            *pending = saved.pending;
+            tracing::info!(
+                path = %path.display(),
+                age_s = age,
+                restored = ?restored,
+                unpublished = pending.len(),
+                "Transformer state restored."
+            );
+        }
+        Ok(None) => tracing::info!(path = %path.display(), "No saved state; starting fresh."),
+        Err(e) => tracing::warn!(error = %e, "Saved state not used; starting fresh."),
+    }
+}
+
+/// Watches the pipeline file (SIGHUP, and a content check every `reload_check_secs`).
+/// Sends every new definition that validates; a file that does not is refused with all
+/// its errors logged, and the running pipeline stays.
+fn spawn_reload_watcher(
+    cfg: &PipelineConfig,
+    initial: Arc<PipelineDef>,
+    mut shutdown: Shutdown,
+) -> tokio::sync::watch::Receiver<Arc<PipelineDef>> {
+    let (tx, rx) = tokio::sync::watch::channel(initial);
+    let path = cfg.file.clone();
+    let every = (cfg.reload_check_secs > 0).then(|| Duration::from_secs(cfg.reload_check_secs));
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "No SIGHUP handler; pipeline reload by file change only.");
+                return;
+            }
+        };
+        let mut seen = std::fs::read(&path).ok();
+        let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            let forced = tokio::select! {
+                _ = vmeter_core::shutdown::wait(&mut shutdown) => return,
+                _ = hup.recv() => true,
+                _ = tick.tick(), if every.is_some() => false,
+            };
+            let text = match std::fs::read(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    if forced {
+                        tracing::error!(path = %path.display(), error = %e, "Pipeline reload refused: cannot read the file; the running pipeline stays.");
+                    }
+                    continue;
+                }
+            };
+            if !forced && seen.as_ref() == Some(&text) {
+                continue;
+            }
+            seen = Some(text.clone());
+            let result =
+                definition::parse(&String::from_utf8_lossy(&text), &path.display().to_string());
+            match result {
+                Ok(def) => {
+                    for w in &def.warnings {
+                        tracing::warn!("{}: {w}", path.display());
+                    }
+                    telemetry::counter(
+                        "vmeter_notification_reloads_total",
+                        "Pipeline reloads, by result.",
+                        &[("result", "accepted")],
+                    )
+                    .inc();
+                    let _ = tx.send(Arc::new(def));
+                }
+                Err(errors) => {
+                    telemetry::counter(
+                        "vmeter_notification_reloads_total",
+                        "Pipeline reloads, by result.",
+                        &[("result", "refused")],
+                    )
+                    .inc();
+                    for e in &errors.errors {
+                        tracing::error!(file = %path.display(), line = e.line, "{}", e.message);
+                    }
+                    tracing::error!(path = %path.display(), errors = errors.errors.len(), "Pipeline reload refused; the running pipeline stays.");
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Swaps in a new definition between two messages.
+fn apply_reload(rt: &mut Runtime, def: Arc<PipelineDef>) {
+    if *def == **rt.def() {
+        tracing::info!("Pipeline file re-read; no change.");
+        return;
+    }
+    let kept = rt.reload(def.clone());
+    let fresh: Vec<&str> = def
+        .sinks
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| !kept.iter().any(|k| k == n))
+        .collect();
+    tracing::info!(
+        pipelines = def.pipelines.len(),
+        kept_state = ?kept,
+        fresh_state = ?fresh,
+        "Pipeline reloaded."
+    );
 }
 
 /// Publishes and confirms everything in `pending`; on success `pending` is empty.
@@ -251,9 +421,20 @@ fn route(rt: &Runtime, emissions: Vec<Emission>, pending: &mut Vec<Sample>) {
     for e in emissions {
         let p = &def.pipelines[e.pipeline];
         let publishers = &def.sinks[p.sink].publishers;
+        let notifiers = publishers
+            .iter()
+            .filter(|u| matches!(u, PublisherUrl::Notifier))
+            .count();
+        let mut notifier_seen = 0;
         for url in publishers {
             match url {
-                PublisherUrl::Notifier => pending.extend(e.samples.iter().cloned()),
+                PublisherUrl::Notifier => {
+                    notifier_seen += 1;
+                    // The last notifier takes the samples by value below.
+                    if notifier_seen < notifiers {
+                        pending.extend(e.samples.iter().cloned());
+                    }
+                }
                 PublisherUrl::Log => {
                     for s in &e.samples {
                         tracing::info!(pipeline = %p.name, sample = %crate::replay::sample_to_json(s), "Published sample.");
@@ -272,6 +453,9 @@ fn route(rt: &Runtime, emissions: Vec<Emission>, pending: &mut Vec<Sample>) {
                 }
                 PublisherUrl::Test => {}
             }
+        }
+        if notifiers > 0 {
+            pending.extend(e.samples);
         }
     }
 }

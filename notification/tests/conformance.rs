@@ -36,7 +36,10 @@ fn cases() -> Vec<Value> {
 /// Input sample `i` of a case, with a deterministic message id.
 fn input(case: &Value, i: usize) -> Sample {
     let v = &case["input_samples"][i];
-    let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}:{i}", case["name"]).as_bytes());
+    let id = Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{}:{i}", case["name"]).as_bytes(),
+    );
     sample_from_json(v, id).unwrap_or_else(|e| panic!("input sample {i}: {e:?}"))
 }
 
@@ -135,7 +138,9 @@ impl Harness {
                 self.record(em);
             }
             "expect_count" => {
-                let p = step["pipeline"].as_str().ok_or("expect_count without pipeline")?;
+                let p = step["pipeline"]
+                    .as_str()
+                    .ok_or("expect_count without pipeline")?;
                 let idx = step["publisher_index"].as_u64().unwrap_or(0) as usize;
                 let want = step["count"].as_u64().ok_or("expect_count without count")? as usize;
                 let got = self.count(p, idx);
@@ -184,7 +189,11 @@ fn check_publishers(
     got: impl Fn(&str, usize) -> (Vec<Value>, Option<usize>),
 ) -> Result<(), String> {
     let tolerance = case["expected"]["volume_tolerance"].as_f64();
-    for e in case["expected"]["publishers"].as_array().into_iter().flatten() {
+    for e in case["expected"]["publishers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let p = e["pipeline"].as_str().ok_or("expected without pipeline")?;
         let idx = e["publisher_index"].as_u64().unwrap_or(0) as usize;
         let (mut samples, calls) = got(p, idx);
@@ -247,9 +256,11 @@ fn run_case(case: &Value) -> Result<(), String> {
                 h.step(case, step)?;
             }
             check_publishers(case, |p, idx| {
-                h.got.get(&(p.to_string(), idx)).map_or((Vec::new(), Some(0)), |r| {
-                    (r.samples.clone(), Some(r.calls))
-                })
+                h.got
+                    .get(&(p.to_string(), idx))
+                    .map_or((Vec::new(), Some(0)), |r| {
+                        (r.samples.clone(), Some(r.calls))
+                    })
             })
         }
         "config_error" => {
@@ -282,7 +293,10 @@ fn run_case(case: &Value) -> Result<(), String> {
                 .map(|m| m.as_str().unwrap().to_string())
                 .collect();
             let f = MeterFilter::new(&meters)?;
-            for (name, want) in case["expected_support"].as_object().ok_or("no expectations")? {
+            for (name, want) in case["expected_support"]
+                .as_object()
+                .ok_or("no expectations")?
+            {
                 if f.matches(name) != want.as_bool().unwrap() {
                     return Err(format!("{meters:?} supports {name}: want {want}"));
                 }
@@ -315,7 +329,9 @@ fn run_case(case: &Value) -> Result<(), String> {
             }
             Ok(())
         }
-        other => Err(format!("case kind {other:?} is not supported by this runner")),
+        other => Err(format!(
+            "case kind {other:?} is not supported by this runner"
+        )),
     }
 }
 
@@ -379,8 +395,11 @@ fn public_pipeline_cases_through_replay_binary() {
     for case in cases().iter().filter(|c| c["kind"] == "pipeline") {
         let name = case["name"].as_str().unwrap();
         let pipeline = dir.join(format!("{name}.yaml"));
-        std::fs::write(&pipeline, serde_json::to_string_pretty(&case["pipeline"]).unwrap())
-            .unwrap();
+        std::fs::write(
+            &pipeline,
+            serde_json::to_string_pretty(&case["pipeline"]).unwrap(),
+        )
+        .unwrap();
         let input = replay_input(case).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_notification"))
             .args(["replay", "--pipeline"])
@@ -422,6 +441,9 @@ fn public_pipeline_cases_through_replay_binary() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(ran >= 12, "the public file has 12 pipeline cases, ran {ran}");
+    assert!(
+        ran >= 12,
+        "the public file has 12 pipeline cases, ran {ran}"
+    );
     assert!(failed.is_empty(), "failed through replay: {failed:?}");
 }

@@ -181,3 +181,146 @@ impl Drop for Service {
         }
     }
 }
+
+/// Broker-side helpers: publish signed batches like an agent, read what a service published.
+pub mod broker {
+    use std::time::{Duration, Instant};
+
+    use lapin::options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    use vmeter_core::{Sample, signing::Signer, wire};
+
+    use super::{Names, amqp_url};
+
+    pub async fn connect() -> Connection {
+        Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ from deploy/setup.sh must be running")
+    }
+
+    /// Waits until `queue` exists (a service declares its topology at start).
+    pub async fn wait_for_queue(conn: &Connection, queue: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // A failed passive declare closes the channel: use a fresh one per try.
+            let ch = conn.create_channel().await.unwrap();
+            let ok = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok();
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "queue {queue} never appeared");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Publishes one signed batch (persistent, mandatory, confirmed) as an agent would.
+    pub async fn publish(
+        conn: &Connection,
+        names: &Names,
+        routing_key: &str,
+        samples: &[Sample],
+        secret: &str,
+    ) {
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        publish_on(&ch, names, routing_key, &wire::encode(samples), secret)
+            .await
+            .await
+            .unwrap();
+        let _ = ch.close(200, "done".into()).await;
+    }
+
+    /// Publishes an encoded body on a confirm channel; returns the pending confirmation.
+    pub async fn publish_on(
+        ch: &lapin::Channel,
+        names: &Names,
+        routing_key: &str,
+        body: &[u8],
+        secret: &str,
+    ) -> lapin::PublisherConfirm {
+        let mut h = FieldTable::default();
+        h.insert(wire::FORMAT_HEADER.into(), AMQPValue::LongLongInt(1));
+        h.insert(
+            wire::SIGNATURE_HEADER.into(),
+            AMQPValue::LongString(Signer::new(secret).sign(body).unwrap().into()),
+        );
+        ch.basic_publish(
+            names.exchange.as_str().into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(h),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Takes every message from `queue` until it stayed empty for `quiet` or `want`
+    /// samples arrived (whichever first, bounded by `timeout`); returns their samples.
+    pub async fn take(
+        conn: &Connection,
+        queue: &str,
+        want: usize,
+        quiet: Duration,
+        timeout: Duration,
+    ) -> Vec<Sample> {
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        let mut last = Instant::now();
+        while out.len() < want && Instant::now() < deadline && last.elapsed() < quiet {
+            match ch
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                Some(m) => {
+                    out.extend(wire::decode(&m.delivery.data, None).expect("vmeter batch"));
+                    m.delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .unwrap();
+                    last = Instant::now();
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let _ = ch.close(200, "done".into()).await;
+        out
+    }
+
+    /// Deletes this run's queues and exchanges.
+    pub async fn cleanup(conn: &Connection, names: &Names) {
+        let ch = conn.create_channel().await.unwrap();
+        for q in [&names.raw_queue, &names.processed_queue, &names.dead_queue] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [&names.exchange, &names.dlx] {
+            let _ = ch
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}

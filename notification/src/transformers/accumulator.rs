@@ -60,4 +60,13 @@ impl Transformer for Accumulator {
             Vec::new()
         }
     }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(&self.buf).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        self.buf = serde_json::from_value(state).map_err(|e| e.to_string())?;
+        Ok(())
+    }
 }

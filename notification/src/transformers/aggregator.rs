@@ -112,11 +112,21 @@ impl AggregatorSpec {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Group {
     sample: Sample,
     count: u64,
     first_id: Uuid,
     last_id: Uuid,
+}
+
+/// What an aggregator carries over a planned restart.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    /// Groups in arrival order.
+    groups: Vec<(String, Group)>,
+    handled: i64,
+    initial: Option<DateTime<Utc>>,
 }
 
 /// See the module doc.
@@ -261,6 +271,35 @@ impl Transformer for Aggregator {
         self.handled = 0;
         self.initial = None;
         out
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        #[derive(serde::Serialize)]
+        struct SavedRef<'a> {
+            groups: Vec<(&'a String, &'a Group)>,
+            handled: i64,
+            initial: Option<DateTime<Utc>>,
+        }
+        let groups = self
+            .order
+            .iter()
+            .filter_map(|k| self.groups.get(k).map(|g| (k, g)))
+            .collect();
+        serde_json::to_value(SavedRef {
+            groups,
+            handled: self.handled,
+            initial: self.initial,
+        })
+        .unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        let saved: Saved = serde_json::from_value(state).map_err(|e| e.to_string())?;
+        self.order = saved.groups.iter().map(|(k, _)| k.clone()).collect();
+        self.groups = saved.groups.into_iter().collect();
+        self.handled = saved.handled;
+        self.initial = saved.initial;
+        Ok(())
     }
 }
 

@@ -164,4 +164,16 @@ impl Transformer for Arithmetic {
         }
         out
     }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({"cache": self.cache, "latest": self.latest})
+    }
+
+    fn restore_state(&mut self, mut state: serde_json::Value) -> Result<(), String> {
+        self.cache =
+            serde_json::from_value(state["cache"].take()).map_err(|e| format!("cache: {e}"))?;
+        self.latest =
+            serde_json::from_value(state["latest"].take()).map_err(|e| format!("latest: {e}"))?;
+        Ok(())
+    }
 }

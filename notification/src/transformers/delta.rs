@@ -76,7 +76,13 @@ impl Transformer for Delta {
             );
             return None;
         }
-        if seconds_between(slot.timestamp, slot.monotonic, s.timestamp, s.monotonic_time) < 0.0 {
+        if seconds_between(
+            slot.timestamp,
+            slot.monotonic,
+            s.timestamp,
+            s.monotonic_time,
+        ) < 0.0
+        {
             cx.drop(
                 "out_of_order",
                 format!(

@@ -5,8 +5,8 @@ use serde_yaml_ng::Value;
 use vmeter_core::Sample;
 
 use super::{
-    Cx, Predecessor, RawSource, RawTarget, Scale, SeriesMap, Target, Transformer, derived,
-    params, scale_value, seconds_between,
+    Cx, Predecessor, RawSource, RawTarget, Scale, SeriesMap, Target, Transformer, derived, params,
+    scale_value, seconds_between,
 };
 
 #[derive(Deserialize, Default)]
@@ -128,7 +128,12 @@ impl Transformer for RateOfChange {
             );
             return None;
         }
-        let dt = seconds_between(slot.timestamp, slot.monotonic, s.timestamp, s.monotonic_time);
+        let dt = seconds_between(
+            slot.timestamp,
+            slot.monotonic,
+            s.timestamp,
+            s.monotonic_time,
+        );
         if dt < 0.0 {
             // Out of order: keep the newer predecessor.
             cx.drop(
