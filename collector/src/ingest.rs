@@ -51,6 +51,7 @@ pub async fn run(
         &[],
     );
 
+    let mut decoder = vmeter_core::wire::Decoder::default();
     while !*shutdown.borrow() {
         let Some(conn) =
             amqp::connect_retrying(&cfg.broker, "vmeter-collector", &mut shutdown).await
@@ -86,7 +87,7 @@ pub async fn run(
                 let deliveries: Vec<Delivery> = chunk.into_iter().collect::<Result<_, _>>()?;
                 let mut good: Vec<(usize, Vec<Sample>)> = Vec::new();
                 for (i, d) in deliveries.iter().enumerate() {
-                    match amqp::open_delivery(&signer, &d.properties, &d.data) {
+                    match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
                         Ok(s) => good.push((i, s)),
                         Err(e) => {
                             tracing::warn!(reason = e.reason(), error = %e, "Message can never be stored; dead-lettering it.");

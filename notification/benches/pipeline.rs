@@ -20,16 +20,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::Utc;
 use notification::definition;
 use notification::pipeline::Runtime;
-use serde_json::json;
-use uuid::Uuid;
-use vmeter_core::{Sample, SampleType};
+
+mod common;
+use common::Input;
 
 const RESOURCES: usize = 1_000;
 const ROUNDS: usize = 1_000;
-const INTERVAL_S: i64 = 60;
 
 const CPU_UTIL: &str = r#"
 sources: [{name: cpu_source, meters: [cpu], sinks: [cpu_sink]}]
@@ -49,66 +48,6 @@ sinks: [{name: all, publishers: [notifier://]}]
 "#;
 
 const DEFAULT: &str = include_str!("../../pipeline.yaml");
-
-/// The agent's metadata for one instance (same keys as agent-compute sends).
-fn metadata(r: usize) -> vmeter_core::sample::Metadata {
-    let vcpus = 1 << (r % 3);
-    let v = json!({
-        "name": format!("instance-{r:08x}"),
-        "instance_id": format!("{:032x}", r),
-        "host": "compute-01",
-        "cpu_number": vcpus,
-        "vcpus": vcpus,
-        "memory_mb": 2048,
-        "status": "active",
-        "state": "running",
-        "display_name": format!("web-{r}"),
-        "instance_type": "m1.small",
-        "flavor": {"name": "m1.small", "vcpus": vcpus, "ram": 2048, "disk": 20},
-        "image_ref": "5c1a0f5e-6b8a-4c8e-9d0f-2a4b6c8d0e1f",
-    });
-    v.as_object().unwrap().clone()
-}
-
-/// Input: resource ids, metadata and the start instant, shared by all rounds.
-struct Input {
-    ids: Vec<String>,
-    md: Vec<vmeter_core::sample::Metadata>,
-    t0: DateTime<Utc>,
-}
-
-impl Input {
-    fn new() -> Self {
-        Input {
-            ids: (0..RESOURCES)
-                .map(|r| Uuid::new_v5(&Uuid::NAMESPACE_OID, &r.to_le_bytes()).to_string())
-                .collect(),
-            md: (0..RESOURCES).map(metadata).collect(),
-            t0: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
-        }
-    }
-
-    /// Round `round`: one cumulative cpu sample per resource, 60 s after the previous round.
-    /// Every sample owns its strings and metadata, as after decoding a message.
-    fn context(&self, round: usize) -> Vec<Sample> {
-        (0..RESOURCES)
-            .map(|r| Sample {
-                name: "cpu".into(),
-                kind: SampleType::Cumulative,
-                unit: "ns".into(),
-                volume: (round as f64) * 30e9 * ((r % 7) as f64 + 1.0) / 7.0,
-                user_id: Some("0f0e0d0c0b0a09080706050403020100".into()),
-                project_id: Some("00112233445566778899aabbccddeeff".into()),
-                resource_id: self.ids[r].clone(),
-                timestamp: self.t0 + chrono::Duration::seconds(round as i64 * INTERVAL_S),
-                resource_metadata: std::sync::Arc::new(self.md[r].clone()),
-                source: "openstack".into(),
-                message_id: Uuid::from_u128(((round as u128) << 32) | r as u128),
-                monotonic_time: Some((round as i64 * INTERVAL_S) as f64),
-            })
-            .collect()
-    }
-}
 
 /// Runs all rounds once; returns (seconds inside the runtime, samples published).
 ///
@@ -138,7 +77,7 @@ fn bench(label: &str, yaml: &str, target: Option<f64>) {
     let n = (RESOURCES * ROUNDS) as f64;
     let mut best = f64::INFINITY;
     let mut published = 0;
-    let input = Input::new();
+    let input = Input::new(RESOURCES);
     for _ in 0..3 {
         let (secs, p) = run_once(yaml, &input);
         best = best.min(secs);
@@ -155,6 +94,44 @@ fn bench(label: &str, yaml: &str, target: Option<f64>) {
     );
 }
 
+/// Per-sample cost of what the service does around the pipeline: msgpack decode and
+/// encode of a 1,000-sample batch and the HMAC over its bytes.
+fn codec() {
+    let input = Input::new(RESOURCES);
+    let batch = input.context(1);
+    let body = vmeter_core::wire::encode(&batch);
+    let signer = vmeter_core::signing::Signer::new("bench-secret");
+    let reps = 200;
+    let n = (reps * batch.len()) as f64;
+    let t = Instant::now();
+    for _ in 0..reps {
+        black_box(vmeter_core::wire::decode(black_box(&body), None).unwrap());
+    }
+    let dec_new = t.elapsed().as_secs_f64() * 1e9 / n;
+    // A service's decoder has seen these instances' metadata in the previous cycle.
+    let mut decoder = vmeter_core::wire::Decoder::default();
+    decoder.decode(&body, None).unwrap();
+    let t = Instant::now();
+    for _ in 0..reps {
+        black_box(decoder.decode(black_box(&body), None).unwrap());
+    }
+    let dec = t.elapsed().as_secs_f64() * 1e9 / n;
+    let t = Instant::now();
+    for _ in 0..reps {
+        black_box(vmeter_core::wire::encode(black_box(&batch)));
+    }
+    let enc = t.elapsed().as_secs_f64() * 1e9 / n;
+    let t = Instant::now();
+    for _ in 0..reps {
+        black_box(signer.sign(black_box(&body)));
+    }
+    let sig = t.elapsed().as_secs_f64() * 1e9 / n;
+    println!(
+        "codec: {:.0} B/sample; decode {dec:.0} ns (metadata seen before; {dec_new:.0} ns first time), encode {enc:.0} ns, HMAC-SHA256 {sig:.0} ns per sample",
+        body.len() as f64 / batch.len() as f64
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; any other argument filters cases by substring.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
@@ -166,6 +143,9 @@ fn main() {
         ("(a) cpu_util sink", CPU_UTIL, Some(1_000_000.0)),
         ("(b) default pipeline.yaml", DEFAULT, Some(500_000.0)),
     ];
+    if filter.as_deref().is_none_or(|f| "codec".contains(f)) {
+        codec();
+    }
     for (label, yaml, target) in cases {
         if filter.as_deref().is_none_or(|f| label.contains(f)) {
             bench(label, yaml, target);

@@ -5,7 +5,6 @@
 //! sink's publishers; then every pipeline is flushed (transformer i's flush output continues
 //! through transformers i+1..n). Pipelines that share a sink share its transformer instances.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -40,7 +39,7 @@ pub struct Runtime {
     /// Drops recorded since the last [`take_drops`](Self::take_drops).
     drops: Vec<Dropped>,
     /// Meter name → index into `route_table`.
-    routes: HashMap<String, u32>,
+    routes: crate::transformers::FastMap<String, u32>,
     /// Per route: for each pipeline, whether its source selects the meter.
     route_table: Vec<Box<[bool]>>,
 }
@@ -60,7 +59,7 @@ impl Runtime {
             def,
             chains,
             drops: Vec::new(),
-            routes: HashMap::new(),
+            routes: Default::default(),
             route_table: Vec::new(),
         }
     }

@@ -7,6 +7,7 @@
 //! transformers recognise them by `message_id` (no double rates), while pass-through copies
 //! carry their original ids and are dropped by the collector's dedup.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +24,9 @@ use vmeter_core::Sample;
 use vmeter_core::amqp::{self, BrokerConfig, PublishError, Publisher, SigningConfig};
 use vmeter_core::http::Health;
 use vmeter_core::shutdown::Shutdown;
+use vmeter_core::signing::Signer;
 use vmeter_core::telemetry::{self, LogConfig};
+use vmeter_core::wire::Decoder;
 
 use crate::definition::{self, PipelineDef, PublisherUrl};
 use crate::pipeline::{Emission, Runtime};
@@ -69,12 +72,22 @@ pub struct PipelineConfig {
     /// Most deliveries processed before their outputs are published and they are acked.
     pub max_chunk_messages: usize,
     /// Where transformer state is saved on graceful shutdown and restored from at start
-    /// (`null` disables). See [`crate::state`].
+    /// (`null` or `""` disables; from the environment: `VMETER_PIPELINE__STATE_FILE='""'`).
+    /// See [`crate::state`].
     pub state_file: Option<PathBuf>,
     /// A state file older than this is ignored at start, s.
     pub state_max_age_secs: u64,
     /// How often the pipeline file is checked for changes, s (0: only on SIGHUP).
     pub reload_check_secs: u64,
+}
+
+impl PipelineConfig {
+    /// The state file, unless disabled.
+    pub fn state_path(&self) -> Option<&std::path::Path> {
+        self.state_file
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+    }
 }
 
 impl Default for PipelineConfig {
@@ -139,9 +152,10 @@ pub async fn run(
     let metrics = Metrics::new();
     let broker_up = health.part("broker");
     let mut rt = Runtime::new(def.clone());
+    let mut decoder = Decoder::default();
     let mut pending: Vec<Sample> = Vec::new();
     let flush_every = Duration::from_millis(cfg.pipeline.flush_interval_ms.max(10));
-    if let Some(path) = &cfg.pipeline.state_file {
+    if let Some(path) = cfg.pipeline.state_path() {
         restore_state(path, &cfg, &mut rt, &mut pending);
     }
     let mut reloads = spawn_reload_watcher(&cfg.pipeline, def, shutdown.clone());
@@ -156,7 +170,7 @@ pub async fn run(
             let publisher = Publisher::open(&conn, signer.clone()).await?;
             amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
             // Outputs left over from a broken connection go first.
-            publish_outputs(&publisher, &cfg, &mut pending, &metrics).await?;
+            publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
             let ch = conn.create_channel().await?;
             ch.basic_qos(cfg.broker.prefetch, BasicQosOptions::default())
                 .await?;
@@ -180,11 +194,13 @@ pub async fn run(
                     _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok::<_, anyhow::Error>(()),
                     chunk = chunks.next() => {
                         let Some(chunk) = chunk else { anyhow::bail!("consumer cancelled by the broker") };
-                        let mut last = None;
-                        for d in chunk {
-                            let d = d?;
+                        let deliveries: Vec<lapin::message::Delivery> =
+                            chunk.into_iter().collect::<Result<_, _>>()?;
+                        for d in &deliveries {
                             metrics.messages_in.inc();
-                            match amqp::open_delivery(&signer, &d.properties, &d.data) {
+                            // Verifying and decoding on worker threads was measured slower
+                            // (cross-thread frees of every sample); see docs/performance.md.
+                            match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
                                 Ok(samples) => {
                                     metrics.samples_in.add(samples.len() as u64);
                                     let em = rt.publish_context(samples, Utc::now());
@@ -198,9 +214,9 @@ pub async fn run(
                                     telemetry::dead_lettered(SERVICE, e.reason());
                                 }
                             }
-                            last = Some(d.acker);
                         }
-                        publish_outputs(&publisher, &cfg, &mut pending, &metrics).await?;
+                        let last = deliveries.last().map(|d| &d.acker);
+                        publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
                         if let Some(acker) = last {
                             acker.ack(BasicAckOptions { multiple: true }).await?;
                         }
@@ -209,7 +225,7 @@ pub async fn run(
                         let em = rt.flush(Utc::now());
                         route(&rt, em, &mut pending);
                         report_drops(&mut rt);
-                        publish_outputs(&publisher, &cfg, &mut pending, &metrics).await?;
+                        publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
                     }
                     Ok(()) = reloads.changed() => {
                         let new = reloads.borrow_and_update().clone();
@@ -230,7 +246,7 @@ pub async fn run(
             }
         }
     }
-    if let Some(path) = &cfg.pipeline.state_file {
+    if let Some(path) = cfg.pipeline.state_path() {
         let saved = state::Saved {
             format: state::FORMAT,
             saved_at: Utc::now(),
@@ -385,9 +401,45 @@ fn apply_reload(rt: &mut Runtime, def: Arc<PipelineDef>) {
     );
 }
 
+/// Threads used to encode and sign outputs: one per core, at most 8.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Encodes and signs `chunks` in order, on up to one thread per core when there are several
+/// (encoding and HMAC are most of the service's CPU under load).
+fn prepare_all(signer: &Signer, chunks: &[&[&Sample]]) -> Vec<amqp::Prepared> {
+    let workers = workers().min(chunks.len());
+    if workers <= 1 {
+        return chunks.iter().map(|c| amqp::prepare(signer, c)).collect();
+    }
+    let mut out: Vec<Option<amqp::Prepared>> = (0..chunks.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                scope.spawn(move || {
+                    (w..chunks.len())
+                        .step_by(workers)
+                        .map(|i| (i, amqp::prepare(signer, chunks[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            for (i, p) in h.join().expect("encoding never panics") {
+                out[i] = Some(p);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|p| p.expect("every chunk prepared"))
+        .collect()
+}
+
 /// Publishes and confirms everything in `pending`; on success `pending` is empty.
 async fn publish_outputs(
     p: &Publisher,
+    signer: &Signer,
     cfg: &Config,
     pending: &mut Vec<Sample>,
     m: &Metrics,
@@ -395,13 +447,18 @@ async fn publish_outputs(
     if pending.is_empty() {
         return Ok(());
     }
-    let mut confirms = Vec::new();
-    for chunk in pending.chunks(cfg.pipeline.max_batch_samples.max(1)) {
+    let ordered = grouped_by_metadata(pending);
+    let chunks: Vec<&[&Sample]> = ordered
+        .chunks(cfg.pipeline.max_batch_samples.max(1))
+        .collect();
+    let prepared = prepare_all(signer, &chunks);
+    let mut confirms = Vec::with_capacity(prepared.len());
+    for batch in &prepared {
         confirms.push(
-            p.send_batch(
+            p.send_prepared(
                 &cfg.broker.exchange,
                 &cfg.broker.processed_routing_key,
-                chunk,
+                batch,
             )
             .await?,
         );
@@ -412,6 +469,27 @@ async fn publish_outputs(
     m.samples_out.add(pending.len() as u64);
     pending.clear();
     Ok(())
+}
+
+/// The order in which to publish `pending`: samples sharing one metadata map (an input's
+/// stored copy and what the pipelines derived from it) adjacent, in order of first
+/// appearance, so that a batch carries each map once (the wire format writes a map once per
+/// batch). Order between different resources carries no meaning downstream (storage
+/// dedups by natural key).
+fn grouped_by_metadata(pending: &[Sample]) -> Vec<&Sample> {
+    let mut group_of: HashMap<*const vmeter_core::Metadata, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(pending.len() / 2, Default::default());
+    let mut groups: Vec<Vec<&Sample>> = Vec::new();
+    for s in pending {
+        let g = *group_of
+            .entry(Arc::as_ptr(&s.resource_metadata))
+            .or_insert_with(|| {
+                groups.push(Vec::with_capacity(4));
+                groups.len() - 1
+            });
+        groups[g].push(s);
+    }
+    groups.into_iter().flatten().collect()
 }
 
 /// Hands emissions to their sinks' publishers: `notifier://` into `pending` (published with

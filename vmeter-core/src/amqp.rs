@@ -337,6 +337,39 @@ impl Pending {
     }
 }
 
+/// A batch encoded and signed, ready to send (see [`prepare`]).
+pub struct Prepared {
+    pub body: Vec<u8>,
+    pub headers: FieldTable,
+}
+
+/// Encodes and signs the samples `samples` points at: the CPU-heavy part of publishing,
+/// separate from the channel so that it can run on several threads.
+pub fn prepare(signer: &Signer, samples: &[&Sample]) -> Prepared {
+    let body = wire::encode_refs(samples);
+    let mut headers = count_header(samples.len());
+    headers.insert(
+        ShortString::from(wire::FORMAT_HEADER),
+        AMQPValue::LongLongInt(wire::FORMAT_VERSION),
+    );
+    if let Some(sig) = signer.sign(&body) {
+        headers.insert(
+            ShortString::from(wire::SIGNATURE_HEADER),
+            AMQPValue::LongString(sig.into()),
+        );
+    }
+    Prepared { body, headers }
+}
+
+fn count_header(n: usize) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(
+        ShortString::from(wire::SAMPLES_HEADER),
+        AMQPValue::LongLongInt(n as i64),
+    );
+    h
+}
+
 impl Publisher {
     /// Opens a channel on `conn` and enables publisher confirms.
     pub async fn open(conn: &Connection, signer: Signer) -> Result<Self, lapin::Error> {
@@ -361,7 +394,31 @@ impl Publisher {
         samples: &[Sample],
     ) -> Result<Pending, PublishError> {
         let body = wire::encode(samples);
-        self.send_body(exchange, routing_key, &body, FieldTable::default())
+        self.send_body(exchange, routing_key, &body, count_header(samples.len()))
+            .await
+    }
+
+    /// Sends a batch encoded and signed beforehand with [`prepare`] (possibly on another
+    /// thread).
+    pub async fn send_prepared(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        batch: &Prepared,
+    ) -> Result<Pending, PublishError> {
+        self.send_raw(exchange, routing_key, &batch.body, batch.headers.clone())
+            .await
+    }
+
+    /// [`send_batch`](Self::send_batch) of the samples `samples` points at, in that order.
+    pub async fn send_refs(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        samples: &[&Sample],
+    ) -> Result<Pending, PublishError> {
+        let body = wire::encode_refs(samples);
+        self.send_body(exchange, routing_key, &body, count_header(samples.len()))
             .await
     }
 
@@ -468,14 +525,28 @@ impl Undeliverable {
         match self {
             Undeliverable::Signature(e) => e.reason(),
             Undeliverable::Decode(wire::DecodeError::Version(_)) => "unsupported_format",
-            Undeliverable::Decode(wire::DecodeError::Msgpack(_)) => "undecodable",
+            Undeliverable::Decode(
+                wire::DecodeError::Msgpack(_) | wire::DecodeError::Metadata(_),
+            ) => "undecodable",
         }
     }
 }
 
-/// Verifies the signature of a delivery, then decodes its batch.
+/// Verifies the signature of a delivery, then decodes its batch (with a throw-away
+/// decoder; services use [`open_delivery_with`]).
 pub fn open_delivery(
     signer: &Signer,
+    props: &BasicProperties,
+    body: &[u8],
+) -> Result<Vec<Sample>, Undeliverable> {
+    open_delivery_with(signer, &mut wire::Decoder::default(), props, body)
+}
+
+/// Verifies the signature of a delivery, then decodes its batch with `decoder` (which
+/// remembers metadata it has parsed before).
+pub fn open_delivery_with(
+    signer: &Signer,
+    decoder: &mut wire::Decoder,
     props: &BasicProperties,
     body: &[u8],
 ) -> Result<Vec<Sample>, Undeliverable> {
@@ -496,7 +567,7 @@ pub fn open_delivery(
         AMQPValue::ShortShortUInt(i) => i64::from(*i),
         _ => -1,
     });
-    Ok(wire::decode(body, version)?)
+    Ok(decoder.decode(body, version)?)
 }
 
 fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
