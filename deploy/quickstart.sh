@@ -40,6 +40,7 @@ YAML
 { common; cat <<YAML
 pipeline:
   file: "$ROOT/pipeline.yaml"
+  state_file: "$RUN/notification-state.json"
 YAML
 } > "$RUN/notification.yaml"
 { common; cat <<YAML
