@@ -10,7 +10,6 @@ use axum::{Json, Router, routing::get};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -190,8 +189,28 @@ type Row = (
     Option<String>,
     Option<String>,
     Value,
-    Uuid,
+    i32,
+    i32,
 );
+
+/// The API id of a stored sample: its natural key (meter, resource, µs timestamp) in hex.
+/// Storage keeps no per-sample uuid (docs/storage.md); this id finds the row through the
+/// primary key.
+pub fn sample_id(meter_id: i32, resource: i32, ts: DateTime<Utc>) -> String {
+    format!("{meter_id:x}-{resource:x}-{:x}", ts.timestamp_micros())
+}
+
+/// Inverse of [`sample_id`]; `None` for anything else.
+pub fn parse_sample_id(id: &str) -> Option<(i32, i32, DateTime<Utc>)> {
+    let mut it = id.split('-');
+    let m = i32::from_str_radix(it.next()?, 16).ok()?;
+    let r = i32::from_str_radix(it.next()?, 16).ok()?;
+    let us = i64::from_str_radix(it.next()?, 16).ok()?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some((m, r, DateTime::from_timestamp_micros(us)?))
+}
 
 /// `GET /v2/meters/{meter}`: the meter's samples, newest first, as Ceilometer's OldSample.
 async fn meter_samples(
@@ -231,7 +250,7 @@ async fn meter_samples(
     }
     let limit = q.limit.unwrap_or(api.default_limit);
     let rows: Vec<Row> = sqlx::query_as(
-        "select s.ts, m.name, m.type, m.unit, s.volume, r.resource_id, r.user_id, r.project_id, r.source, r.metadata, s.message_id
+        "select s.ts, m.name, m.type, m.unit, s.volume, r.resource_id, r.user_id, r.project_id, r.source, r.metadata, s.meter_id, s.resource_id
          from sample s join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id
          where m.name = $1
            and ($2::text is null or r.resource_id = $2)
@@ -260,7 +279,7 @@ async fn meter_samples(
     let out = rows
         .into_iter()
         .map(
-            |(ts, name, kind, unit, volume, rid, user, project, source, md, id)| {
+            |(ts, name, kind, unit, volume, rid, user, project, source, md, mid, rint)| {
                 let md = match md {
                     Value::Object(m) => flatten_metadata(&m),
                     _ => Map::new(),
@@ -276,7 +295,7 @@ async fn meter_samples(
                     "resource_id": rid,
                     "timestamp": ts.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
                     "resource_metadata": md,
-                    "message_id": id.to_string(),
+                    "message_id": sample_id(mid, rint, ts),
                 })
             },
         )

@@ -46,6 +46,10 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// Most AMQP messages written in one transaction.
     pub batch_max_messages: usize,
+    /// A transaction is written once this many samples are in hand...
+    pub batch_max_samples: usize,
+    /// ...or this long after its first message arrived, ms.
+    pub batch_max_wait_ms: u64,
     /// Daily partitions created ahead of today.
     pub partitions_ahead_days: u32,
 }
@@ -56,6 +60,8 @@ impl Default for DatabaseConfig {
             url: "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter".into(),
             max_connections: 8,
             batch_max_messages: 100,
+            batch_max_samples: 20_000,
+            batch_max_wait_ms: 200,
             partitions_ahead_days: 2,
         }
     }

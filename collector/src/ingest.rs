@@ -1,6 +1,7 @@
 //! Consume `vmeter.samples.processed`, write to PostgreSQL, ack after commit.
 //!
-//! A chunk of ready deliveries is verified and decoded; what can never be stored (bad
+//! A batch of deliveries (by count, sample count and time: `database.batch_max_*`) is
+//! verified and decoded; what can never be stored (bad
 //! signature, undecodable) is dead-lettered; the rest is written in one transaction and the
 //! chunk is acked (multiple) after the commit. If PostgreSQL is down the same chunk is
 //! retried with back-off and nothing is acked: the queue holds the backlog. If the database
@@ -74,21 +75,23 @@ pub async fn run(
                 .await?;
             broker_up.store(true, Ordering::Relaxed);
             tracing::info!(queue = %cfg.broker.processed_queue, "Consuming.");
-            let mut chunks = consumer.ready_chunks(cfg.database.batch_max_messages.max(1));
+            let mut consumer = consumer;
             loop {
-                let chunk = tokio::select! {
+                let deliveries = tokio::select! {
                     biased;
                     _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok::<_, anyhow::Error>(()),
-                    c = chunks.next() => c,
+                    b = next_batch(&mut consumer, &cfg.database) => b?,
                 };
-                let Some(chunk) = chunk else {
-                    anyhow::bail!("consumer cancelled by the broker")
-                };
-                let deliveries: Vec<Delivery> = chunk.into_iter().collect::<Result<_, _>>()?;
-                let mut good: Vec<(usize, Vec<Sample>)> = Vec::new();
+                // Decoded samples of all good messages, and which range belongs to which.
+                let mut all: Vec<Sample> = Vec::new();
+                let mut good: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
                 for (i, d) in deliveries.iter().enumerate() {
                     match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
-                        Ok(s) => good.push((i, s)),
+                        Ok(s) => {
+                            let start = all.len();
+                            all.extend(s);
+                            good.push((i, start..all.len()));
+                        }
                         Err(e) => {
                             tracing::warn!(reason = e.reason(), error = %e, "Message can never be stored; dead-lettering it.");
                             publisher
@@ -104,7 +107,6 @@ pub async fn run(
                         }
                     }
                 }
-                let all: Vec<Sample> = good.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
                 let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
                 loop {
                     match store.write(&all).await {
@@ -126,8 +128,8 @@ pub async fn run(
                         }
                         Err(StoreError::Permanent(e)) => {
                             tracing::warn!(error = %e, "Batch rejected by PostgreSQL; writing message by message to isolate it.");
-                            for (i, samples) in &good {
-                                match store.write(samples).await {
+                            for (i, range) in &good {
+                                match store.write(&all[range.clone()]).await {
                                     Ok(w) => {
                                         stored.add(w.inserted);
                                         dups.add(w.duplicates);
@@ -144,15 +146,7 @@ pub async fn run(
                                                 "rejected_by_database",
                                             )
                                             .await?;
-                                        telemetry::counter(
-                                            "vmeter_dead_lettered_total",
-                                            "Messages dead-lettered, by service and reason.",
-                                            &[
-                                                ("service", SERVICE),
-                                                ("reason", "rejected_by_database"),
-                                            ],
-                                        )
-                                        .inc();
+                                        telemetry::dead_lettered(SERVICE, "rejected_by_database");
                                     }
                                     Err(StoreError::Transient(e)) => anyhow::bail!(
                                         "database failed while isolating a bad message: {e}"
@@ -182,4 +176,46 @@ pub async fn run(
     }
     tracing::info!("Collector ingest stopped.");
     Ok(())
+}
+
+/// Waits for the first delivery, then collects more until `batch_max_messages` messages or
+/// `batch_max_samples` samples (by the sender's `x-vmeter-samples` header) are in hand, or
+/// `batch_max_wait_ms` passed since the first: large transactions under load, low latency
+/// when traffic is light.
+async fn next_batch(
+    consumer: &mut lapin::Consumer,
+    cfg: &crate::config::DatabaseConfig,
+) -> anyhow::Result<Vec<Delivery>> {
+    let first = match consumer.next().await {
+        Some(d) => d?,
+        None => anyhow::bail!("consumer cancelled by the broker"),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.batch_max_wait_ms);
+    let mut samples = samples_in(&first);
+    let mut out = vec![first];
+    while out.len() < cfg.batch_max_messages.max(1) && samples < cfg.batch_max_samples {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(d)) => {
+                let d = d?;
+                samples += samples_in(&d);
+                out.push(d);
+            }
+            Ok(None) => anyhow::bail!("consumer cancelled by the broker"),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The sample count a vmeter publisher put in the headers (1 when absent).
+fn samples_in(d: &Delivery) -> usize {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(vmeter_core::wire::SAMPLES_HEADER))
+    {
+        Some(lapin::types::AMQPValue::LongLongInt(n)) => (*n).max(1) as usize,
+        _ => 1,
+    }
 }

@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
-use uuid::Uuid;
 use vmeter_core::Sample;
 
 /// Embedded, numbered migrations (collector/migrations), applied at start-up.
@@ -52,7 +51,8 @@ pub struct Written {
 /// The storage handle: a pool plus caches of meter ids and existing partitions.
 pub struct Store {
     pool: PgPool,
-    meters: HashMap<(String, String, String), i32>,
+    /// Meter name → (type, unit, id); looked up without allocating.
+    meters: HashMap<String, Vec<(vmeter_core::SampleType, String, i32)>>,
     partitions: HashSet<NaiveDate>,
 }
 
@@ -131,21 +131,27 @@ impl Store {
         tx: &mut Transaction<'_, Postgres>,
         s: &Sample,
     ) -> Result<i32, StoreError> {
-        let key = (s.name.clone(), s.kind.as_str().to_string(), s.unit.clone());
-        if let Some(id) = self.meters.get(&key) {
-            return Ok(*id);
+        if let Some(id) = self.meters.get(&s.name).and_then(|v| {
+            v.iter()
+                .find(|(k, u, _)| *k == s.kind && *u == s.unit)
+                .map(|(_, _, id)| *id)
+        }) {
+            return Ok(id);
         }
         let id: i32 = sqlx::query_scalar(
             "insert into meter (name, type, unit) values ($1, $2, $3)
              on conflict on constraint meter_name_type_unit_key do update set name = excluded.name
              returning id",
         )
-        .bind(&key.0)
-        .bind(&key.1)
-        .bind(&key.2)
+        .bind(&s.name)
+        .bind(s.kind.as_str())
+        .bind(&s.unit)
         .fetch_one(&mut **tx)
         .await?;
-        self.meters.insert(key, id);
+        self.meters
+            .entry(s.name.clone())
+            .or_default()
+            .push((s.kind, s.unit.clone(), id));
         Ok(id)
     }
 
@@ -175,7 +181,9 @@ impl Store {
             meter_ids.push(self.meter_id(&mut tx, s).await?);
         }
 
-        // Resources: the newest sample of each carries the metadata to keep.
+        // Resources: the newest sample of each carries the metadata to keep. Rows are upserted
+        // in sorted order so that concurrent collectors lock them in the same order (no
+        // deadlock between two transactions touching the same resources).
         let mut newest: HashMap<&str, &Sample> = HashMap::new();
         let mut oldest: HashMap<&str, DateTime<Utc>> = HashMap::new();
         for s in samples {
@@ -186,6 +194,8 @@ impl Store {
             let o = oldest.entry(s.resource_id.as_str()).or_insert(s.timestamp);
             *o = (*o).min(s.timestamp);
         }
+        let mut newest: Vec<(&str, &Sample)> = newest.into_iter().collect();
+        newest.sort_unstable_by_key(|(rid, _)| *rid);
         let mut rids = Vec::new();
         let (mut users, mut projects, mut sources, mut metas, mut firsts, mut lasts) = (
             Vec::new(),
@@ -200,7 +210,7 @@ impl Store {
             users.push(s.user_id.clone());
             projects.push(s.project_id.clone());
             sources.push(s.source.clone());
-            metas.push(serde_json::Value::Object((*s.resource_metadata).clone()));
+            metas.push(sqlx::types::Json(s.resource_metadata.clone()));
             firsts.push(oldest[rid]);
             lasts.push(s.timestamp);
         }
@@ -228,31 +238,52 @@ impl Store {
         let resource_ids: HashMap<String, i32> = rows.into_iter().map(|(id, r)| (r, id)).collect();
 
         let n = samples.len();
-        let (mut ts, mut rid, mut vol, mut mid) = (
+        let (mut ts, mut rid, mut vol) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
-            Vec::<Uuid>::with_capacity(n),
         );
-        for s in samples {
+        // Series: first and last time per (meter, resource) in this batch.
+        let mut series: HashMap<(i32, i32), (DateTime<Utc>, DateTime<Utc>)> = HashMap::new();
+        for (s, m) in samples.iter().zip(&meter_ids) {
+            let r = resource_ids[&s.resource_id];
             ts.push(s.timestamp);
-            rid.push(resource_ids[&s.resource_id]);
+            rid.push(r);
             vol.push(s.volume);
-            mid.push(s.message_id);
+            let e = series.entry((*m, r)).or_insert((s.timestamp, s.timestamp));
+            e.0 = e.0.min(s.timestamp);
+            e.1 = e.1.max(s.timestamp);
         }
         let inserted = sqlx::query(
-            "insert into sample (ts, meter_id, resource_id, volume, message_id)
-             select * from unnest($1::timestamptz[], $2::int4[], $3::int4[], $4::float8[], $5::uuid[])
+            "insert into sample (ts, meter_id, resource_id, volume)
+             select * from unnest($1::timestamptz[], $2::int4[], $3::int4[], $4::float8[])
              on conflict do nothing",
         )
         .bind(&ts)
         .bind(&meter_ids)
         .bind(&rid)
         .bind(&vol)
-        .bind(&mid)
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        let mut series: Vec<_> = series.into_iter().collect();
+        series.sort_unstable_by_key(|(k, _)| *k);
+        let (sm, sr): (Vec<i32>, Vec<i32>) = series.iter().map(|(k, _)| *k).unzip();
+        let (sf, sl): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) =
+            series.iter().map(|(_, v)| *v).unzip();
+        sqlx::query(
+            "insert into series (meter_id, resource_id, first_ts, last_ts)
+             select * from unnest($1::int4[], $2::int4[], $3::timestamptz[], $4::timestamptz[])
+             on conflict on constraint series_pkey do update set
+               first_ts = least(series.first_ts, excluded.first_ts),
+               last_ts  = greatest(series.last_ts, excluded.last_ts)",
+        )
+        .bind(&sm)
+        .bind(&sr)
+        .bind(&sf)
+        .bind(&sl)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Written {
             inserted,

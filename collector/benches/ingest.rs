@@ -1,0 +1,296 @@
+//! Collector ingest throughput and storage size (issue 5), against the real RabbitMQ and
+//! PostgreSQL of `deploy/setup.sh`.
+//!
+//! 1,000,000 samples = 100 resources × 10,000 points (one every 10 s, `cpu_util`-like gauge
+//! with agent metadata) are published to the processed queue as signed batches of 1,000
+//! samples (10 consecutive points of each of the 100 resources, metadata shared per
+//! resource, as the notification service writes them), plus 100,000 of them a second time
+//! (redeliveries, which must be ignored). The release `collector` binary writes them into a
+//! fresh database. Figures: samples/s from the first publish until the collector's counters
+//! (`/metrics`) account for every message; bytes per stored sample (sample partitions, heap
+//! + indexes, and all vmeter tables).
+//!
+//! Run: `cargo bench -p collector --bench ingest`.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{TimeZone, Utc};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vmeter_core::amqp::{self, BrokerConfig, Publisher};
+use vmeter_core::signing::Signer;
+use vmeter_core::{Sample, SampleType};
+
+const RESOURCES: usize = 100;
+const POINTS: usize = 10_000;
+const PER_MESSAGE_POINTS: usize = 10;
+const DUPLICATE_MESSAGES: usize = 100;
+const SECRET: &str = "bench-secret";
+const WINDOW: usize = 32;
+
+fn env_or(k: &str, d: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| d.into())
+}
+
+fn metadata(r: usize) -> Arc<vmeter_core::Metadata> {
+    let v = json!({
+        "name": format!("instance-{r:08x}"), "host": "compute-01", "cpu_number": 2,
+        "vcpus": 2, "memory_mb": 2048, "status": "active", "state": "running",
+        "display_name": format!("web-{r}"), "instance_type": "m1.small",
+        "flavor": {"name": "m1.small", "vcpus": 2, "ram": 2048, "disk": 20},
+        "image_ref": "5c1a0f5e-6b8a-4c8e-9d0f-2a4b6c8d0e1f",
+    });
+    Arc::new(v.as_object().unwrap().clone())
+}
+
+/// Message `k`: points `k*10 .. k*10+10` of every resource.
+fn message(k: usize, mds: &[Arc<vmeter_core::Metadata>], ids: &[String]) -> Vec<Sample> {
+    let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+    let mut out = Vec::with_capacity(RESOURCES * PER_MESSAGE_POINTS);
+    for r in 0..RESOURCES {
+        for p in k * PER_MESSAGE_POINTS..(k + 1) * PER_MESSAGE_POINTS {
+            out.push(Sample {
+                name: "cpu_util".into(),
+                kind: SampleType::Gauge,
+                unit: "%".into(),
+                volume: ((p * 7 + r * 13) % 1000) as f64 / 10.0,
+                user_id: Some("0f0e0d0c0b0a09080706050403020100".into()),
+                project_id: Some(format!("project-{}", r % 10)),
+                resource_id: ids[r].clone(),
+                timestamp: t0 + chrono::Duration::seconds(p as i64 * 10),
+                resource_metadata: mds[r].clone(),
+                source: "openstack".into(),
+                message_id: uuid::Uuid::new_v4(),
+                monotonic_time: None,
+            });
+        }
+    }
+    out
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}
+
+/// `(stored, duplicates)` from the collector's `/metrics`.
+async fn counters(addr: &str) -> (u64, u64) {
+    let text = http_get(addr, "/metrics").await;
+    let get = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    (
+        get("vmeter_collector_samples_stored_total"),
+        get("vmeter_collector_duplicates_total"),
+    )
+}
+
+fn start_collector(cfg: &BrokerConfig, db: &str, http: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_collector"))
+        .env_remove("VMETER_CONFIG")
+        .env("VMETER_BROKER__URL", &cfg.url)
+        .env("VMETER_BROKER__EXCHANGE", &cfg.exchange)
+        .env("VMETER_BROKER__RAW_QUEUE", &cfg.raw_queue)
+        .env("VMETER_BROKER__PROCESSED_QUEUE", &cfg.processed_queue)
+        .env(
+            "VMETER_BROKER__DEAD_LETTER_EXCHANGE",
+            &cfg.dead_letter_exchange,
+        )
+        .env("VMETER_BROKER__DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
+        .env("VMETER_SIGNING__TELEMETRY_SECRET", SECRET)
+        .env("VMETER_DATABASE__URL", db)
+        .env("VMETER_HTTP__LISTEN", http)
+        .env("VMETER_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the collector binary")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let amqp_url = env_or(
+        "VMETER_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2fvmeter",
+    );
+    let admin_url = env_or(
+        "VMETER_TEST_PG_URL",
+        "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter",
+    );
+    let id = format!("bench_ingest_{}", std::process::id());
+    let db_url = format!("{}/{id}", admin_url.rsplit_once('/').unwrap().0);
+    let admin = PgPool::connect(&admin_url)
+        .await
+        .expect("PostgreSQL from deploy/setup.sh");
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {id}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    let cfg = BrokerConfig {
+        url: amqp_url.clone(),
+        exchange: format!("bench.{id}"),
+        raw_queue: format!("bench.{id}.raw"),
+        processed_queue: format!("bench.{id}.processed"),
+        dead_letter_exchange: format!("bench.{id}.dlx"),
+        dead_letter_queue: format!("bench.{id}.dead"),
+        ..BrokerConfig::default()
+    };
+    let conn = Connection::connect(&amqp_url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ from deploy/setup.sh");
+    let publisher = Publisher::open(&conn, Signer::new(SECRET)).await.unwrap();
+    amqp::declare_topology(publisher.channel(), &cfg)
+        .await
+        .unwrap();
+
+    // Encode everything first (untimed).
+    let ids: Vec<String> = (0..RESOURCES)
+        .map(|r| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &r.to_le_bytes()).to_string())
+        .collect();
+    let mds: Vec<_> = (0..RESOURCES).map(metadata).collect();
+    let messages = POINTS / PER_MESSAGE_POINTS;
+    let mut bodies: Vec<Vec<u8>> = (0..messages)
+        .map(|k| vmeter_core::wire::encode(&message(k, &mds, &ids)))
+        .collect();
+    // Redeliveries: the same samples again (same natural keys), interleaved.
+    for k in 0..DUPLICATE_MESSAGES {
+        let at = (k * 10 + 5).min(bodies.len());
+        let dup = bodies[k * 10].clone();
+        bodies.insert(at, dup);
+    }
+    let total = (bodies.len() * RESOURCES * PER_MESSAGE_POINTS) as u64;
+    let unique = (RESOURCES * POINTS) as u64;
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    println!(
+        "collector ingest: {} messages, {total} samples ({unique} distinct + {} redelivered), {:.0} B/sample on the wire",
+        bodies.len(),
+        total - unique,
+        bytes as f64 / total as f64
+    );
+
+    let http = format!("127.0.0.1:{}", 20000 + std::process::id() % 20000);
+    let mut child = start_collector(&cfg, &db_url, &http);
+    // Ready once its API answers (migrations done, consuming).
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(&http).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let start = Instant::now();
+    let mut inflight = Vec::new();
+    for body in &bodies {
+        let mut h = FieldTable::default();
+        h.insert(
+            vmeter_core::wire::SAMPLES_HEADER.into(),
+            AMQPValue::LongLongInt((RESOURCES * PER_MESSAGE_POINTS) as i64),
+        );
+        inflight.push(
+            publisher
+                .send_body(&cfg.exchange, &cfg.processed_routing_key, body, h)
+                .await
+                .unwrap(),
+        );
+        if inflight.len() == WINDOW {
+            for c in inflight.drain(..) {
+                c.confirmed().await.unwrap();
+            }
+        }
+    }
+    for c in inflight {
+        c.confirmed().await.unwrap();
+    }
+    let published = start.elapsed().as_secs_f64();
+    let mut last = (0, Instant::now());
+    let (stored, dups) = loop {
+        let (s, d) = counters(&http).await;
+        if s + d >= total {
+            break (s, d);
+        }
+        if s + d != last.0 {
+            last = (s + d, Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < Duration::from_secs(60),
+            "collector stalled at {} of {total}",
+            s + d
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "ingest: {:.0} samples/s ({total} in {secs:.2} s, publishing took {published:.2} s); stored {stored}, duplicates ignored {dups}; target ≥ 100000/s: {}",
+        total as f64 / secs,
+        if total as f64 / secs >= 100_000.0 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
+    assert_eq!(stored, unique, "every distinct sample stored exactly once");
+
+    let pool = PgPool::connect(&db_url).await.unwrap();
+    sqlx::query("vacuum analyze").execute(&pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("select count(*) from sample")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let sample_bytes: i64 = sqlx::query_scalar(
+        "select sum(pg_total_relation_size(inhrelid))::bigint from pg_inherits where inhparent = 'sample'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let all_bytes: i64 = sqlx::query_scalar(
+        "select (sum(pg_total_relation_size(inhrelid)) + pg_total_relation_size('resource') + pg_total_relation_size('meter') + pg_total_relation_size('series'))::bigint from pg_inherits where inhparent = 'sample'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!(
+        "size: {rows} rows; sample partitions (heap + primary key) {:.1} B/sample; with meter/resource/series {:.1} B/sample; target ≤ 100 B: {}",
+        sample_bytes as f64 / rows as f64,
+        all_bytes as f64 / rows as f64,
+        if (all_bytes as f64 / rows as f64) <= 100.0 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    pool.close().await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in [&cfg.raw_queue, &cfg.processed_queue, &cfg.dead_letter_queue] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    for e in [&cfg.exchange, &cfg.dead_letter_exchange] {
+        let _ = ch
+            .exchange_delete(e.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {id} with (force)"
+    )))
+    .execute(&admin)
+    .await;
+}
