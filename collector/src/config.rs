@@ -25,6 +25,12 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Page size when a request gives no `limit` (Ceilometer's `default_api_return_limit`).
     pub default_limit: i64,
+    /// Bearer tokens that see every project. With no token at all configured, the API is
+    /// open (said at start-up): bind it to loopback or put it behind a proxy that
+    /// authenticates.
+    pub admin_tokens: Vec<String>,
+    /// Token → project id: such a token sees (and may post for) that project only.
+    pub project_tokens: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for HttpConfig {
@@ -32,6 +38,8 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:8777".parse().expect("valid"),
             default_limit: 100,
+            admin_tokens: Vec::new(),
+            project_tokens: Default::default(),
         }
     }
 }

@@ -36,6 +36,8 @@ pub async fn run(
     let signer = cfg.signing.signer(SERVICE);
     let broker_up = health.part("broker");
     let db_up = health.part("database");
+    // The caller applied the migrations: the database answered a moment ago.
+    db_up.store(true, Ordering::Relaxed);
     let stored = telemetry::counter(
         "vmeter_collector_samples_stored_total",
         "Samples written to PostgreSQL.",

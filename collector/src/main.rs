@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -93,7 +94,20 @@ fn main() -> ExitCode {
             tracing::warn!(error = %e, "Could not create partitions ahead; they will be created on first insert.");
         }
         let health = http::Health::default();
-        let app = http::router(health.clone()).merge(api::router(api::Api { pool, default_limit: cfg.http.default_limit }));
+        let auth = api::Auth {
+            admin: cfg.http.admin_tokens.clone(),
+            projects: cfg.http.project_tokens.clone(),
+        };
+        if auth.admin.is_empty() && auth.projects.is_empty() {
+            tracing::warn!(listen = %cfg.http.listen, "API authentication is off (no http.admin_tokens / http.project_tokens): every caller is admin.");
+        }
+        let raw = Arc::new(collector::raw::RawPublisher::new(cfg.broker.clone(), cfg.signing.signer("collector-api")));
+        let app = http::router(health.clone()).merge(api::router(api::Api {
+            pool,
+            default_limit: cfg.http.default_limit,
+            auth: Arc::new(auth),
+            raw: Some(raw),
+        }));
         let listen = cfg.http.listen;
         let mut web = tokio::spawn(http::serve(listen, app, stop.clone()));
         // A web server that cannot bind must stop the collector, not be noticed at exit.

@@ -187,8 +187,8 @@ pub mod broker {
     use std::time::{Duration, Instant};
 
     use lapin::options::{
-        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
     };
     use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -276,6 +276,7 @@ pub mod broker {
 
     /// Takes every message from `queue` until it stayed empty for `quiet` or `want`
     /// samples arrived (whichever first, bounded by `timeout`); returns their samples.
+    /// Uses a consumer (basic.get is refused on single-active-consumer quorum queues).
     pub async fn take(
         conn: &Connection,
         queue: &str,
@@ -283,28 +284,30 @@ pub mod broker {
         quiet: Duration,
         timeout: Duration,
     ) -> Vec<Sample> {
+        use futures::StreamExt;
         let ch = conn.create_channel().await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "e2e-take".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
-        let mut last = Instant::now();
-        while out.len() < want && Instant::now() < deadline && last.elapsed() < quiet {
-            match ch
-                .basic_get(queue.into(), BasicGetOptions::default())
-                .await
-                .unwrap()
-            {
-                Some(m) => {
-                    out.extend(wire::decode(&m.delivery.data, None).expect("vmeter batch"));
-                    m.delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .unwrap();
-                    last = Instant::now();
+        while out.len() < want && Instant::now() < deadline {
+            let wait = quiet.min(deadline.saturating_duration_since(Instant::now()));
+            match tokio::time::timeout(wait, consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    out.extend(wire::decode(&d.data, None).expect("vmeter batch"));
+                    d.acker.ack(BasicAckOptions::default()).await.unwrap();
                 }
-                None => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(_) | Err(_) => break,
             }
         }
+        // Closing the channel returns anything delivered but not acked to the queue.
         let _ = ch.close(200, "done".into()).await;
         out
     }
@@ -322,5 +325,79 @@ pub mod broker {
                 .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
+    }
+}
+
+/// A minimal HTTP/1.1 client for the API tests (one request per connection).
+pub mod http {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends a request; returns (status, body). `headers` are `(name, value)` pairs.
+    pub async fn request(
+        addr: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        if let Some(b) = body {
+            req.push_str(b);
+        }
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        (status, body)
+    }
+
+    fn dechunk(mut body: &str) -> String {
+        let mut out = String::new();
+        while let Some((size, rest)) = body.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || rest.len() < n {
+                break;
+            }
+            out.push_str(&rest[..n]);
+            body = rest[n..].trim_start_matches("\r\n");
+        }
+        out
+    }
+
+    /// GET returning (status, parsed JSON or `Null`).
+    pub async fn get_json(addr: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let (code, body) = request(addr, "GET", path, &headers, None).await;
+        (
+            code,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 }
