@@ -60,6 +60,11 @@ pub struct DatabaseConfig {
     pub batch_max_wait_ms: u64,
     /// Daily partitions created ahead of today.
     pub partitions_ahead_days: u32,
+    /// Keep samples this many days (whole daily partitions are dropped once entirely older);
+    /// `null` (default) keeps everything.
+    pub retention_days: Option<u32>,
+    /// How often retention runs (and partitions ahead are created), s.
+    pub maintenance_interval_secs: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -71,6 +76,8 @@ impl Default for DatabaseConfig {
             batch_max_samples: 20_000,
             batch_max_wait_ms: 200,
             partitions_ahead_days: 2,
+            retention_days: None,
+            maintenance_interval_secs: 3600,
         }
     }
 }

@@ -94,6 +94,7 @@ fn main() -> ExitCode {
             tracing::warn!(error = %e, "Could not create partitions ahead; they will be created on first insert.");
         }
         let health = http::Health::default();
+        let maintenance = tokio::spawn(maintain(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
         let auth = api::Auth {
             admin: cfg.http.admin_tokens.clone(),
             projects: cfg.http.project_tokens.clone(),
@@ -131,6 +132,7 @@ fn main() -> ExitCode {
             }
         };
         web.abort();
+        maintenance.abort();
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -139,4 +141,42 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Every `maintenance_interval_secs`: create partitions ahead and apply `retention_days`.
+async fn maintain(
+    mut store: Store,
+    cfg: collector::config::DatabaseConfig,
+    mut stop: shutdown::Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.maintenance_interval_secs.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown::wait(&mut stop) => return,
+        }
+        let now = chrono::Utc::now();
+        if let Err(e) = store
+            .ensure_partitions_around(now, cfg.partitions_ahead_days)
+            .await
+        {
+            tracing::warn!(error = %e, "Could not create partitions ahead; retrying next round.");
+        }
+        let Some(days) = cfg.retention_days else {
+            continue;
+        };
+        match store.apply_retention(now, days).await {
+            Ok(r) if r.partitions.is_empty() => tracing::debug!("Retention: nothing expired."),
+            Ok(r) => tracing::info!(
+                dropped = ?r.partitions,
+                series = r.series,
+                resources = r.resources,
+                meters = r.meters,
+                retention_days = days,
+                "Retention: expired partitions dropped, empty series/resources/meters pruned."
+            ),
+            Err(e) => tracing::warn!(error = %e, "Retention failed; retrying next round."),
+        }
+    }
 }

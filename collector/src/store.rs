@@ -48,6 +48,17 @@ pub struct Written {
     pub duplicates: u64,
 }
 
+/// What [`Store::apply_retention`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// Dropped daily partitions (table names).
+    pub partitions: Vec<String>,
+    /// (meter, resource) series, resources and meters left without samples and deleted.
+    pub series: u64,
+    pub resources: u64,
+    pub meters: u64,
+}
+
 /// The storage handle: a pool plus caches of meter ids and existing partitions.
 pub struct Store {
     pool: PgPool,
@@ -289,5 +300,81 @@ impl Store {
             inserted,
             duplicates: n as u64 - inserted,
         })
+    }
+
+    /// Drops every daily partition that lies entirely before `now - days` (whole days: a
+    /// partition goes once its last instant is older than the cutoff), then prunes series,
+    /// resources and meters that have no samples left. One transaction; serialised with
+    /// partition creation by the same advisory lock.
+    pub async fn apply_retention(
+        &mut self,
+        now: DateTime<Utc>,
+        days: u32,
+    ) -> Result<Retention, StoreError> {
+        let cutoff = now - Duration::days(i64::from(days));
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("select pg_advisory_xact_lock(7266315512)")
+            .execute(&mut *tx)
+            .await?;
+        let parts: Vec<String> = sqlx::query_scalar(
+            "select c.relname::text from pg_inherits i join pg_class c on c.oid = i.inhrelid
+             where i.inhparent = 'sample'::regclass order by 1",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Retention::default();
+        for name in parts {
+            // sample_pYYYYMMDD covers [day, day + 1).
+            let Some(day) = name
+                .strip_prefix("sample_p")
+                .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok())
+            else {
+                continue;
+            };
+            let end = (day + Duration::days(1))
+                .and_hms_opt(0, 0, 0)
+                .expect("midnight")
+                .and_utc();
+            if end <= cutoff {
+                sqlx::query(AssertSqlSafe(format!("drop table {name}")))
+                    .execute(&mut *tx)
+                    .await?;
+                self.partitions.remove(&day);
+                out.partitions.push(name);
+            }
+        }
+        if !out.partitions.is_empty() {
+            // Series whose every sample is gone; the others start no earlier than what is left.
+            out.series = sqlx::query("delete from series where last_ts < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("update series set first_ts = $1 where first_ts < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?;
+            out.resources = sqlx::query(
+                "delete from resource r where not exists (select 1 from series se where se.resource_id = r.id)",
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query("update resource set first_seen = $1 where first_seen < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?;
+            out.meters = sqlx::query(
+                "delete from meter m where not exists (select 1 from series se where se.meter_id = m.id)",
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        if out.meters > 0 {
+            self.meters.clear();
+        }
+        Ok(out)
     }
 }

@@ -1,0 +1,318 @@
+//! The SQL of docs/sql.md, run against real data in a real PostgreSQL (so the documentation
+//! cannot rot), and retention (`retention_days`) dropping whole expired partitions and
+//! pruning what has no samples left.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use collector::store::Store;
+use serde_json::{Value, json};
+use vmeter_core::{Sample, SampleType};
+use vmeter_e2e::{Names, pg_admin_url};
+
+const DOC: &str = include_str!("../../docs/sql.md");
+
+async fn fresh_db(tag: &str) -> (Names, sqlx::PgPool, sqlx::PgPool) {
+    let names = Names::new(tag);
+    let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create database {}",
+        names.database
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let pool = sqlx::PgPool::connect(&names.db_url()).await.unwrap();
+    (names, admin, pool)
+}
+
+async fn drop_db(names: &Names, admin: &sqlx::PgPool, pool: sqlx::PgPool) {
+    pool.close().await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {} with (force)",
+        names.database
+    )))
+    .execute(admin)
+    .await;
+}
+
+fn sample(
+    name: &str,
+    kind: SampleType,
+    unit: &str,
+    v: f64,
+    rid: &str,
+    ts: DateTime<Utc>,
+    md: &Value,
+) -> Sample {
+    Sample {
+        name: name.into(),
+        kind,
+        unit: unit.into(),
+        volume: v,
+        user_id: Some("u".into()),
+        project_id: Some("p".into()),
+        resource_id: rid.into(),
+        timestamp: ts,
+        resource_metadata: Arc::new(md.as_object().unwrap().clone()),
+        source: "openstack".into(),
+        message_id: uuid::Uuid::new_v4(),
+        monotonic_time: None,
+    }
+}
+
+/// The `-- name:` blocks of docs/sql.md.
+fn doc_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut lines = DOC.lines();
+    while let Some(l) = lines.next() {
+        if l.trim() != "```sql" {
+            continue;
+        }
+        let body: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
+        let name = body
+            .first()
+            .and_then(|l| l.strip_prefix("-- name: "))
+            .expect("every sql block starts with -- name:")
+            .trim()
+            .to_string();
+        out.push((name, body[1..].join("\n")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_sql_answers_the_dashboard_questions() {
+    let (names, admin, pool) = fresh_db("q").await;
+    let mut store = Store::new(pool.clone());
+    store.migrate().await.unwrap();
+
+    // Two VMs over the last 20 minutes, one sample a minute: vm-a 1 vCPU at 25 %, vm-b
+    // 2 vCPUs at 50 %; RSS growing 1 MiB a minute; one disk and one NIC with fixed rates.
+    let now = Utc::now().duration_trunc(Duration::minutes(1)).unwrap();
+    let mut batch = Vec::new();
+    for (vm, vcpus, util, rss0) in [("vm-a", 1, 0.25, 100.0), ("vm-b", 2, 0.5, 200.0)] {
+        let md = json!({"name": vm, "host": "compute-1", "cpu_number": vcpus});
+        let disk_md =
+            json!({"name": vm, "host": "compute-1", "cpu_number": vcpus, "disk_name": "vda"});
+        let nic_md =
+            json!({"name": vm, "instance_name": vm, "vnic_name": "tap0", "cpu_number": vcpus});
+        for k in 0..20 {
+            let ts = now - Duration::minutes(20 - k);
+            let ns = k as f64 * 60e9 * util * vcpus as f64;
+            batch.push(sample("cpu", SampleType::Cumulative, "ns", ns, vm, ts, &md));
+            batch.push(sample(
+                "cpu_util",
+                SampleType::Gauge,
+                "%",
+                util * 100.0,
+                vm,
+                ts,
+                &md,
+            ));
+            batch.push(sample(
+                "memory.resident",
+                SampleType::Gauge,
+                "MiB",
+                rss0 + k as f64,
+                vm,
+                ts,
+                &md,
+            ));
+            let disk = format!("{vm}-vda");
+            batch.push(sample(
+                "disk.device.read.bytes.rate",
+                SampleType::Gauge,
+                "B/s",
+                1000.0,
+                &disk,
+                ts,
+                &disk_md,
+            ));
+            batch.push(sample(
+                "disk.device.write.bytes.rate",
+                SampleType::Gauge,
+                "B/s",
+                2000.0,
+                &disk,
+                ts,
+                &disk_md,
+            ));
+            let nic = format!("{vm}-tap0");
+            batch.push(sample(
+                "network.incoming.bytes.rate",
+                SampleType::Gauge,
+                "B/s",
+                300.0,
+                &nic,
+                ts,
+                &nic_md,
+            ));
+            batch.push(sample(
+                "network.outgoing.bytes.rate",
+                SampleType::Gauge,
+                "B/s",
+                400.0,
+                &nic,
+                ts,
+                &nic_md,
+            ));
+        }
+    }
+    store.write(&batch).await.unwrap();
+
+    let queries = doc_queries();
+    assert_eq!(queries.len(), 7, "the seven documented queries");
+    let mut results: HashMap<String, Vec<Value>> = HashMap::new();
+    for (name, sql) in &queries {
+        let wrapped = format!(
+            "select to_jsonb(t) from ({}) t",
+            sql.trim().trim_end_matches(';')
+        );
+        let rows: Vec<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(wrapped))
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!rows.is_empty(), "{name} returned nothing");
+        results.insert(name.clone(), rows);
+    }
+    let num = |v: &Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    for name in [
+        "cpu_per_minute",
+        "cpu_per_minute_from_counter",
+        "cpu_per_5_minutes",
+    ] {
+        for r in &results[name] {
+            let want = if r["vm"] == "vm-a" { 25.0 } else { 50.0 };
+            assert_eq!(num(&r["cpu_percent"]), want, "{name}: {r}");
+        }
+    }
+    for r in &results["cpu_all_vms"] {
+        assert_eq!(
+            num(&r["busy_vcpus"]),
+            1.25,
+            "0.25 × 1 + 0.5 × 2 vCPUs busy: {r}"
+        );
+        assert_eq!(r["vms"], 2);
+    }
+    let rss_a = results["memory_rss_max_5_minutes"]
+        .iter()
+        .filter(|r| r["vm"] == "vm-a")
+        .map(|r| num(&r["rss_mib_max"]))
+        .fold(0.0, f64::max);
+    assert_eq!(rss_a, 119.0);
+    for r in &results["disk_bytes_per_second"] {
+        assert_eq!(
+            (num(&r["read_bps"]), num(&r["write_bps"])),
+            (1000.0, 2000.0),
+            "{r}"
+        );
+        assert_eq!(r["disk"], "vda");
+    }
+    for r in &results["nic_bytes_per_second"] {
+        assert_eq!(
+            (num(&r["rx_bps"]), num(&r["tx_bps"])),
+            (300.0, 400.0),
+            "{r}"
+        );
+    }
+    drop_db(&names, &admin, pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_expired_days_and_prunes() {
+    let (names, admin, pool) = fresh_db("t").await;
+    let mut store = Store::new(pool.clone());
+    store.migrate().await.unwrap();
+    let now = Utc::now();
+    let md = json!({"name": "x"});
+    let day = |d: i64| now - Duration::days(d);
+    store
+        .write(&[
+            sample(
+                "old.meter",
+                SampleType::Gauge,
+                "B",
+                1.0,
+                "r-old",
+                day(5),
+                &md,
+            ),
+            sample(
+                "cpu_util",
+                SampleType::Gauge,
+                "%",
+                1.0,
+                "r-old",
+                day(5),
+                &md,
+            ),
+            sample(
+                "cpu_util",
+                SampleType::Gauge,
+                "%",
+                2.0,
+                "r-both",
+                day(5),
+                &md,
+            ),
+            sample(
+                "cpu_util",
+                SampleType::Gauge,
+                "%",
+                3.0,
+                "r-both",
+                day(0),
+                &md,
+            ),
+        ])
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count("select count(*) from sample").await, 4);
+
+    let r = store.apply_retention(now, 2).await.unwrap();
+    assert_eq!(r.partitions.len(), 1, "the day of 5 days ago: {r:?}");
+    assert_eq!(
+        (r.resources, r.meters),
+        (1, 1),
+        "r-old and old.meter pruned: {r:?}"
+    );
+    assert_eq!(count("select count(*) from sample").await, 1);
+    assert_eq!(count("select count(*) from resource").await, 1);
+    assert_eq!(count("select count(*) from meter").await, 1);
+    assert_eq!(count("select count(*) from series").await, 1);
+    // Today's partition and the ones ahead stay; a second run finds nothing.
+    assert!(
+        store
+            .apply_retention(now, 2)
+            .await
+            .unwrap()
+            .partitions
+            .is_empty()
+    );
+    // Data arriving later for a pruned meter recreates it.
+    store
+        .write(&[sample(
+            "old.meter",
+            SampleType::Gauge,
+            "B",
+            1.0,
+            "r-old",
+            now,
+            &md,
+        )])
+        .await
+        .unwrap();
+    assert_eq!(count("select count(*) from meter").await, 2);
+    drop_db(&names, &admin, pool).await;
+}
