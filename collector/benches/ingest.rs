@@ -8,7 +8,9 @@
 //! (redeliveries, which must be ignored). The release `collector` binary writes them into a
 //! fresh database. Figures: samples/s from the first publish until the collector's counters
 //! (`/metrics`) account for every message; bytes per stored sample (sample partitions, heap
-//! + indexes, and all vmeter tables).
+//! + indexes, and all vmeter tables); then API latency on that data, median of 20: one
+//! resource's 10,000 samples of one meter, and `statistics?period=60` over all 1,000,000
+//! samples grouped by resource.
 //!
 //! Run: `cargo bench -p collector --bench ingest`.
 
@@ -81,6 +83,10 @@ async fn http_get(addr: &str, path: &str) -> String {
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     buf
+}
+
+async fn body_len(addr: &str, path: &str) -> usize {
+    http_get(addr, path).await.len()
 }
 
 /// `(stored, duplicates)` from the collector's `/metrics`.
@@ -272,6 +278,52 @@ async fn main() {
             "NOT MET"
         }
     );
+
+    // API latency on that data, median of 20 (after one warm-up request each).
+    let rid = &ids[0];
+    let one_resource =
+        format!("/v2/meters/cpu_util?q.field=resource_id&q.value={rid}&limit={POINTS}");
+    let stats = "/v2/meters/cpu_util/statistics?period=60&groupby=resource_id".to_string();
+    for (label, path, target_ms, expect) in [
+        ("one resource's 10,000 samples", &one_resource, 20.0, POINTS),
+        (
+            "statistics?period=60 over 1,000,000 samples grouped by resource",
+            &stats,
+            200.0,
+            RESOURCES * POINTS * 10 / 60,
+        ),
+    ] {
+        let body = http_get(&http, path).await;
+        let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let n = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0);
+        assert!(
+            n + RESOURCES >= expect && n <= expect + RESOURCES,
+            "{label}: {n} rows, expected about {expect}"
+        );
+        let mut ms = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let body = http_get(&http, path).await;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            assert!(body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"));
+        }
+        ms.sort_by(f64::total_cmp);
+        let median = ms[ms.len() / 2];
+        println!(
+            "API {label}: median {median:.1} ms of 20 ({n} rows, {} KiB; min {:.1}, max {:.1}); target ≤ {target_ms} ms: {}",
+            body_len(&http, path).await / 1024,
+            ms[0],
+            ms[ms.len() - 1],
+            if median <= target_ms {
+                "MET"
+            } else {
+                "NOT MET"
+            }
+        );
+    }
 
     // SAFETY: kill(2) on our own child's pid.
     unsafe {

@@ -9,7 +9,7 @@
 //! 401 or 404; internal errors are logged and answered with a generic 500 message, never a
 //! trace. Every query is one SQL statement with bound parameters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, routing::get};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
-use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use vmeter_core::{Sample, SampleType};
 
@@ -480,84 +479,172 @@ fn flat(md: Value) -> Map<String, Value> {
     }
 }
 
-const SAMPLE_COLS: &str = "select s.ts, m.name, m.type, m.unit, s.volume, r.resource_id, r.user_id, r.project_id, r.source, r.metadata, s.meter_id, s.resource_id as rint
+const SAMPLE_COLS: &str = "select s.ts, m.name, m.type, m.unit, s.volume, s.meter_id, s.resource_id
      from sample s join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id
      where true";
 
+/// One sample row; its resource's columns are fetched once per resource ([`ResInfo`]).
 struct SampleRow {
     ts: DateTime<Utc>,
     name: String,
     kind: String,
     unit: String,
     volume: f64,
+    meter_id: i32,
+    rint: i32,
+}
+
+/// A resource's columns, with its metadata flattened and serialised once.
+struct ResInfo {
     rid: String,
     user: Option<String>,
     project: Option<String>,
     source: Option<String>,
-    md: Value,
+    md: Box<serde_json::value::RawValue>,
+}
+
+/// Samples plus the resources they refer to.
+struct Fetched {
+    rows: Vec<SampleRow>,
+    res: HashMap<i32, ResInfo>,
+}
+
+#[derive(serde::Serialize)]
+struct OldSampleOut<'a> {
+    source: Option<&'a str>,
+    counter_name: &'a str,
+    counter_type: &'a str,
+    counter_unit: &'a str,
+    counter_volume: f64,
+    user_id: Option<&'a str>,
+    project_id: Option<&'a str>,
+    resource_id: &'a str,
+    timestamp: String,
+    recorded_at: String,
+    resource_metadata: &'a serde_json::value::RawValue,
+    message_id: String,
+}
+
+#[derive(serde::Serialize)]
+struct SampleOut<'a> {
     id: String,
+    meter: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    unit: &'a str,
+    volume: f64,
+    user_id: Option<&'a str>,
+    project_id: Option<&'a str>,
+    resource_id: &'a str,
+    source: Option<&'a str>,
+    timestamp: String,
+    recorded_at: String,
+    metadata: &'a serde_json::value::RawValue,
 }
 
-fn sample_row(r: &PgRow) -> Result<SampleRow, sqlx::Error> {
-    let ts: DateTime<Utc> = r.try_get(0)?;
-    Ok(SampleRow {
-        ts,
-        name: r.try_get(1)?,
-        kind: r.try_get(2)?,
-        unit: r.try_get(3)?,
-        volume: r.try_get(4)?,
-        rid: r.try_get(5)?,
-        user: r.try_get(6)?,
-        project: r.try_get(7)?,
-        source: r.try_get(8)?,
-        md: r.try_get(9)?,
-        id: sample_id(r.try_get(10)?, r.try_get(11)?, ts),
-    })
+impl Fetched {
+    fn old(&self) -> Vec<OldSampleOut<'_>> {
+        self.rows
+            .iter()
+            .map(|s| {
+                let r = &self.res[&s.rint];
+                OldSampleOut {
+                    source: r.source.as_deref(),
+                    counter_name: &s.name,
+                    counter_type: &s.kind,
+                    counter_unit: &s.unit,
+                    counter_volume: s.volume,
+                    user_id: r.user.as_deref(),
+                    project_id: r.project.as_deref(),
+                    resource_id: &r.rid,
+                    timestamp: iso(s.ts),
+                    recorded_at: iso(s.ts),
+                    resource_metadata: &r.md,
+                    message_id: sample_id(s.meter_id, s.rint, s.ts),
+                }
+            })
+            .collect()
+    }
+
+    fn new_shape(&self) -> Vec<SampleOut<'_>> {
+        self.rows
+            .iter()
+            .map(|s| {
+                let r = &self.res[&s.rint];
+                SampleOut {
+                    id: sample_id(s.meter_id, s.rint, s.ts),
+                    meter: &s.name,
+                    kind: &s.kind,
+                    unit: &s.unit,
+                    volume: s.volume,
+                    user_id: r.user.as_deref(),
+                    project_id: r.project.as_deref(),
+                    resource_id: &r.rid,
+                    source: r.source.as_deref(),
+                    timestamp: iso(s.ts),
+                    recorded_at: iso(s.ts),
+                    metadata: &r.md,
+                }
+            })
+            .collect()
+    }
 }
 
-/// Ceilometer's OldSample (the `/v2/meters/{meter}` shape).
-fn old_sample(s: SampleRow) -> Value {
-    json!({
-        "source": s.source,
-        "counter_name": s.name,
-        "counter_type": s.kind,
-        "counter_unit": s.unit,
-        "counter_volume": s.volume,
-        "user_id": s.user,
-        "project_id": s.project,
-        "resource_id": s.rid,
-        "timestamp": iso(s.ts),
-        "recorded_at": iso(s.ts),
-        "resource_metadata": flat(s.md),
-        "message_id": s.id,
-    })
+/// A JSON response from something serialisable (no intermediate `Value` tree).
+fn json_response<T: serde::Serialize>(v: &T) -> Result<Response, ApiError> {
+    let body = serde_json::to_vec(v).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
-/// Ceilometer's Sample (the `/v2/samples` shape).
-fn new_sample(s: SampleRow) -> Value {
-    json!({
-        "id": s.id,
-        "meter": s.name,
-        "type": s.kind,
-        "unit": s.unit,
-        "volume": s.volume,
-        "user_id": s.user,
-        "project_id": s.project,
-        "resource_id": s.rid,
-        "source": s.source,
-        "timestamp": iso(s.ts),
-        "recorded_at": iso(s.ts),
-        "metadata": flat(s.md),
-    })
-}
-
-async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Vec<SampleRow>, ApiError> {
+async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiError> {
     let mut qb = QueryBuilder::new(SAMPLE_COLS);
     push_cond(&mut qb, c, true);
     qb.push(" order by s.ts desc limit ");
     qb.push_bind(limit);
     let rows = qb.build().fetch_all(&api.pool).await?;
-    Ok(rows.iter().map(sample_row).collect::<Result<_, _>>()?)
+    let rows: Vec<SampleRow> = rows
+        .iter()
+        .map(|r| {
+            Ok(SampleRow {
+                ts: r.try_get(0)?,
+                name: r.try_get(1)?,
+                kind: r.try_get(2)?,
+                unit: r.try_get(3)?,
+                volume: r.try_get(4)?,
+                meter_id: r.try_get(5)?,
+                rint: r.try_get(6)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    let mut ids: Vec<i32> = rows.iter().map(|r| r.rint).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let res_rows = sqlx::query(
+        "select id, resource_id, user_id, project_id, source, metadata from resource where id = any($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&api.pool)
+    .await?;
+    let mut res = HashMap::with_capacity(res_rows.len());
+    for r in &res_rows {
+        let md = serde_json::value::to_raw_value(&flat(r.try_get(5)?))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        res.insert(
+            r.try_get::<i32, _>(0)?,
+            ResInfo {
+                rid: r.try_get(1)?,
+                user: r.try_get(2)?,
+                project: r.try_get(3)?,
+                source: r.try_get(4)?,
+                md,
+            },
+        );
+    }
+    Ok(Fetched { rows, res })
 }
 
 const SAMPLES: Fields = Fields {
@@ -572,14 +659,14 @@ async fn meter_samples(
     headers: HeaderMap,
     Path(meter): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let who = caller(&api, &headers)?;
     let q = parse_query(raw.as_deref())?;
     q.only(&[])?;
     let mut c = conditions(&q, SAMPLES, &who)?;
     c.meter = Some(meter);
-    let rows = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    Ok(Json(rows.into_iter().map(old_sample).collect()))
+    let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
+    json_response(&f.old())
 }
 
 /// `GET /v2/samples`: samples of any meter (`q.field=meter`), newest first.
@@ -587,7 +674,7 @@ async fn list_samples(
     State(api): State<Api>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let who = caller(&api, &headers)?;
     let q = parse_query(raw.as_deref())?;
     q.only(&[])?;
@@ -599,8 +686,8 @@ async fn list_samples(
         },
         &who,
     )?;
-    let rows = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    Ok(Json(rows.into_iter().map(new_sample).collect()))
+    let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
+    json_response(&f.new_shape())
 }
 
 /// `GET /v2/samples/{id}`.
@@ -608,18 +695,15 @@ async fn one_sample(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let who = caller(&api, &headers)?;
     let not_found = || ApiError::NotFound(format!("Sample {id} Not Found"));
     let key = parse_sample_id(&id).ok_or_else(not_found)?;
     let mut c = conditions(&Query::default(), SAMPLES, &who)?;
     c.sample = Some(key);
-    let row = fetch_samples(&api, &c, 1)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(not_found)?;
-    Ok(Json(new_sample(row)))
+    let f = fetch_samples(&api, &c, 1).await?;
+    let one = f.new_shape().into_iter().next().ok_or_else(not_found)?;
+    json_response(&one)
 }
 
 /// Standard base64 (for Ceilometer's `meter_id`).
@@ -894,7 +978,7 @@ async fn statistics(
     headers: HeaderMap,
     Path(meter): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let who = caller(&api, &headers)?;
     let q = parse_query(raw.as_deref())?;
     q.only(&["groupby", "period", "aggregate.func", "aggregate.param"])?;
@@ -935,26 +1019,49 @@ async fn statistics(
     }
     let aggs = aggregates(&q)?;
 
-    // f: the filtered samples; b: the bucket origin and end.
-    let mut qb = QueryBuilder::new(
-        "with f as (select s.ts, s.volume, m.unit, r.resource_id, r.user_id, r.project_id",
-    );
-    for (i, (_, expr)) in groupby.iter().enumerate() {
-        qb.push(format!(", {expr} as g{i}"));
+    // Bucket origin and end: the query's bounds, else the first/last sample of the
+    // selected series (kept per series by the collector: no scan of the samples).
+    let (mut t0, mut t1) = (c.start(), c.end());
+    if period.is_some() && (t0.is_none() || t1.is_none()) {
+        let mut qb = QueryBuilder::new(
+            "select min(se.first_ts), max(se.last_ts) from series se join meter m on m.id = se.meter_id join resource r on r.id = se.resource_id where true",
+        );
+        push_cond(&mut qb, &c, false);
+        let row = qb.build().fetch_one(&api.pool).await?;
+        let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+            (row.try_get(0)?, row.try_get(1)?);
+        t0 = t0.or(first);
+        t1 = t1.or(last);
     }
-    qb.push(" from sample s join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id where true");
-    push_cond(&mut qb, &c, true);
-    qb.push("), b as (select coalesce(");
-    qb.push_bind(c.start());
-    qb.push("::timestamptz, min(ts)) as t0, coalesce(");
-    qb.push_bind(c.end());
-    qb.push("::timestamptz, max(ts)) as t1 from f) select f.unit");
-    for i in 0..groupby.len() {
-        qb.push(format!(", f.g{i}"));
+    // With a period: buckets [t0 + kP, t0 + (k+1)P) for k < ceil((t1 - t0) / P).
+    let buckets = match (period, t0, t1) {
+        (Some(p), Some(t0), Some(t1)) => {
+            let span = (t1 - t0).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            let n = (span / p).ceil().max(0.0);
+            Some((
+                p,
+                t0,
+                t0 + chrono::Duration::microseconds((n * p * 1e6) as i64),
+            ))
+        }
+        (Some(_), _, _) => return Ok(json_response(&Vec::<Value>::new())?),
+        _ => None,
+    };
+
+    // One statement in two levels: the inner level reads only the narrow sample table
+    // (meter and resources resolved to their integer ids first, no per-row join) and
+    // aggregates per (meter id, resource, bucket); the outer level joins the names and
+    // merges to (unit, groupby fields, bucket). stddev from the sum of squares.
+    let mut qb = QueryBuilder::new("select m.unit");
+    for (_, expr) in &groupby {
+        qb.push(format!(", {expr}"));
     }
-    match period {
-        Some(p) => {
-            qb.push(", floor(extract(epoch from f.ts - b.t0)::float8 / ");
+    qb.push(", a.k, sum(a.n)::bigint, min(a.mn), max(a.mx), sum(a.sm), sum(a.sm) / sum(a.n), sqrt(greatest(sum(a.sq) / sum(a.n) - (sum(a.sm) / sum(a.n))^2, 0)), min(a.t0), max(a.t1), count(distinct r.resource_id), count(distinct r.user_id), count(distinct r.project_id) from (select s.meter_id, s.resource_id");
+    match buckets {
+        Some((p, t0, _)) => {
+            qb.push(", floor(extract(epoch from s.ts - ");
+            qb.push_bind(t0);
+            qb.push("::timestamptz)::float8 / ");
             qb.push_bind(p);
             qb.push(")::bigint as k");
         }
@@ -962,99 +1069,159 @@ async fn statistics(
             qb.push(", 0::bigint as k");
         }
     }
-    qb.push(", b.t0, count(*), min(f.volume), max(f.volume), sum(f.volume), avg(f.volume), stddev_pop(f.volume), min(f.ts), max(f.ts), count(distinct f.resource_id), count(distinct f.user_id), count(distinct f.project_id) from f, b");
-    if let Some(p) = period {
-        // Buckets [t0 + kP, t0 + (k+1)P) for k < ceil((t1 - t0) / P), as Ceilometer.
-        qb.push(" where f.ts >= b.t0 and floor(extract(epoch from f.ts - b.t0)::float8 / ");
-        qb.push_bind(p);
-        qb.push(") < ceil(extract(epoch from b.t1 - b.t0)::float8 / ");
-        qb.push_bind(p);
-        qb.push(")");
+    qb.push(", count(*) as n, min(s.volume) as mn, max(s.volume) as mx, sum(s.volume) as sm, sum(s.volume * s.volume) as sq, min(s.ts) as t0, max(s.ts) as t1 from sample s where s.meter_id = any(array(select id from meter where name = ");
+    qb.push_bind(c.meter.clone().unwrap_or_default());
+    qb.push("))");
+    let resource_level = Cond {
+        resource: c.resource.clone(),
+        project: c.project.clone(),
+        user: c.user.clone(),
+        source: c.source.clone(),
+        metadata: c.metadata.clone(),
+        ..Cond::default()
+    };
+    if resource_level.resource.is_some()
+        || resource_level.project.is_some()
+        || resource_level.user.is_some()
+        || resource_level.source.is_some()
+        || !resource_level.metadata.is_empty()
+    {
+        qb.push(" and s.resource_id = any(array(select r.id from resource r where true");
+        push_cond(&mut qb, &resource_level, false);
+        qb.push("))");
     }
-    qb.push(" group by f.unit");
-    for i in 0..groupby.len() {
-        qb.push(format!(", f.g{i}"));
+    let time_only = Cond {
+        ge: c.ge,
+        gt: c.gt,
+        le: c.le,
+        lt: c.lt,
+        sample: c.sample,
+        ..Cond::default()
+    };
+    push_cond(&mut qb, &time_only, true);
+    if let Some((_, t0, end)) = buckets {
+        qb.push(" and s.ts >= ");
+        qb.push_bind(t0);
+        qb.push(" and s.ts < ");
+        qb.push_bind(end);
     }
-    qb.push(", k, b.t0 order by k");
-    for i in 0..groupby.len() {
-        qb.push(format!(", f.g{i}"));
+    qb.push(" group by 1, 2, 3) a join meter m on m.id = a.meter_id join resource r on r.id = a.resource_id");
+    let gcount = groupby.len();
+    let group_cols: String = (1..=gcount + 2)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    qb.push(format!(" group by {group_cols} order by {}, 1", gcount + 2));
+    for i in 0..gcount {
+        qb.push(format!(", {}", i + 2));
     }
-    qb.push(", f.unit");
-    let rows = qb.build().fetch_all(&api.pool).await?;
+    let mut tx = api.pool.begin().await?;
+    // Hash aggregation in memory for many buckets; no JIT start-up cost.
+    sqlx::query("set local work_mem = '256MB'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("set local jit = off").execute(&mut *tx).await?;
+    sqlx::query("set local enable_sort = off")
+        .execute(&mut *tx)
+        .await?;
+    let rows = qb.build().fetch_all(&mut *tx).await?;
+    tx.commit().await?;
 
-    let g = groupby.len();
+    let g = gcount;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {
         let unit: String = r.try_get(0)?;
-        let mut gmap = Map::new();
-        for (i, (name, _)) in groupby.iter().enumerate() {
-            gmap.insert(
-                name.to_string(),
-                json!(r.try_get::<Option<String>, _>(1 + i)?),
-            );
-        }
+        let groups = if g == 0 {
+            None
+        } else {
+            let mut gmap = BTreeMap::new();
+            for (i, (name, _)) in groupby.iter().enumerate() {
+                gmap.insert(*name, r.try_get::<Option<String>, _>(1 + i)?);
+            }
+            Some(gmap)
+        };
         let k: i64 = r.try_get(1 + g)?;
-        let t0: Option<DateTime<Utc>> = r.try_get(2 + g)?;
-        let count: i64 = r.try_get(3 + g)?;
-        let min: f64 = r.try_get(4 + g)?;
-        let max: f64 = r.try_get(5 + g)?;
-        let sum: f64 = r.try_get(6 + g)?;
-        let avg: f64 = r.try_get(7 + g)?;
-        let stddev: Option<f64> = r.try_get(8 + g)?;
-        let d0: DateTime<Utc> = r.try_get(9 + g)?;
-        let d1: DateTime<Utc> = r.try_get(10 + g)?;
-        let card: [i64; 3] = [r.try_get(11 + g)?, r.try_get(12 + g)?, r.try_get(13 + g)?];
-        let (p_start, p_end, period_s) = match (period, t0) {
-            (Some(p), Some(t0)) => {
+        let count: i64 = r.try_get(2 + g)?;
+        let min: f64 = r.try_get(3 + g)?;
+        let max: f64 = r.try_get(4 + g)?;
+        let sum: f64 = r.try_get(5 + g)?;
+        let avg: f64 = r.try_get(6 + g)?;
+        let stddev: Option<f64> = r.try_get(7 + g)?;
+        let d0: DateTime<Utc> = r.try_get(8 + g)?;
+        let d1: DateTime<Utc> = r.try_get(9 + g)?;
+        let card: [i64; 3] = [r.try_get(10 + g)?, r.try_get(11 + g)?, r.try_get(12 + g)?];
+        let (p_start, p_end, period_s) = match buckets {
+            Some((p, t0, _)) => {
                 let us = (p * 1e6) as i64;
                 let ps = t0 + chrono::Duration::microseconds(us * k);
                 (ps, ps + chrono::Duration::microseconds(us), p)
             }
-            _ => (d0, d1, 0.0),
+            None => (d0, d1, 0.0),
         };
         // Clamp the duration to the query's bounds (as Ceilometer's API).
         let d0c = c.start().map_or(d0, |s| d0.max(s));
         let d1c = c.end().map_or(d1, |e| d1.min(e));
         let (duration, ds, de) = if d0c > d1c {
-            (Value::Null, Value::Null, Value::Null)
+            (None, None, None)
         } else {
             (
-                json!((d1c - d0c).num_microseconds().unwrap_or(0) as f64 / 1e6),
-                json!(iso(d0c)),
-                json!(iso(d1c)),
+                Some((d1c - d0c).num_microseconds().unwrap_or(0) as f64 / 1e6),
+                Some(iso(d0c)),
+                Some(iso(d1c)),
             )
         };
-        let mut row = json!({
-            "duration": duration,
-            "duration_start": ds,
-            "duration_end": de,
-            "period": period_s,
-            "period_start": iso(p_start),
-            "period_end": iso(p_end),
-            "unit": unit,
-            "groupby": if g == 0 { Value::Null } else { Value::Object(gmap) },
-        });
-        let std_value = |name: &str| match name {
-            "max" => json!(max),
-            "min" => json!(min),
-            "sum" => json!(sum),
-            "avg" => json!(avg),
-            "count" => json!(count),
-            "stddev" => json!(stddev.unwrap_or(0.0)),
-            _ => Value::Null,
-        };
-        let o = row.as_object_mut().expect("object");
-        if aggs.is_empty() {
-            for name in ["max", "min", "sum", "avg", "count"] {
-                o.insert(name.into(), std_value(name));
+        let std_value = |name: &str| -> f64 {
+            match name {
+                "max" => max,
+                "min" => min,
+                "sum" => sum,
+                "avg" => avg,
+                "count" => count as f64,
+                _ => stddev.unwrap_or(0.0),
             }
+        };
+        let mut row = StatOut {
+            duration,
+            duration_start: ds,
+            duration_end: de,
+            period: period_s,
+            period_start: iso(p_start),
+            period_end: iso(p_end),
+            unit,
+            groupby: groups,
+            max: None,
+            min: None,
+            sum: None,
+            avg: None,
+            count: None,
+            aggregate: None,
+        };
+        if aggs.is_empty() {
+            (row.max, row.min, row.sum, row.avg, row.count) =
+                (Some(max), Some(min), Some(sum), Some(avg), Some(count));
         } else {
-            let mut amap = Map::new();
+            let mut amap = BTreeMap::new();
             for a in &aggs {
                 match a {
                     Agg::Std(name) => {
-                        o.insert(name.to_string(), std_value(name));
-                        amap.insert(name.to_string(), std_value(name));
+                        let v = std_value(name);
+                        match *name {
+                            "max" => row.max = Some(v),
+                            "min" => row.min = Some(v),
+                            "sum" => row.sum = Some(v),
+                            "avg" => row.avg = Some(v),
+                            "count" => row.count = Some(count),
+                            // stddev is not one of the standard fields: aggregate map only.
+                            _ => {}
+                        }
+                        amap.insert(
+                            name.to_string(),
+                            json!(if *name == "count" {
+                                json!(count)
+                            } else {
+                                json!(v)
+                            }),
+                        );
                     }
                     Agg::Cardinality(p) => {
                         let v = match *p {
@@ -1066,11 +1233,36 @@ async fn statistics(
                     }
                 }
             }
-            o.insert("aggregate".into(), Value::Object(amap));
+            row.aggregate = Some(amap);
         }
         out.push(row);
     }
-    Ok(Json(out))
+    json_response(&out)
+}
+
+/// One statistics row (Ceilometer's Statistics); absent aggregates are left out.
+#[derive(serde::Serialize)]
+struct StatOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sum: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avg: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<i64>,
+    duration: Option<f64>,
+    duration_start: Option<String>,
+    duration_end: Option<String>,
+    period: f64,
+    period_start: String,
+    period_end: String,
+    unit: String,
+    groupby: Option<BTreeMap<&'static str, Option<String>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aggregate: Option<BTreeMap<String, Value>>,
 }
 
 /// `POST /v2/meters/{meter}`: a list of OldSample. `direct=true` stores them at once;
