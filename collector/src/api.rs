@@ -1044,7 +1044,7 @@ async fn statistics(
                 t0 + chrono::Duration::microseconds((n * p * 1e6) as i64),
             ))
         }
-        (Some(_), _, _) => return Ok(json_response(&Vec::<Value>::new())?),
+        (Some(_), _, _) => return json_response(&Vec::<Value>::new()),
         _ => None,
     };
 
