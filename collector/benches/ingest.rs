@@ -8,7 +8,7 @@
 //! (redeliveries, which must be ignored). The release `collector` binary writes them into a
 //! fresh database. Figures: samples/s from the first publish until the collector's counters
 //! (`/metrics`) account for every message; bytes per stored sample (sample partitions, heap
-//! + indexes, and all vmeter tables); then API latency on that data, median of 20: one
+//! and indexes, and all vmeter tables); then API latency on that data, median of 20: one
 //! resource's 10,000 samples of one meter, and `statistics?period=60` over all 1,000,000
 //! samples grouped by resource.
 //!
