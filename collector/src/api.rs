@@ -468,8 +468,21 @@ fn limit(api: &Api, q: &Query) -> i64 {
     q.limit.unwrap_or(api.default_limit)
 }
 
+/// Ceilometer's timestamp format (naive UTC, microseconds). Hand-formatted: chrono's
+/// strftime interpreter was a third of the statistics endpoint's time for large answers.
 fn iso(ts: DateTime<Utc>) -> String {
-    ts.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+    use chrono::{Datelike, Timelike};
+    let t = ts.naive_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond() / 1000 % 1_000_000
+    )
 }
 
 fn flat(md: Value) -> Map<String, Value> {
@@ -592,7 +605,8 @@ impl Fetched {
 
 /// A JSON response from something serialisable (no intermediate `Value` tree).
 fn json_response<T: serde::Serialize>(v: &T) -> Result<Response, ApiError> {
-    let body = serde_json::to_vec(v).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body = Vec::with_capacity(64 * 1024);
+    serde_json::to_writer(&mut body, v).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
@@ -1056,7 +1070,21 @@ async fn statistics(
     for (_, expr) in &groupby {
         qb.push(format!(", {expr}"));
     }
-    qb.push(", a.k, sum(a.n)::bigint, min(a.mn), max(a.mx), sum(a.sm), sum(a.sm) / sum(a.n), sqrt(greatest(sum(a.sq) / sum(a.n) - (sum(a.sm) / sum(a.n))^2, 0)), min(a.t0), max(a.t1), count(distinct r.resource_id), count(distinct r.user_id), count(distinct r.project_id) from (select s.meter_id, s.resource_id");
+    qb.push(", a.k, sum(a.n)::bigint, min(a.mn), max(a.mx), sum(a.sm), sum(a.sm) / sum(a.n), sqrt(greatest(sum(a.sq) / sum(a.n) - (sum(a.sm) / sum(a.n))^2, 0)), min(a.t0), max(a.t1)");
+    // Distinct counts only when asked for (they force a sort per group).
+    for (i, col) in ["r.resource_id", "r.user_id", "r.project_id"]
+        .iter()
+        .enumerate()
+    {
+        if aggs.contains(&Agg::Cardinality(
+            ["resource_id", "user_id", "project_id"][i],
+        )) {
+            qb.push(format!(", count(distinct {col})"));
+        } else {
+            qb.push(", 0::bigint");
+        }
+    }
+    qb.push(" from (select s.meter_id, s.resource_id");
     match buckets {
         Some((p, t0, _)) => {
             qb.push(", floor(extract(epoch from s.ts - ");
