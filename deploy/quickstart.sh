@@ -35,6 +35,8 @@ libvirt:
 polling:
   interval_secs: $INTERVAL
   shuffle_time_secs: 2
+spool:
+  dir: "$RUN/agent-spool"
 YAML
 } > "$RUN/agent-compute.yaml"
 { common; cat <<YAML

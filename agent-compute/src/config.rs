@@ -16,6 +16,26 @@ pub struct Config {
     pub http: HttpConfig,
     pub libvirt: LibvirtConfig,
     pub polling: PollingConfig,
+    pub spool: SpoolConfig,
+}
+
+/// `spool:` section: where batches wait while the broker is away (see `spool.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory of the spool (created if missing; kept across restarts).
+    pub dir: std::path::PathBuf,
+    /// Most bytes kept; beyond it the oldest batches are dropped and counted.
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: "/var/lib/vmeter/agent-spool".into(),
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 /// `http:` section.
@@ -66,9 +86,6 @@ pub struct PollingConfig {
     pub shuffle_time_secs: f64,
     /// Most samples per published message.
     pub batch_size: usize,
-    /// Samples kept in memory while the broker is unreachable; beyond it the oldest are
-    /// dropped and counted.
-    pub max_pending_samples: usize,
 }
 
 impl Default for PollingConfig {
@@ -77,7 +94,6 @@ impl Default for PollingConfig {
             interval_secs: 60.0,
             shuffle_time_secs: 10.0,
             batch_size: 500,
-            max_pending_samples: 1_000_000,
         }
     }
 }

@@ -4,6 +4,7 @@ mod config;
 mod domain_xml;
 mod inspector;
 mod poller;
+mod spool;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
 //! The polling loop: a dedicated thread owns the libvirt connection (libvirt calls block),
 //! the async side schedules cycles and publishes.
 
-use std::collections::VecDeque;
+use crate::spool::Spool;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -83,9 +83,14 @@ pub async fn run(
         "Samples confirmed by the broker.",
         &[],
     );
-    let pending_gauge = telemetry::gauge(
-        "vmeter_agent_pending_samples",
-        "Samples waiting for the broker.",
+    let spool_batches = telemetry::gauge(
+        "vmeter_agent_spool_batches",
+        "Batches waiting in the on-disk spool for the broker.",
+        &[],
+    );
+    let spool_bytes = telemetry::gauge(
+        "vmeter_agent_spool_bytes",
+        "Bytes in the on-disk spool.",
         &[],
     );
     let cycle_ms = telemetry::gauge(
@@ -107,7 +112,16 @@ pub async fn run(
     }
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(cfg.polling.interval_secs));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending: VecDeque<Sample> = VecDeque::new();
+    let mut spool = Spool::open(&cfg.spool.dir, cfg.spool.max_bytes)
+        .map_err(|e| anyhow::anyhow!("spool.dir: {e}"))?;
+    if !spool.is_empty() {
+        tracing::info!(
+            batches = spool.len(),
+            samples = spool.samples(),
+            dir = %cfg.spool.dir.display(),
+            "Spooled batches from before the restart will be sent first."
+        );
+    }
     let mut publisher: Option<(lapin::Connection, Publisher)> = None;
     let mut broker_backoff = Backoff::new(
         Duration::from_millis(500),
@@ -123,6 +137,7 @@ pub async fn run(
         }
         let (tx, rx) = oneshot::channel();
         let started = std::time::Instant::now();
+        let mut fresh: Vec<Sample> = Vec::new();
         if libvirt.send(tx).await.is_err() {
             anyhow::bail!("libvirt thread stopped");
         }
@@ -139,7 +154,7 @@ pub async fn run(
                     ms = started.elapsed().as_millis() as u64,
                     "Cycle done."
                 );
-                pending.extend(samples);
+                fresh = samples;
             }
             Ok(Err(e)) => {
                 libvirt_up.store(false, Ordering::Relaxed);
@@ -147,24 +162,11 @@ pub async fn run(
             }
             Err(_) => anyhow::bail!("libvirt thread stopped"),
         }
-        let overflow = pending
-            .len()
-            .saturating_sub(cfg.polling.max_pending_samples);
-        if overflow > 0 {
-            pending.drain(..overflow);
-            for _ in 0..overflow {
-                telemetry::counter(
-                    "vmeter_samples_dropped_total",
-                    "Samples dropped, by service and reason.",
-                    &[("service", "agent-compute"), ("reason", "pending_full")],
-                )
-                .inc();
-            }
-            tracing::warn!(
-                dropped = overflow,
-                "Broker away too long: pending buffer full, oldest samples dropped."
-            );
-        }
+        let batches: Vec<(Vec<u8>, u64)> = fresh
+            .chunks(cfg.polling.batch_size)
+            .map(|c| (vmeter_core::wire::encode(c), c.len() as u64))
+            .collect();
+        drop(fresh);
 
         // Publish what is pending, oldest first; on failure keep it for the next cycle.
         if publisher.is_none() && tokio::time::Instant::now() >= next_broker_try {
@@ -185,55 +187,166 @@ pub async fn run(
                 Err(e) => {
                     let wait = broker_backoff.next_delay();
                     next_broker_try = tokio::time::Instant::now() + wait;
-                    tracing::warn!(url = %cfg.broker.redacted_url(), error = %e, pending = pending.len(), "Broker unreachable; samples kept in memory.");
+                    tracing::warn!(url = %cfg.broker.redacted_url(), error = %e, spooled = spool.len(), "Broker unreachable; batches go to the on-disk spool.");
                 }
             }
         }
-        if let Some((_, p)) = &publisher {
-            match publish_all(p, &cfg, &mut pending).await {
+        // Fresh batches go straight out when nothing older waits; otherwise (or when the
+        // broker fails) they join the spool, which is then sent oldest first.
+        let mut to_spool: &[(Vec<u8>, u64)] = &batches;
+        if spool.is_empty()
+            && let Some((_, p)) = &publisher
+        {
+            match send_batches(p, &cfg, &batches).await {
+                Ok(()) => {
+                    broker_up.store(true, Ordering::Relaxed);
+                    published.add(batches.iter().map(|b| b.1).sum());
+                    to_spool = &[];
+                }
+                Err((confirmed, e)) => {
+                    broker_up.store(false, Ordering::Relaxed);
+                    published.add(batches[..confirmed].iter().map(|b| b.1).sum());
+                    tracing::warn!(error = %e, "Publishing failed; spooling to disk.");
+                    publisher = None;
+                    to_spool = &batches[confirmed..];
+                }
+            }
+        }
+        for (body, n) in to_spool {
+            match spool.push(body, *n) {
+                Ok(evicted) => {
+                    let lost: u64 = evicted.iter().map(|e| e.samples).sum();
+                    if lost > 0 {
+                        telemetry::counter(
+                            "vmeter_samples_dropped_total",
+                            "Samples dropped, by service and reason.",
+                            &[("service", "agent-compute"), ("reason", "spool_full")],
+                        )
+                        .add(lost);
+                        tracing::warn!(
+                            dropped_samples = lost,
+                            max_bytes = cfg.spool.max_bytes,
+                            "Spool full: oldest batches dropped."
+                        );
+                    }
+                }
+                Err(e) => {
+                    telemetry::counter(
+                        "vmeter_samples_dropped_total",
+                        "Samples dropped, by service and reason.",
+                        &[
+                            ("service", "agent-compute"),
+                            ("reason", "spool_write_error"),
+                        ],
+                    )
+                    .add(*n);
+                    tracing::error!(error = %e, samples = n, "Could not spool a batch; its samples are lost.");
+                }
+            }
+        }
+        if let Some((_, p)) = &publisher
+            && !spool.is_empty()
+        {
+            match drain_spool(p, &cfg, &mut spool).await {
                 Ok(n) => {
                     broker_up.store(true, Ordering::Relaxed);
-                    published.add(n as u64);
+                    published.add(n);
                 }
                 Err(e) => {
                     broker_up.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %e, pending = pending.len(), "Publishing failed; will retry.");
+                    tracing::warn!(error = %e, spooled = spool.len(), "Sending the spool failed; will retry.");
                     publisher = None;
                 }
             }
         }
-        pending_gauge.set(pending.len() as i64);
+        spool_batches.set(spool.len() as i64);
+        spool_bytes.set(spool.bytes() as i64);
     }
-    if let Some((conn, p)) = publisher {
-        let _ = publish_all(&p, &cfg, &mut pending).await;
+    if let Some((conn, _)) = publisher {
         let _ = conn.close(200, "shutdown".into()).await;
     }
-    if !pending.is_empty() {
-        tracing::warn!(lost = pending.len(), "Stopped with unpublished samples.");
+    if !spool.is_empty() {
+        tracing::info!(
+            batches = spool.len(),
+            samples = spool.samples(),
+            "Stopped with spooled batches; they are sent after the next start."
+        );
     }
     Ok(())
 }
 
-/// Sends pending samples in batches, waits for all confirms, removes what was confirmed.
-async fn publish_all(
+fn count_header(n: u64) -> lapin::types::FieldTable {
+    let mut h = lapin::types::FieldTable::default();
+    h.insert(
+        vmeter_core::wire::SAMPLES_HEADER.into(),
+        lapin::types::AMQPValue::LongLongInt(n as i64),
+    );
+    h
+}
+
+/// Sends `batches` and waits for their confirms in order. On failure returns how many
+/// leading batches were confirmed.
+async fn send_batches(
     p: &Publisher,
     cfg: &Config,
-    pending: &mut VecDeque<Sample>,
-) -> Result<usize, amqp::PublishError> {
-    let samples: Vec<Sample> = pending.iter().cloned().collect();
-    let mut confirms = Vec::new();
-    for chunk in samples.chunks(cfg.polling.batch_size) {
-        confirms.push((
-            chunk.len(),
-            p.send_batch(&cfg.broker.exchange, &cfg.broker.raw_routing_key, chunk)
+    batches: &[(Vec<u8>, u64)],
+) -> Result<(), (usize, amqp::PublishError)> {
+    let mut confirms = Vec::with_capacity(batches.len());
+    for (i, (body, n)) in batches.iter().enumerate() {
+        match p
+            .send_body(
+                &cfg.broker.exchange,
+                &cfg.broker.raw_routing_key,
+                body,
+                count_header(*n),
+            )
+            .await
+        {
+            Ok(c) => confirms.push(c),
+            Err(e) => {
+                // Wait for what was sent so far to know how much got through.
+                let mut ok = 0;
+                for c in confirms {
+                    if c.confirmed().await.is_err() {
+                        break;
+                    }
+                    ok += 1;
+                }
+                return Err((ok.min(i), e));
+            }
+        }
+    }
+    for (i, c) in confirms.into_iter().enumerate() {
+        c.confirmed().await.map_err(|e| (i, e))?;
+    }
+    Ok(())
+}
+
+/// Sends the spool oldest first, `WINDOW` batches in flight; a batch leaves the spool only
+/// after its confirm. Returns the samples sent.
+async fn drain_spool(p: &Publisher, cfg: &Config, spool: &mut Spool) -> Result<u64, anyhow::Error> {
+    const WINDOW: usize = 16;
+    let mut sent = 0;
+    while !spool.is_empty() {
+        let head = spool.first(WINDOW)?;
+        let mut confirms = Vec::with_capacity(head.len());
+        for (e, body) in &head {
+            confirms.push((
+                e.samples,
+                p.send_body(
+                    &cfg.broker.exchange,
+                    &cfg.broker.raw_routing_key,
+                    body,
+                    count_header(e.samples),
+                )
                 .await?,
-        ));
+            ));
+        }
+        for (n, c) in confirms {
+            c.confirmed().await?;
+            spool.pop_front();
+            sent += n;
+        }
     }
-    let mut done = 0;
-    for (n, c) in confirms {
-        c.confirmed().await?;
-        pending.drain(..n);
-        done += n;
-    }
-    Ok(done)
+    Ok(sent)
 }

@@ -137,6 +137,10 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "2".into()));
     env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
     env.push((
+        "VMETER_SPOOL__DIR".into(),
+        logs.join("agent-spool").display().to_string(),
+    ));
+    env.push((
         "VMETER_HTTP__LISTEN".into(),
         format!("127.0.0.1:{}", free_port()),
     ));
