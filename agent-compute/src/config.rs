@@ -86,6 +86,12 @@ pub struct PollingConfig {
     pub shuffle_time_secs: f64,
     /// Most samples per published message.
     pub batch_size: usize,
+    /// A Ceilometer-style polling.yaml (`sources: [{name, interval, meters}]`); when set,
+    /// its sources replace `interval_secs` (one source of every meter).
+    pub sources_file: Option<std::path::PathBuf>,
+    /// Random delay 0..N s added to every cycle's wake-up (the schedule itself does not
+    /// drift), so that hosts started together do not stay in step.
+    pub jitter_secs: f64,
 }
 
 impl Default for PollingConfig {
@@ -94,6 +100,8 @@ impl Default for PollingConfig {
             interval_secs: 60.0,
             shuffle_time_secs: 10.0,
             batch_size: 500,
+            sources_file: None,
+            jitter_secs: 0.0,
         }
     }
 }
@@ -111,6 +119,12 @@ impl Config {
             return Err(format!(
                 "polling.shuffle_time_secs must be >= 0, got {}",
                 self.polling.shuffle_time_secs
+            ));
+        }
+        if !self.polling.jitter_secs.is_finite() || self.polling.jitter_secs < 0.0 {
+            return Err(format!(
+                "polling.jitter_secs must be >= 0, got {}",
+                self.polling.jitter_secs
             ));
         }
         if self.polling.batch_size == 0 {

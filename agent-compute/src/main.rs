@@ -4,6 +4,7 @@ mod config;
 mod domain_xml;
 mod inspector;
 mod poller;
+mod sources;
 mod spool;
 
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ enum Cmd {
         /// libvirt URI (default: libvirt.uri from the config; `demo` for the demo node).
         #[arg(long)]
         uri: Option<String>,
+        /// `json`: one JSON line per sample (Ceilometer field names); `text`: a table.
+        #[arg(long, default_value = "json", value_parser = ["json", "text"])]
+        format: String,
     },
     /// Validate the config file and exit.
     CheckConfig,
@@ -58,6 +62,16 @@ fn main() -> ExitCode {
         eprintln!("error: config: {e}");
         return ExitCode::from(2);
     }
+    let (sources, source_warnings) = match &cfg.polling.sources_file {
+        Some(p) => match sources::load(p) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("error: polling.sources_file: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => (sources::every_meter(cfg.polling.interval_secs), Vec::new()),
+    };
     let host = cfg
         .libvirt
         .host
@@ -65,10 +79,16 @@ fn main() -> ExitCode {
         .unwrap_or_else(inspector::system_hostname);
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::CheckConfig => {
+            for w in &source_warnings {
+                println!("warning: {w}");
+            }
+            for s in &sources {
+                println!("source {}: every {} s", s.name, s.interval.as_secs_f64());
+            }
             println!("config OK");
             ExitCode::SUCCESS
         }
-        Cmd::PollOnce { uri } => {
+        Cmd::PollOnce { uri, format } => {
             telemetry::init_logging(&cfg.log);
             virt::error::clear_error_callback();
             let uri = match inspector::resolve_uri(uri.as_deref().unwrap_or(&cfg.libvirt.uri)) {
@@ -87,8 +107,25 @@ fn main() -> ExitCode {
             };
             match insp.poll() {
                 Ok((samples, stats)) => {
+                    if format == "text" {
+                        println!(
+                            "{:<34} {:<11} {:>22} {:<9} resource",
+                            "meter", "type", "volume", "unit"
+                        );
+                    }
                     for s in &samples {
-                        println!("{}", serde_json::to_string(&poll_json(s)).expect("json"));
+                        if format == "text" {
+                            println!(
+                                "{:<34} {:<11} {:>22} {:<9} {}",
+                                s.name,
+                                s.kind.as_str(),
+                                s.volume,
+                                s.unit,
+                                s.resource_id
+                            );
+                        } else {
+                            println!("{}", serde_json::to_string(&poll_json(s)).expect("json"));
+                        }
                     }
                     eprintln!(
                         "{} domains, {} skipped, {} samples",
@@ -104,6 +141,9 @@ fn main() -> ExitCode {
         }
         Cmd::Run => {
             telemetry::init_logging(&cfg.log);
+            for w in &source_warnings {
+                tracing::warn!("{w}");
+            }
             let uri = match inspector::resolve_uri(&cfg.libvirt.uri) {
                 Ok(u) => u,
                 Err(e) => {
@@ -120,7 +160,7 @@ fn main() -> ExitCode {
                     http::router(health.clone()),
                     stop.clone(),
                 ));
-                let r = poller::run(cfg, uri, host, health, stop).await;
+                let r = poller::run(cfg, sources, uri, host, health, stop).await;
                 web.abort();
                 match r {
                     Ok(()) => ExitCode::SUCCESS,

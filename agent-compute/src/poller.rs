@@ -1,6 +1,7 @@
 //! The polling loop: a dedicated thread owns the libvirt connection (libvirt calls block),
 //! the async side schedules cycles and publishes.
 
+use crate::sources::PollingSource;
 use crate::spool::Spool;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -59,6 +60,7 @@ pub fn spawn_libvirt_thread(uri: String, host: String) -> mpsc::Sender<PollReply
 /// Runs polling and publishing until shutdown.
 pub async fn run(
     cfg: Config,
+    sources: Vec<PollingSource>,
     uri: String,
     host: String,
     health: Health,
@@ -110,8 +112,13 @@ pub async fn run(
         _ = tokio::time::sleep(delay) => {}
         _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok(()),
     }
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(cfg.polling.interval_secs));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each source has its own schedule on a fixed grid from the first cycle; a cycle polls
+    // libvirt once and keeps the samples of the sources that are due.
+    let start = tokio::time::Instant::now();
+    let mut due: Vec<tokio::time::Instant> = vec![start; sources.len()];
+    for s in &sources {
+        tracing::info!(source = %s.name, interval_secs = s.interval.as_secs_f64(), "Polling source.");
+    }
     let mut spool = Spool::open(&cfg.spool.dir, cfg.spool.max_bytes)
         .map_err(|e| anyhow::anyhow!("spool.dir: {e}"))?;
     if !spool.is_empty() {
@@ -130,10 +137,20 @@ pub async fn run(
     let mut next_broker_try = tokio::time::Instant::now();
 
     loop {
+        let next = *due.iter().min().expect("at least one source");
+        let jitter = Duration::from_secs_f64(cfg.polling.jitter_secs * fastrand::f64());
         tokio::select! {
             biased;
             _ = vmeter_core::shutdown::wait(&mut shutdown) => break,
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep_until(next + jitter) => {}
+        }
+        let now = tokio::time::Instant::now();
+        let active: Vec<usize> = (0..sources.len()).filter(|&i| due[i] <= now).collect();
+        for &i in &active {
+            // Next slot on the grid; slots missed while a cycle ran long are skipped.
+            while due[i] <= now {
+                due[i] += sources[i].interval;
+            }
         }
         let (tx, rx) = oneshot::channel();
         let started = std::time::Instant::now();
@@ -155,6 +172,9 @@ pub async fn run(
                     "Cycle done."
                 );
                 fresh = samples;
+                if !(active.len() == 1 && sources.len() == 1) {
+                    fresh.retain(|s| active.iter().any(|&i| sources[i].filter.matches(&s.name)));
+                }
             }
             Ok(Err(e)) => {
                 libvirt_up.store(false, Ordering::Relaxed);

@@ -12,7 +12,7 @@
 
 pub mod definition;
 pub mod expr;
-pub mod meters;
+pub use vmeter_core::meters;
 pub mod pipeline;
 pub mod replay;
 pub mod service;

@@ -11,10 +11,13 @@
 //! - [`telemetry`]: tracing setup and a small Prometheus counter registry.
 //! - [`http`]: the `/health` and `/metrics` endpoints every service exposes.
 //! - [`shutdown`]: SIGINT/SIGTERM as a watch channel.
+//! - [`meters`]: meter selection with shell globs and `!` exclusions (pipeline.yaml and
+//!   polling.yaml sources share the rules).
 
 pub mod amqp;
 pub mod config;
 pub mod http;
+pub mod meters;
 pub mod sample;
 pub mod shutdown;
 pub mod signing;
