@@ -23,7 +23,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # ---- 1. packages. --no-install-recommends matters: with recommends, libvirt-daemon pulls
 #         qemu-system-x86 7.2, which removes a newer preinstalled qemu-utils (214 MB instead of 40).
-PKGS="rabbitmq-server libvirt-dev libvirt-clients pkg-config postgresql-15 postgresql-client-15 ca-certificates"
+# gcc + libc6-dev: mimalloc (the services' allocator) is C built by cargo.
+PKGS="rabbitmq-server libvirt-dev libvirt-clients pkg-config gcc libc6-dev postgresql-15 postgresql-client-15 ca-certificates"
 [ "${WITH_LIBVIRTD:-0}" = 1 ] && PKGS="$PKGS libvirt-daemon"
 missing=""
 for p in $PKGS; do

@@ -172,9 +172,7 @@ pub async fn run(
                     "Cycle done."
                 );
                 fresh = samples;
-                if !(active.len() == 1 && sources.len() == 1) {
-                    fresh.retain(|s| active.iter().any(|&i| sources[i].filter.matches(&s.name)));
-                }
+                keep_due(&mut fresh, &sources, &active);
             }
             Ok(Err(e)) => {
                 libvirt_up.store(false, Ordering::Relaxed);
@@ -237,12 +235,7 @@ pub async fn run(
                 Ok(evicted) => {
                     let lost: u64 = evicted.iter().map(|e| e.samples).sum();
                     if lost > 0 {
-                        telemetry::counter(
-                            "vmeter_samples_dropped_total",
-                            "Samples dropped, by service and reason.",
-                            &[("service", "agent-compute"), ("reason", "spool_full")],
-                        )
-                        .add(lost);
+                        telemetry::dropped("agent-compute", "spool_full").add(lost);
                         tracing::warn!(
                             dropped_samples = lost,
                             max_bytes = cfg.spool.max_bytes,
@@ -251,15 +244,7 @@ pub async fn run(
                     }
                 }
                 Err(e) => {
-                    telemetry::counter(
-                        "vmeter_samples_dropped_total",
-                        "Samples dropped, by service and reason.",
-                        &[
-                            ("service", "agent-compute"),
-                            ("reason", "spool_write_error"),
-                        ],
-                    )
-                    .add(*n);
+                    telemetry::dropped("agent-compute", "spool_write_error").add(*n);
                     tracing::error!(error = %e, samples = n, "Could not spool a batch; its samples are lost.");
                 }
             }
@@ -295,13 +280,9 @@ pub async fn run(
     Ok(())
 }
 
-fn count_header(n: u64) -> lapin::types::FieldTable {
-    let mut h = lapin::types::FieldTable::default();
-    h.insert(
-        vmeter_core::wire::SAMPLES_HEADER.into(),
-        lapin::types::AMQPValue::LongLongInt(n as i64),
-    );
-    h
+/// Keeps the samples of the meters that one of the due sources (`active`) selects.
+fn keep_due(samples: &mut Vec<Sample>, sources: &[PollingSource], active: &[usize]) {
+    samples.retain(|s| active.iter().any(|&i| sources[i].filter.matches(&s.name)));
 }
 
 /// Sends `batches` and waits for their confirms in order. On failure returns how many
@@ -318,7 +299,7 @@ async fn send_batches(
                 &cfg.broker.exchange,
                 &cfg.broker.raw_routing_key,
                 body,
-                count_header(*n),
+                amqp::count_header(*n as usize),
             )
             .await
         {
@@ -348,7 +329,16 @@ async fn drain_spool(p: &Publisher, cfg: &Config, spool: &mut Spool) -> Result<u
     const WINDOW: usize = 16;
     let mut sent = 0;
     while !spool.is_empty() {
-        let head = spool.first(WINDOW)?;
+        let head = match spool.first(WINDOW) {
+            Ok(h) => h,
+            Err(e) => {
+                // An unreadable batch would block the spool forever: give it up, counted.
+                let lost = spool.discard_front().map_or(0, |e| e.samples);
+                telemetry::dropped("agent-compute", "spool_unreadable").add(lost);
+                tracing::error!(error = %e, samples = lost, "Spooled batch unreadable; dropped.");
+                continue;
+            }
+        };
         let mut confirms = Vec::with_capacity(head.len());
         for (e, body) in &head {
             confirms.push((
@@ -357,7 +347,7 @@ async fn drain_spool(p: &Publisher, cfg: &Config, spool: &mut Spool) -> Result<u
                     &cfg.broker.exchange,
                     &cfg.broker.raw_routing_key,
                     body,
-                    count_header(e.samples),
+                    amqp::count_header(e.samples as usize),
                 )
                 .await?,
             ));
@@ -369,4 +359,44 @@ async fn drain_spool(p: &Publisher, cfg: &Config, spool: &mut Spool) -> Result<u
         }
     }
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources;
+
+    #[test]
+    fn only_due_sources_meters_are_kept() {
+        let (srcs, _) = sources::parse(
+            "sources:\n  - {name: c, interval: 1, meters: [cpu]}\n  - {name: d, interval: 3, meters: ['disk.*']}\n",
+            "p.yaml",
+        )
+        .unwrap();
+        let mk = |name: &str| Sample {
+            name: name.into(),
+            kind: vmeter_core::SampleType::Gauge,
+            unit: "x".into(),
+            volume: 1.0,
+            user_id: None,
+            project_id: None,
+            resource_id: "r".into(),
+            timestamp: chrono::Utc::now(),
+            resource_metadata: Default::default(),
+            source: "openstack".into(),
+            message_id: uuid::Uuid::nil(),
+            monotonic_time: None,
+        };
+        let all = || vec![mk("cpu"), mk("memory"), mk("disk.read.bytes")];
+        let mut v = all();
+        keep_due(&mut v, &srcs[..1], &[0]);
+        let names: Vec<_> = v.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["cpu"], "a single source still selects");
+        let mut v = all();
+        keep_due(&mut v, &srcs, &[0, 1]);
+        assert_eq!(v.len(), 2);
+        let mut v = all();
+        keep_due(&mut v, &sources::every_meter(60.0), &[0]);
+        assert_eq!(v.len(), 3);
+    }
 }

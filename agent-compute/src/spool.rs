@@ -142,24 +142,33 @@ impl Spool {
         Ok(evicted)
     }
 
-    /// The `n` oldest batches and their bodies, oldest first.
+    /// The `n` oldest batches and their bodies, oldest first. Stops before the first file
+    /// that cannot be read; if that is the oldest, returns its error (see
+    /// [`discard_front`](Self::discard_front)).
     pub fn first(&self, n: usize) -> Result<Vec<(Entry, Vec<u8>)>, SpoolError> {
-        self.entries
-            .iter()
-            .take(n)
-            .map(|e| {
-                let path = self.dir.join(e.file_name());
-                let body = std::fs::read(&path).map_err(|source| SpoolError { path, source })?;
-                Ok((e.clone(), body))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for e in self.entries.iter().take(n) {
+            let path = self.dir.join(e.file_name());
+            match std::fs::read(&path) {
+                Ok(body) => out.push((e.clone(), body)),
+                Err(source) if out.is_empty() => return Err(SpoolError { path, source }),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives up the oldest batch (its file cannot be read); returns it so that the caller
+    /// counts its samples as lost.
+    pub fn discard_front(&mut self) -> Option<Entry> {
+        let e = self.entries.pop_front()?;
+        self.remove_file(&e);
+        Some(e)
     }
 
     /// Removes the oldest batch (it was confirmed by the broker).
     pub fn pop_front(&mut self) {
-        if let Some(e) = self.entries.pop_front() {
-            self.remove_file(&e);
-        }
+        self.discard_front();
     }
 
     fn remove_file(&mut self, e: &Entry) {

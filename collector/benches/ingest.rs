@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use sqlx::PgPool;
@@ -201,11 +200,7 @@ async fn main() {
     let start = Instant::now();
     let mut inflight = Vec::new();
     for body in &bodies {
-        let mut h = FieldTable::default();
-        h.insert(
-            vmeter_core::wire::SAMPLES_HEADER.into(),
-            AMQPValue::LongLongInt((RESOURCES * PER_MESSAGE_POINTS) as i64),
-        );
+        let h = amqp::count_header(RESOURCES * PER_MESSAGE_POINTS);
         inflight.push(
             publisher
                 .send_body(&cfg.exchange, &cfg.processed_routing_key, body, h)

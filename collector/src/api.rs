@@ -347,6 +347,22 @@ struct Fields {
     message_id: bool,
 }
 
+/// What every query endpoint does first: authenticate, parse the query string, check its
+/// extra parameters against `params`, and turn the filters into conditions.
+fn request(
+    api: &Api,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+    params: &[&str],
+    fields: Fields,
+) -> Result<(Query, Cond), ApiError> {
+    let who = caller(api, headers)?;
+    let q = parse_query(raw)?;
+    q.only(params)?;
+    let c = conditions(&q, fields, &who)?;
+    Ok((q, c))
+}
+
 fn conditions(q: &Query, allowed: Fields, who: &Caller) -> Result<Cond, ApiError> {
     let mut c = Cond::default();
     for f in &q.filters {
@@ -556,48 +572,48 @@ struct SampleOut<'a> {
 }
 
 impl Fetched {
-    fn old(&self) -> Vec<OldSampleOut<'_>> {
+    /// Rows with their resource; a row whose resource was pruned between the two queries
+    /// (retention running concurrently) is left out rather than failing the request.
+    fn joined(&self) -> impl Iterator<Item = (&SampleRow, &ResInfo)> {
         self.rows
             .iter()
-            .map(|s| {
-                let r = &self.res[&s.rint];
-                OldSampleOut {
-                    source: r.source.as_deref(),
-                    counter_name: &s.name,
-                    counter_type: &s.kind,
-                    counter_unit: &s.unit,
-                    counter_volume: s.volume,
-                    user_id: r.user.as_deref(),
-                    project_id: r.project.as_deref(),
-                    resource_id: &r.rid,
-                    timestamp: iso(s.ts),
-                    recorded_at: iso(s.ts),
-                    resource_metadata: &r.md,
-                    message_id: sample_id(s.meter_id, s.rint, s.ts),
-                }
+            .filter_map(|s| self.res.get(&s.rint).map(|r| (s, r)))
+    }
+
+    fn old(&self) -> Vec<OldSampleOut<'_>> {
+        self.joined()
+            .map(|(s, r)| OldSampleOut {
+                source: r.source.as_deref(),
+                counter_name: &s.name,
+                counter_type: &s.kind,
+                counter_unit: &s.unit,
+                counter_volume: s.volume,
+                user_id: r.user.as_deref(),
+                project_id: r.project.as_deref(),
+                resource_id: &r.rid,
+                timestamp: iso(s.ts),
+                recorded_at: iso(s.ts),
+                resource_metadata: &r.md,
+                message_id: sample_id(s.meter_id, s.rint, s.ts),
             })
             .collect()
     }
 
     fn new_shape(&self) -> Vec<SampleOut<'_>> {
-        self.rows
-            .iter()
-            .map(|s| {
-                let r = &self.res[&s.rint];
-                SampleOut {
-                    id: sample_id(s.meter_id, s.rint, s.ts),
-                    meter: &s.name,
-                    kind: &s.kind,
-                    unit: &s.unit,
-                    volume: s.volume,
-                    user_id: r.user.as_deref(),
-                    project_id: r.project.as_deref(),
-                    resource_id: &r.rid,
-                    source: r.source.as_deref(),
-                    timestamp: iso(s.ts),
-                    recorded_at: iso(s.ts),
-                    metadata: &r.md,
-                }
+        self.joined()
+            .map(|(s, r)| SampleOut {
+                id: sample_id(s.meter_id, s.rint, s.ts),
+                meter: &s.name,
+                kind: &s.kind,
+                unit: &s.unit,
+                volume: s.volume,
+                user_id: r.user.as_deref(),
+                project_id: r.project.as_deref(),
+                resource_id: &r.rid,
+                source: r.source.as_deref(),
+                timestamp: iso(s.ts),
+                recorded_at: iso(s.ts),
+                metadata: &r.md,
             })
             .collect()
     }
@@ -674,10 +690,7 @@ async fn meter_samples(
     Path(meter): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api, &headers)?;
-    let q = parse_query(raw.as_deref())?;
-    q.only(&[])?;
-    let mut c = conditions(&q, SAMPLES, &who)?;
+    let (q, mut c) = request(&api, &headers, raw.as_deref(), &[], SAMPLES)?;
     c.meter = Some(meter);
     let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
     json_response(&f.old())
@@ -689,17 +702,11 @@ async fn list_samples(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api, &headers)?;
-    let q = parse_query(raw.as_deref())?;
-    q.only(&[])?;
-    let c = conditions(
-        &q,
-        Fields {
-            meter: true,
-            ..SAMPLES
-        },
-        &who,
-    )?;
+    let fields = Fields {
+        meter: true,
+        ..SAMPLES
+    };
+    let (q, c) = request(&api, &headers, raw.as_deref(), &[], fields)?;
     let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
     json_response(&f.new_shape())
 }
@@ -710,10 +717,9 @@ async fn one_sample(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api, &headers)?;
     let not_found = || ApiError::NotFound(format!("Sample {id} Not Found"));
+    let (_, mut c) = request(&api, &headers, None, &[], SAMPLES)?;
     let key = parse_sample_id(&id).ok_or_else(not_found)?;
-    let mut c = conditions(&Query::default(), SAMPLES, &who)?;
     c.sample = Some(key);
     let f = fetch_samples(&api, &c, 1).await?;
     let one = f.new_shape().into_iter().next().ok_or_else(not_found)?;
@@ -748,18 +754,12 @@ async fn list_meters(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    let who = caller(&api, &headers)?;
-    let q = parse_query(raw.as_deref())?;
-    q.only(&["unique"])?;
-    let c = conditions(
-        &q,
-        Fields {
-            timestamp: false,
-            meter: false,
-            message_id: false,
-        },
-        &who,
-    )?;
+    let fields = Fields {
+        timestamp: false,
+        meter: false,
+        message_id: false,
+    };
+    let (q, c) = request(&api, &headers, raw.as_deref(), &["unique"], fields)?;
     let unique = matches!(q.param("unique"), Some("true" | "True" | "1"));
     let mut qb = QueryBuilder::new(if unique {
         "select distinct m.name, m.type, m.unit, null::text, null::text, null::text, null::text
@@ -801,18 +801,12 @@ async fn list_resources(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    let who = caller(&api, &headers)?;
-    let q = parse_query(raw.as_deref())?;
-    q.only(&["meter_links"])?;
-    let c = conditions(
-        &q,
-        Fields {
-            timestamp: true,
-            meter: true,
-            message_id: false,
-        },
-        &who,
-    )?;
+    let fields = Fields {
+        timestamp: true,
+        meter: true,
+        message_id: false,
+    };
+    let (q, c) = request(&api, &headers, raw.as_deref(), &["meter_links"], fields)?;
     let links = !matches!(q.param("meter_links"), Some("0" | "false" | "False"));
     let rows = fetch_resources(&api, &c, limit(&api, &q)).await?;
     Ok(Json(
@@ -828,8 +822,7 @@ async fn one_resource(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let who = caller(&api, &headers)?;
-    let mut c = conditions(&Query::default(), SAMPLES, &who)?;
+    let (_, mut c) = request(&api, &headers, None, &[], SAMPLES)?;
     c.resource = Some(id.clone());
     let row = fetch_resources(&api, &c, 1)
         .await?
@@ -993,10 +986,8 @@ async fn statistics(
     Path(meter): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api, &headers)?;
-    let q = parse_query(raw.as_deref())?;
-    q.only(&["groupby", "period", "aggregate.func", "aggregate.param"])?;
-    let mut c = conditions(&q, SAMPLES, &who)?;
+    let params = ["groupby", "period", "aggregate.func", "aggregate.param"];
+    let (q, mut c) = request(&api, &headers, raw.as_deref(), &params, SAMPLES)?;
     c.meter = Some(meter);
     let period: Option<f64> = match q.param("period") {
         None => None,

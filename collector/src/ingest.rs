@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use vmeter_core::Sample;
 use vmeter_core::amqp::{self, Backoff, Publisher};
 use vmeter_core::http::Health;
@@ -64,20 +63,15 @@ pub async fn run(
         let session = async {
             let publisher = Publisher::open(&conn, signer.clone()).await?;
             amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
-            let ch = conn.create_channel().await?;
-            ch.basic_qos(cfg.broker.prefetch, BasicQosOptions::default())
-                .await?;
-            let consumer = ch
-                .basic_consume(
-                    cfg.broker.processed_queue.as_str().into(),
-                    format!("collector-{}", std::process::id()).into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let mut consumer = amqp::consume(
+                &conn,
+                &cfg.broker,
+                &cfg.broker.processed_queue,
+                &format!("collector-{}", std::process::id()),
+            )
+            .await?;
             broker_up.store(true, Ordering::Relaxed);
             tracing::info!(queue = %cfg.broker.processed_queue, "Consuming.");
-            let mut consumer = consumer;
             loop {
                 let deliveries = tokio::select! {
                     biased;
@@ -211,13 +205,5 @@ async fn next_batch(
 
 /// The sample count a vmeter publisher put in the headers (1 when absent).
 fn samples_in(d: &Delivery) -> usize {
-    match d
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(vmeter_core::wire::SAMPLES_HEADER))
-    {
-        Some(lapin::types::AMQPValue::LongLongInt(n)) => (*n).max(1) as usize,
-        _ => 1,
-    }
+    amqp::sample_count(&d.properties).unwrap_or(1).max(1)
 }

@@ -25,7 +25,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde::Deserialize;
 use vmeter_core::amqp::{self, BrokerConfig, Publisher};
@@ -87,17 +87,11 @@ async fn count_samples(conn: &Connection, queue: &str, count: Arc<AtomicU64>) {
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
             // The sample-count header when present (vmeter publishers set it), else parse.
-            let header = d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(vmeter_core::wire::SAMPLES_HEADER).cloned());
-            let n = match header {
-                Some(AMQPValue::LongLongInt(n)) => n as usize,
-                _ => rmp_serde::from_slice::<CountOnly>(&d.data)
+            let n = amqp::sample_count(&d.properties).unwrap_or_else(|| {
+                rmp_serde::from_slice::<CountOnly>(&d.data)
                     .map(|c| c.samples.len())
-                    .unwrap_or(0),
-            };
+                    .unwrap_or(0)
+            });
             count.fetch_add(n as u64, Ordering::Relaxed);
         }
     });
@@ -107,11 +101,7 @@ async fn count_samples(conn: &Connection, queue: &str, count: Arc<AtomicU64>) {
 async fn publish_all(p: &Publisher, cfg: &BrokerConfig, bodies: &[Vec<u8>]) {
     let mut inflight = Vec::with_capacity(WINDOW);
     for body in bodies {
-        let mut h = FieldTable::default();
-        h.insert(
-            vmeter_core::wire::SAMPLES_HEADER.into(),
-            AMQPValue::LongLongInt(RESOURCES as i64),
-        );
+        let h = amqp::count_header(RESOURCES);
         inflight.push(
             p.send_body(&cfg.exchange, &cfg.raw_routing_key, body, h)
                 .await

@@ -188,6 +188,11 @@ impl Runtime {
                 .unwrap_or(usize::MAX);
             if last != usize::MAX {
                 routed.push((Some(s), r, last));
+            } else {
+                self.drops.push(Dropped {
+                    reason: "not_selected",
+                    detail: format!("{} {}: no source selects this meter", s.name, s.resource_id),
+                });
             }
         }
         for pi in 0..npipes {
@@ -459,6 +464,17 @@ sinks:
         assert_eq!(restored.len(), 6, "{skipped:?}");
         got.extend(run(&mut after, second.to_vec()));
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn samples_no_source_selects_are_counted() {
+        let mut rt = Runtime::new(def(ALL_SIX));
+        let mut s = input().remove(1).remove(0);
+        s.name = "disk.read.bytes".into();
+        run(&mut rt, vec![vec![s]]);
+        let drops = rt.take_drops();
+        assert_eq!(drops.len(), 1, "{drops:?}");
+        assert_eq!(drops[0].reason, "not_selected");
     }
 
     #[test]

@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use serde::{Deserialize, Serialize};
 use vmeter_core::Sample;
 use vmeter_core::amqp::{self, BrokerConfig, PublishError, Publisher, SigningConfig};
@@ -171,18 +170,13 @@ pub async fn run(
             amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
             // Outputs left over from a broken connection go first.
             publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
-            let ch = conn.create_channel().await?;
-            ch.basic_qos(cfg.broker.prefetch, BasicQosOptions::default())
-                .await?;
-            let tag = format!("notification-{}", std::process::id());
-            let consumer = ch
-                .basic_consume(
-                    cfg.broker.raw_queue.as_str().into(),
-                    tag.into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let consumer = amqp::consume(
+                &conn,
+                &cfg.broker,
+                &cfg.broker.raw_queue,
+                &format!("notification-{}", std::process::id()),
+            )
+            .await?;
             broker_up.store(true, Ordering::Relaxed);
             tracing::info!(queue = %cfg.broker.raw_queue, "Consuming (single active consumer; a second instance waits as hot standby).");
             let mut chunks = consumer.ready_chunks(cfg.pipeline.max_chunk_messages.max(1));
@@ -264,13 +258,11 @@ pub async fn run(
             }
         }
     } else if !pending.is_empty() {
-        for _ in &pending {
-            telemetry::sample_dropped(
-                SERVICE,
-                "unpublished_at_shutdown",
-                "no state_file configured",
-            );
-        }
+        telemetry::dropped(SERVICE, "unpublished_at_shutdown").add(pending.len() as u64);
+        tracing::warn!(
+            samples = pending.len(),
+            "Stopped with unpublished outputs and no state_file configured: they are lost."
+        );
     }
     tracing::info!("Notification service stopped.");
     Ok(())
@@ -520,13 +512,9 @@ fn route(rt: &Runtime, emissions: Vec<Emission>, pending: &mut Vec<Sample>) {
                 }
                 PublisherUrl::File(path) => {
                     if let Err(err) = append_jsonl(path, &e.samples) {
-                        for _ in &e.samples {
-                            telemetry::sample_dropped(
-                                SERVICE,
-                                "file_publisher_error",
-                                &format!("{}: {err}", path.display()),
-                            );
-                        }
+                        telemetry::dropped(SERVICE, "file_publisher_error")
+                            .add(e.samples.len() as u64);
+                        tracing::warn!(path = %path.display(), error = %err, samples = e.samples.len(), "file:// publisher failed; samples dropped.");
                     }
                 }
                 PublisherUrl::Test => {}
@@ -552,17 +540,20 @@ fn append_jsonl(path: &std::path::Path, samples: &[Sample]) -> std::io::Result<(
 }
 
 fn report_drops(rt: &mut Runtime) {
+    // One counter update per reason and message, not per sample (the registry is locked).
+    let mut counts: Vec<(&'static str, u64)> = Vec::new();
     for d in rt.take_drops() {
-        telemetry::counter(
-            "vmeter_samples_dropped_total",
-            "Samples dropped, by service and reason.",
-            &[("service", SERVICE), ("reason", d.reason)],
-        )
-        .inc();
+        match counts.iter_mut().find(|(r, _)| *r == d.reason) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((d.reason, 1)),
+        }
         if d.is_expected() {
             tracing::debug!(reason = d.reason, detail = %d.detail, "Sample not transformed.");
         } else {
             tracing::warn!(reason = d.reason, detail = %d.detail, "Sample dropped.");
         }
+    }
+    for (reason, n) in counts {
+        telemetry::dropped(SERVICE, reason).add(n);
     }
 }

@@ -107,6 +107,32 @@ impl Names {
     }
 }
 
+/// Creates this run's database (`names.database`); returns a pool on the admin database,
+/// for [`drop_database`].
+pub async fn create_database(names: &Names) -> sqlx::PgPool {
+    let admin = sqlx::PgPool::connect(&pg_admin_url())
+        .await
+        .expect("PostgreSQL from deploy/setup.sh must be running");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create database {}",
+        names.database
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin
+}
+
+/// Drops this run's database, disconnecting whoever still uses it.
+pub async fn drop_database(admin: &sqlx::PgPool, names: &Names) {
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {} with (force)",
+        names.database
+    )))
+    .execute(admin)
+    .await;
+}
+
 fn fastrand_u32() -> u32 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -237,10 +263,14 @@ pub mod broker {
     ) {
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(Default::default()).await.unwrap();
-        publish_on(&ch, names, routing_key, &wire::encode(samples), secret)
+        let c = publish_on(&ch, names, routing_key, &wire::encode(samples), secret)
             .await
             .await
             .unwrap();
+        assert!(
+            c.is_ack() && c.take_message().is_none(),
+            "a test message was not routed to a queue"
+        );
         let _ = ch.close(200, "done".into()).await;
     }
 
@@ -253,7 +283,10 @@ pub mod broker {
         secret: &str,
     ) -> lapin::PublisherConfirm {
         let mut h = FieldTable::default();
-        h.insert(wire::FORMAT_HEADER.into(), AMQPValue::LongLongInt(1));
+        h.insert(
+            wire::FORMAT_HEADER.into(),
+            AMQPValue::LongLongInt(wire::FORMAT_VERSION),
+        );
         h.insert(
             wire::SIGNATURE_HEADER.into(),
             AMQPValue::LongString(Signer::new(secret).sign(body).unwrap().into()),

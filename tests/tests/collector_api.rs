@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use vmeter_e2e::http::{get_json, request};
-use vmeter_e2e::{Names, Service, broker, free_port, pg_admin_url};
+use vmeter_e2e::{Names, Service, broker, create_database, drop_database, free_port};
 
 const ADMIN: &str = "admin-token-1";
 const P1: &str = "project-1-token";
@@ -43,14 +43,7 @@ async fn v2_api_reads_statistics_auth_and_errors() {
     let names = Names::new("a");
     let logs = std::env::temp_dir().join(format!("vmeter-api-{}", names.id));
     std::fs::create_dir_all(&logs).unwrap();
-    let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "create database {}",
-        names.database
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
+    let admin = create_database(&names).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = names.env("api-secret");
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
@@ -336,11 +329,6 @@ async fn v2_api_reads_statistics_auth_and_errors() {
 
     drop(collector);
     broker::cleanup(&conn, &names).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {} with (force)",
-        names.database
-    )))
-    .execute(&admin)
-    .await;
+    drop_database(&admin, &names).await;
     let _ = std::fs::remove_dir_all(&logs);
 }

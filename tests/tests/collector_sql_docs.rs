@@ -9,32 +9,20 @@ use chrono::{DateTime, Duration, DurationRound, Utc};
 use collector::store::Store;
 use serde_json::{Value, json};
 use vmeter_core::{Sample, SampleType};
-use vmeter_e2e::{Names, pg_admin_url};
+use vmeter_e2e::{Names, create_database, drop_database};
 
 const DOC: &str = include_str!("../../docs/sql.md");
 
 async fn fresh_db(tag: &str) -> (Names, sqlx::PgPool, sqlx::PgPool) {
     let names = Names::new(tag);
-    let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "create database {}",
-        names.database
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
+    let admin = create_database(&names).await;
     let pool = sqlx::PgPool::connect(&names.db_url()).await.unwrap();
     (names, admin, pool)
 }
 
 async fn drop_db(names: &Names, admin: &sqlx::PgPool, pool: sqlx::PgPool) {
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {} with (force)",
-        names.database
-    )))
-    .execute(admin)
-    .await;
+    drop_database(admin, names).await;
 }
 
 fn sample(

@@ -94,6 +94,11 @@ impl Setup {
     }
 
     fn start(&self, name: &'static str) -> Service {
+        self.start_with_state(name, &self.state)
+    }
+
+    /// An instance with its own state file (a standby on another host has its own).
+    fn start_with_state(&self, name: &'static str, state: &Path) -> Service {
         let mut env = self.names.env(SECRET);
         env.push((
             "VMETER_PIPELINE__FILE".into(),
@@ -101,7 +106,7 @@ impl Setup {
         ));
         env.push((
             "VMETER_PIPELINE__STATE_FILE".into(),
-            self.state.display().to_string(),
+            state.display().to_string(),
         ));
         env.push(("VMETER_PIPELINE__RELOAD_CHECK_SECS".into(), "1".into()));
         env.push((
@@ -312,23 +317,8 @@ async fn hot_standby_takes_over_within_seconds() {
     let mut active = st.start("notification-active");
     broker::wait_for_queue(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
     wait_log(&active, "Consuming", Duration::from_secs(30));
-    // The standby uses its own state file: it must not pick up the active one's.
-    let standby = {
-        let mut env = st.names.env(SECRET);
-        env.push((
-            "VMETER_PIPELINE__FILE".into(),
-            st.pipeline.display().to_string(),
-        ));
-        env.push((
-            "VMETER_PIPELINE__STATE_FILE".into(),
-            st.dir.join("standby-state.json").display().to_string(),
-        ));
-        env.push((
-            "VMETER_HTTP__LISTEN".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ));
-        Service::start("notification-standby", "notification", &[], &env, &st.dir)
-    };
+    // The standby has its own state file: it must not pick up the active one's.
+    let standby = st.start_with_state("notification-standby", &st.dir.join("standby-state.json"));
     wait_log(&standby, "Consuming", Duration::from_secs(30));
 
     st.publish(&[cpu("vm-c", 0)]).await;

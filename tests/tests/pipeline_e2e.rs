@@ -13,15 +13,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
 use sqlx::Row;
-use vmeter_core::{Sample, SampleType, signing::Signer, wire};
-use vmeter_e2e::{Names, Service, amqp_url, free_port, pg_admin_url, repo_root};
+use vmeter_core::{Sample, SampleType};
+use vmeter_e2e::http::get_json;
+use vmeter_e2e::{Names, Service, broker, create_database, drop_database, free_port, repo_root};
 
 const SECRET: &str = "e2e-shared-secret";
 
@@ -42,45 +39,6 @@ fn forged_sample(rid: &str) -> Sample {
     }
 }
 
-async fn publish_signed(
-    conn: &Connection,
-    names: &Names,
-    routing_key: &str,
-    samples: &[Sample],
-    secret: &str,
-) {
-    let ch = conn.create_channel().await.unwrap();
-    let body = wire::encode(samples);
-    let mut h = FieldTable::default();
-    h.insert("x-vmeter-format".into(), AMQPValue::LongLongInt(1));
-    h.insert(
-        "x-vmeter-signature".into(),
-        AMQPValue::LongString(Signer::new(secret).sign(&body).unwrap().into()),
-    );
-    ch.confirm_select(Default::default()).await.unwrap();
-    let c = ch
-        .basic_publish(
-            names.exchange.as_str().into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &body,
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_headers(h),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(
-        c.is_ack() && c.take_message().is_none(),
-        "publish of a test message was not routed"
-    );
-}
-
 async fn count(pool: &sqlx::PgPool, sql: &'static str, arg: &str) -> i64 {
     sqlx::query_scalar(sql)
         .bind(arg)
@@ -96,16 +54,7 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     std::fs::create_dir_all(&logs).unwrap();
 
     // Fresh database for this run.
-    let admin = sqlx::PgPool::connect(&pg_admin_url())
-        .await
-        .expect("PostgreSQL from deploy/setup.sh must be running");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "create database {}",
-        names.database
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
+    let admin = create_database(&names).await;
 
     let mut env = names.env(SECRET);
     let node = repo_root().join("deploy/demo-node.xml");
@@ -227,21 +176,18 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     }
 
     // The API answers with the same data.
-    let url = format!("http://127.0.0.1:{collector_port}/v2/meters/cpu_util?limit=5");
-    let body = http_get(&url).await;
-    let json: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"));
+    let addr = format!("127.0.0.1:{collector_port}");
+    let (code, json) = get_json(&addr, "/v2/meters/cpu_util?limit=5", None).await;
+    assert_eq!(code, 200, "{json}");
     let arr = json.as_array().expect("a JSON list");
     assert_eq!(arr.len(), 5);
     assert_eq!(arr[0]["counter_name"], "cpu_util");
     assert!(arr[0]["counter_volume"].as_f64().unwrap() > 0.0);
 
     // A forged message (wrong secret) goes to the dead-letter queue, never to the database.
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = broker::connect().await;
     let forged_rid = format!("forged-{}", names.id);
-    publish_signed(
+    broker::publish(
         &conn,
         &names,
         "sample.raw",
@@ -294,8 +240,8 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     dup[1].name = "e2e.gauge".into();
     dup[1].kind = SampleType::Gauge;
     dup[1].timestamp += chrono::Duration::seconds(1);
-    publish_signed(&conn, &names, "sample.processed", &dup, SECRET).await;
-    publish_signed(&conn, &names, "sample.processed", &dup, SECRET).await;
+    broker::publish(&conn, &names, "sample.processed", &dup, SECRET).await;
+    broker::publish(&conn, &names, "sample.processed", &dup, SECRET).await;
 
     // Let more cycles flow, so that the forged message would have been processed by now.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -350,60 +296,8 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     drop(agent);
     drop(notification);
     drop(collector);
-    for q in [&names.raw_queue, &names.processed_queue, &names.dead_queue] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for e in [&names.exchange, &names.dlx] {
-        let _ = ch
-            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
+    broker::cleanup(&conn, &names).await;
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {} with (force)",
-        names.database
-    )))
-    .execute(&admin)
-    .await;
+    drop_database(&admin, &names).await;
     let _ = std::fs::remove_dir_all(&logs);
-    let _ = futures::stream::iter([0]).next().await;
-}
-
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{url}: {head}");
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = body.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = &rest[n + 2..];
-    }
-    out
 }

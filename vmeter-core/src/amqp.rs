@@ -361,7 +361,9 @@ pub fn prepare(signer: &Signer, samples: &[&Sample]) -> Prepared {
     Prepared { body, headers }
 }
 
-fn count_header(n: usize) -> FieldTable {
+/// Headers carrying the batch's sample count ([`wire::SAMPLES_HEADER`]); the publisher
+/// adds format and signature.
+pub fn count_header(n: usize) -> FieldTable {
     let mut h = FieldTable::default();
     h.insert(
         ShortString::from(wire::SAMPLES_HEADER),
@@ -530,6 +532,34 @@ impl Undeliverable {
             ) => "undecodable",
         }
     }
+}
+
+/// The sample count a vmeter publisher put in the headers, if any (lets a consumer size
+/// batches or count samples without decoding bodies).
+pub fn sample_count(props: &BasicProperties) -> Option<usize> {
+    match header(props, wire::SAMPLES_HEADER)? {
+        AMQPValue::LongLongInt(n) if *n >= 0 => Some(*n as usize),
+        _ => None,
+    }
+}
+
+/// Opens a channel with `prefetch` and consumes `queue` (manual acks).
+pub async fn consume(
+    conn: &Connection,
+    cfg: &BrokerConfig,
+    queue: &str,
+    tag: &str,
+) -> Result<lapin::Consumer, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(cfg.prefetch, lapin::options::BasicQosOptions::default())
+        .await?;
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        lapin::options::BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
 }
 
 /// Verifies the signature of a delivery, then decodes its batch (with a throw-away

@@ -41,6 +41,13 @@ impl MeterFilter {
 
 /// Shell-style glob match (`*`, `?`, `[abc]`, `[!abc]`, `[a-z]`), case-sensitive.
 pub fn fnmatch(pattern: &str, name: &str) -> bool {
+    // The common patterns without allocating: a plain meter name, or `*`.
+    if !pattern.contains(['*', '?', '[']) {
+        return pattern == name;
+    }
+    if pattern == "*" {
+        return true;
+    }
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
     fn go(p: &[char], n: &[char]) -> bool {

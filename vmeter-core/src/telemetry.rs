@@ -178,13 +178,18 @@ pub fn render() -> String {
 /// Counts a dropped sample with its reason and logs it. Every place that drops a sample calls
 /// this, so `vmeter_samples_dropped_total` is the complete account of losses.
 pub fn sample_dropped(service: &str, reason: &str, detail: &str) {
+    dropped(service, reason).inc();
+    tracing::warn!(service, reason, detail, "Sample dropped.");
+}
+
+/// The `vmeter_samples_dropped_total{service,reason}` counter, for callers that count
+/// several samples at once and log once.
+pub fn dropped(service: &str, reason: &str) -> Counter {
     counter(
         "vmeter_samples_dropped_total",
         "Samples dropped, by service and reason.",
         &[("service", service), ("reason", reason)],
     )
-    .inc();
-    tracing::warn!(service, reason, detail, "Sample dropped.");
 }
 
 /// Counts a message sent to the dead-letter queue with its reason.

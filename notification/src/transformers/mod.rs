@@ -40,7 +40,7 @@ impl Dropped {
     pub fn is_expected(&self) -> bool {
         matches!(
             self.reason,
-            "no_predecessor" | "duplicate" | "negative_delta"
+            "no_predecessor" | "duplicate" | "negative_delta" | "not_selected"
         )
     }
 }
