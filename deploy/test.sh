@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
+# libvirtd and QEMU too: the agent's real-hypervisor test boots two tiny guests.
+export WITH_LIBVIRTD=${WITH_LIBVIRTD:-1} WITH_QEMU=${WITH_QEMU:-1}
 if [ "$(id -u)" = 0 ]; then
   bash deploy/setup.sh
 else

@@ -64,6 +64,17 @@ pub struct LibvirtConfig {
     /// Host name reported as `resource_metadata.host` and the host resource id
     /// (default: the system's host name).
     pub host: Option<String>,
+    /// Use the bulk call `virConnectGetAllDomainStats` for the stats groups the driver
+    /// supports (probed per group at connect); `false` forces per-domain calls for all.
+    pub bulk_stats: bool,
+    /// A libvirt call (the bulk call, or one domain's per-domain calls) still running after
+    /// this many seconds is abandoned: the cycle is counted in
+    /// `vmeter_agent_libvirt_timeouts_total`, logged with the call and domain, and the next
+    /// cycle runs on a fresh connection that skips that domain until the call returns.
+    pub call_timeout_secs: f64,
+    /// Re-read a domain's XML (devices, Nova metadata) at least this often, seconds; it is
+    /// re-read at once when the domain restarts, changes state or its devices change.
+    pub xml_refresh_secs: f64,
 }
 
 impl Default for LibvirtConfig {
@@ -71,6 +82,9 @@ impl Default for LibvirtConfig {
         LibvirtConfig {
             uri: "qemu:///system".into(),
             host: None,
+            bulk_stats: true,
+            call_timeout_secs: 20.0,
+            xml_refresh_secs: 300.0,
         }
     }
 }
@@ -126,6 +140,14 @@ impl Config {
                 "polling.jitter_secs must be >= 0, got {}",
                 self.polling.jitter_secs
             ));
+        }
+        for (key, v) in [
+            ("libvirt.call_timeout_secs", self.libvirt.call_timeout_secs),
+            ("libvirt.xml_refresh_secs", self.libvirt.xml_refresh_secs),
+        ] {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(format!("{key} must be > 0, got {v}"));
+            }
         }
         if self.polling.batch_size == 0 {
             return Err("polling.batch_size must be > 0".into());

@@ -1,14 +1,22 @@
 //! One polling cycle against libvirt (blocking; run on a dedicated thread).
 //!
-//! Per domain: `info`, `xml_desc`, then per-device stats. Every sample of one domain in one
-//! cycle carries the same timestamp and the host monotonic time of the moment libvirt
-//! answered. A domain that disappears or fails mid-cycle is skipped for that cycle; a
+//! A cycle is one `virConnectGetAllDomainStats` call (no-wait flag) for the stats groups
+//! the driver supports (probed per group when the connection opens), per-domain calls only
+//! for the groups it does not support (libvirt's test driver supports only `state`), and
+//! the host counters. Every sample of one domain in one cycle carries the same timestamp
+//! and the host monotonic time of the moment libvirt answered for that domain.
+//!
+//! The domain XML (devices, Nova metadata) is parsed once per domain and kept with the
+//! metadata built from it; it is re-read when the domain restarts (new id), changes state,
+//! vCPUs or memory, when the bulk call reports a different device list, and at least every
+//! `xml_refresh`. A domain that disappears or fails mid-cycle is skipped for that cycle; a
 //! connection-level failure is returned so the caller reconnects.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use virt::connect::Connect;
@@ -16,12 +24,13 @@ use virt::domain::Domain;
 use vmeter_core::sample::DEFAULT_SOURCE;
 use vmeter_core::{Metadata, Sample, SampleType};
 
+use crate::bulk::{self, DomStats, group};
 use crate::domain_xml::{self, DomainXml};
 
 /// The embedded demo node (libvirt test driver), selected with `libvirt.uri: demo`.
 pub const DEMO_NODE_XML: &str = include_str!("../../deploy/demo-node.xml");
 
-/// libvirt's VIR_DOMAIN_MEMORY_STAT_* tags used here.
+/// libvirt's VIR_DOMAIN_MEMORY_STAT_* tags used by the per-domain fallback.
 mod memtag {
     pub const SWAP_IN: u32 = 0;
     pub const SWAP_OUT: u32 = 1;
@@ -60,30 +69,192 @@ pub fn resolve_uri(uri: &str) -> std::io::Result<String> {
     Ok(format!("test://{}", path.display()))
 }
 
+/// How a stats group's values were read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// From the one bulk call of the cycle.
+    Bulk,
+    /// From per-domain calls (the driver does not support the group in bulk).
+    PerDomain,
+}
+
 /// Counts of one cycle.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct CycleStats {
     pub domains: usize,
     pub skipped: usize,
     pub samples: usize,
+    /// Domains whose XML was (re-)read this cycle.
+    pub xml_reads: usize,
+    /// Domains skipped because an abandoned call on them has not returned yet.
+    pub quarantined: usize,
+    /// Per stats group (index into [`group::NAMED`]): domains read in bulk, per domain.
+    pub reads: [[u64; 2]; 5],
+}
+
+impl CycleStats {
+    fn count(&mut self, g: u32, path: Path) {
+        if let Some(i) = group::NAMED.iter().position(|(x, _)| *x == g) {
+            self.reads[i][(path == Path::PerDomain) as usize] += 1;
+        }
+    }
+}
+
+/// What the libvirt thread is doing now, and the domains that a previous, abandoned call
+/// is still blocked on. Shared between the libvirt thread and the scheduler, which reads it
+/// when a call overruns `call_timeout`.
+#[derive(Debug, Default)]
+pub struct Guard {
+    in_flight: Mutex<Option<InFlight>>,
+    quarantined: Arc<Mutex<HashSet<String>>>,
+}
+
+/// One libvirt call in progress.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    /// `bulk stats`, `per-domain stats`, `domain xml`, `host stats`, `open connection`.
+    pub call: &'static str,
+    /// Domain name and UUID, for per-domain calls.
+    pub domain: Option<(String, String)>,
+    pub since: Instant,
+}
+
+impl Guard {
+    /// A guard for another libvirt thread: its own call in progress, the same quarantine.
+    pub fn sibling(&self) -> Guard {
+        Guard {
+            in_flight: Mutex::new(None),
+            quarantined: self.quarantined.clone(),
+        }
+    }
+
+    /// Records the call about to be made.
+    pub fn enter(&self, call: &'static str, domain: Option<(&str, &str)>) {
+        *self.in_flight.lock().expect("guard poisoned") = Some(InFlight {
+            call,
+            domain: domain.map(|(n, u)| (n.to_string(), u.to_string())),
+            since: Instant::now(),
+        });
+    }
+
+    /// Records that no call is in progress.
+    pub fn leave(&self) {
+        *self.in_flight.lock().expect("guard poisoned") = None;
+    }
+
+    /// The call in progress, if any.
+    pub fn in_flight(&self) -> Option<InFlight> {
+        self.in_flight.lock().expect("guard poisoned").clone()
+    }
+
+    /// Skips `uuid`'s per-domain calls until [`Guard::release`].
+    pub fn quarantine(&self, uuid: &str) {
+        self.quarantined
+            .lock()
+            .expect("guard poisoned")
+            .insert(uuid.to_string());
+    }
+
+    /// Ends a quarantine (the blocked call returned).
+    pub fn release(&self, uuid: &str) {
+        self.quarantined
+            .lock()
+            .expect("guard poisoned")
+            .remove(uuid);
+    }
+
+    fn is_quarantined(&self, uuid: &str) -> bool {
+        let q = self.quarantined.lock().expect("guard poisoned");
+        !q.is_empty() && q.contains(uuid)
+    }
+}
+
+/// Options of an [`Inspector`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `resource_metadata.host` and the host meters' resource id.
+    pub host: String,
+    /// Use the bulk call for the groups the driver supports.
+    pub bulk: bool,
+    /// Longest time a domain's parsed XML is reused.
+    pub xml_refresh: Duration,
+}
+
+/// A domain as last seen, with its parsed XML and the metadata built from it.
+struct Known {
+    id: Option<u32>,
+    state: u32,
+    vcpus: u64,
+    mem_kib: u64,
+    name: String,
+    xml: DomainXml,
+    /// Device names the bulk call reported when the XML was read (hot-plug detection).
+    bulk_devices: Vec<String>,
+    fetched: Instant,
+    seen: u64,
+    md: Arc<Metadata>,
+    /// (target, resource id, metadata) per disk with a source.
+    disks: Vec<(String, String, Arc<Metadata>)>,
+    /// (target, resource id, metadata) per vNIC.
+    nics: Vec<(String, String, Arc<Metadata>)>,
 }
 
 /// A read-only libvirt connection and the per-domain state kept between cycles.
 pub struct Inspector {
     conn: Connect,
-    host: String,
+    opts: Options,
+    guard: Arc<Guard>,
+    /// Groups the bulk call answers on this connection (always includes `state`).
+    bulk_groups: u32,
+    bulk_flags: u32,
+    known: HashMap<String, Known>,
+    cycle: u64,
     no_balloon_warned: HashSet<String>,
+    host_md: Arc<Metadata>,
+    host_warned: bool,
 }
 
 impl Inspector {
-    /// Opens `uri` read-only.
-    pub fn open(uri: &str, host: String) -> Result<Self, virt::error::Error> {
+    /// Opens `uri` read-only and probes which stats groups the bulk call supports.
+    pub fn open(uri: &str, opts: Options, guard: Arc<Guard>) -> Result<Self, virt::error::Error> {
         let conn = Connect::open_read_only(Some(uri))?;
+        let (bulk_groups, bulk_flags) = if opts.bulk {
+            let flags = if bulk::all_domain_stats(&conn, group::STATE, bulk::FLAG_NOWAIT).is_ok() {
+                bulk::FLAG_NOWAIT
+            } else {
+                tracing::warn!(%uri, "libvirt does not accept the no-wait flag; a domain whose job lock is held can delay a cycle up to libvirt.call_timeout_secs.");
+                0
+            };
+            (bulk::supported_groups(&conn, group::ALL), flags)
+        } else {
+            (group::STATE, 0)
+        };
+        let fallback = group::ALL & !bulk_groups;
+        tracing::info!(
+            %uri,
+            bulk = %group::names(bulk_groups),
+            per_domain = %group::names(fallback),
+            "Stats groups: read in one bulk call / per domain."
+        );
+        let mut host_md = Metadata::new();
+        host_md.insert("host".into(), json!(opts.host));
         Ok(Inspector {
             conn,
-            host,
+            host_md: Arc::new(host_md),
+            opts,
+            guard,
+            bulk_groups,
+            bulk_flags,
+            known: HashMap::new(),
+            cycle: 0,
             no_balloon_warned: HashSet::new(),
+            host_warned: false,
         })
+    }
+
+    /// The stats groups read in bulk (bit mask of [`group`]).
+    pub fn bulk_groups(&self) -> u32 {
+        self.bulk_groups
     }
 
     /// Whether the connection is still alive.
@@ -91,274 +262,433 @@ impl Inspector {
         self.conn.is_alive().unwrap_or(false)
     }
 
-    /// Polls every domain once. `Err` only when the domain list itself cannot be read.
+    /// Polls the host and every domain once. `Err` only when the domain list itself cannot
+    /// be read (the connection is then reopened by the caller).
     pub fn poll(&mut self) -> Result<(Vec<Sample>, CycleStats), virt::error::Error> {
-        let domains = self.conn.list_all_domains(0)?;
+        self.cycle += 1;
         let mut out = Vec::new();
-        let mut stats = CycleStats {
-            domains: domains.len(),
-            ..Default::default()
-        };
-        for d in domains {
-            match self.poll_domain(&d, &mut out) {
-                Ok(()) => {}
-                Err(e) => {
+        let mut stats = CycleStats::default();
+        self.poll_host(&mut out);
+
+        self.guard.enter("bulk stats", None);
+        let recs = bulk::all_domain_stats(&self.conn, self.bulk_groups, self.bulk_flags);
+        self.guard.leave();
+        let recs = recs?;
+        let answered = (Utc::now(), monotonic_secs());
+        stats.domains = recs.len();
+        for rec in recs {
+            let uuid = match rec.domain.uuid_string() {
+                Ok(u) => u,
+                Err(_) => {
                     stats.skipped += 1;
-                    tracing::debug!(domain = d.name().unwrap_or_default(), error = %e, "Domain skipped this cycle (gone or not readable).");
+                    continue;
                 }
+            };
+            if self.guard.is_quarantined(&uuid) {
+                stats.quarantined += 1;
+                stats.skipped += 1;
+                continue;
             }
+            if let Err(e) = self.poll_domain(
+                &rec.domain,
+                &uuid,
+                rec.stats,
+                answered,
+                &mut out,
+                &mut stats,
+            ) {
+                stats.skipped += 1;
+                tracing::debug!(domain = %uuid, error = %e, "Domain skipped this cycle (gone or not readable).");
+            }
+            self.guard.leave();
         }
+        // Forget domains not seen for a while (deleted, migrated away).
+        let cycle = self.cycle;
+        self.known.retain(|_, k| cycle - k.seen < 10);
+        self.no_balloon_warned
+            .retain(|u| self.known.contains_key(u));
         stats.samples = out.len();
         Ok((out, stats))
     }
 
-    fn poll_domain(&mut self, d: &Domain, out: &mut Vec<Sample>) -> Result<(), virt::error::Error> {
-        let name = d.name()?;
-        let uuid = d.uuid_string()?;
-        let info = d.info()?;
-        let xml = d.xml_desc(0)?;
-        let parsed = domain_xml::parse(&xml).unwrap_or_else(|e| {
-            tracing::warn!(domain = %name, error = %e, "Domain XML does not parse; reporting without devices and metadata.");
-            DomainXml::default()
-        });
-        // libvirt state codes: 0 nostate, 1 running, 2 blocked, 3 paused, 4 shutdown,
-        // 5 shutoff, 6 crashed, 7 pmsuspended.
-        let state = info.state.to_raw();
+    fn poll_host(&mut self, out: &mut Vec<Sample>) {
+        self.guard.enter("host stats", None);
+        let cpu = bulk::node_cpu_stats(&self.conn);
+        let mem = bulk::node_memory_stats(&self.conn);
+        self.guard.leave();
+        let ts = Utc::now();
+        let mono = monotonic_secs();
+        let mut e = Emit {
+            out,
+            ts,
+            mono,
+            user: None,
+            project: None,
+        };
+        let host = self.opts.host.clone();
+        match cpu {
+            Ok(fields) => {
+                for (f, v) in fields {
+                    let meter = match f.as_str() {
+                        "kernel" => "compute.node.cpu.kernel.time",
+                        "idle" => "compute.node.cpu.idle.time",
+                        "user" => "compute.node.cpu.user.time",
+                        "iowait" => "compute.node.cpu.iowait.time",
+                        _ => continue,
+                    };
+                    e.push(
+                        meter,
+                        SampleType::Cumulative,
+                        "ns",
+                        v as f64,
+                        &host,
+                        &self.host_md,
+                    );
+                }
+            }
+            Err(err) => self.warn_host_once(&err),
+        }
+        match mem {
+            Ok(fields) => {
+                for (f, v) in fields {
+                    let meter = match f.as_str() {
+                        "total" => "compute.node.memory.total",
+                        "free" => "compute.node.memory.free",
+                        _ => continue,
+                    };
+                    e.push(
+                        meter,
+                        SampleType::Gauge,
+                        "MiB",
+                        v as f64 / 1024.0,
+                        &host,
+                        &self.host_md,
+                    );
+                }
+            }
+            Err(err) => self.warn_host_once(&err),
+        }
+    }
+
+    fn warn_host_once(&mut self, err: &virt::error::Error) {
+        if !self.host_warned {
+            self.host_warned = true;
+            tracing::warn!(error = %err, "Host statistics unavailable from this libvirt driver; no compute.node.* samples (warned once).");
+        }
+    }
+
+    fn poll_domain(
+        &mut self,
+        d: &Domain,
+        uuid: &str,
+        mut st: DomStats,
+        answered: (DateTime<Utc>, f64),
+        out: &mut Vec<Sample>,
+        stats: &mut CycleStats,
+    ) -> Result<(), virt::error::Error> {
+        let (mut ts, mut mono) = answered;
+        let have = self.bulk_groups;
+        let mut per_domain = false;
+
+        // Groups the bulk call does not give: what `info()` covers (state, cpu time,
+        // vCPUs, memory) and the balloon statistics.
+        let need_info = st.state.is_none()
+            || have & group::CPU_TOTAL == 0
+            || have & group::VCPU == 0
+            || have & group::BALLOON == 0;
+        let mut info_mem_kib = None;
+        let mut info_max_kib = None;
+        if need_info {
+            let name = d.name().unwrap_or_default();
+            self.guard.enter("per-domain stats", Some((&name, uuid)));
+            let info = d.info()?;
+            per_domain = true;
+            st.state.get_or_insert(info.state.to_raw());
+            if have & group::CPU_TOTAL == 0 {
+                st.cpu_time = Some(info.cpu_time);
+                stats.count(group::CPU_TOTAL, Path::PerDomain);
+            }
+            if have & group::VCPU == 0 {
+                st.vcpu_current = Some(info.nr_virt_cpu as u64);
+                stats.count(group::VCPU, Path::PerDomain);
+            }
+            info_mem_kib = Some(info.memory);
+            info_max_kib = Some(info.max_mem);
+        }
+        let state = st.state.unwrap_or(0);
         let running = matches!(state, 1..=3);
-        let mem_stats = if running {
-            d.memory_stats(0).unwrap_or_default()
+        if have & group::CPU_TOTAL != 0 {
+            stats.count(group::CPU_TOTAL, Path::Bulk);
+        }
+        if have & group::VCPU != 0 {
+            stats.count(group::VCPU, Path::Bulk);
+        }
+        if have & group::BALLOON != 0 {
+            stats.count(group::BALLOON, Path::Bulk);
+        } else {
+            if running {
+                let ms = d.memory_stats(0).unwrap_or_default();
+                let get = |t: u32| ms.iter().find(|s| s.tag == t).map(|s| s.val);
+                st.balloon_current = get(memtag::ACTUAL);
+                st.balloon_available = get(memtag::AVAILABLE);
+                st.balloon_unused = get(memtag::UNUSED);
+                st.balloon_usable = get(memtag::USABLE);
+                st.balloon_rss = get(memtag::RSS);
+                st.balloon_swap_in = get(memtag::SWAP_IN);
+                st.balloon_swap_out = get(memtag::SWAP_OUT);
+            }
+            stats.count(group::BALLOON, Path::PerDomain);
+        }
+        // A no-wait record of a domain whose job lock is held may lack groups: keep what
+        // was known rather than reporting zeros.
+        let prev = self.known.get(uuid);
+        let vcpus_now = st.vcpu_current;
+        let vcpus = vcpus_now.or(prev.map(|k| k.vcpus)).unwrap_or(0);
+        let mem_now = st.balloon_maximum.or(info_max_kib);
+        let mem_kib = mem_now.or(prev.map(|k| k.mem_kib)).unwrap_or(0);
+
+        // Parsed XML and metadata: reused unless something says the domain changed.
+        let devices: Vec<String> = if st.has_block || st.has_net {
+            st.blocks
+                .iter()
+                .map(|b| b.name.as_str())
+                .chain(st.nets.iter().map(|n| n.name.as_str()))
+                .map(str::to_string)
+                .collect()
         } else {
             Vec::new()
         };
-        // One instant for the whole domain: the moment libvirt answered.
-        let timestamp = Utc::now();
-        let mono = monotonic_secs();
-
-        let instance_id = uuid.clone();
-        let vcpus = info.nr_virt_cpu as i64;
-        let md = Arc::new(self.instance_metadata(
-            &name,
-            &instance_id,
-            &parsed,
-            vcpus,
-            info.max_mem,
-            state,
-        ));
-        let (user, project) = (parsed.user_id.clone(), parsed.project_id.clone());
-        let mk = |name: &str,
-                  kind: SampleType,
-                  unit: &str,
-                  volume: f64,
-                  rid: &str,
-                  md: Arc<Metadata>| {
-            Sample {
-                name: name.into(),
-                kind,
-                unit: unit.into(),
-                volume,
-                user_id: user.clone(),
-                project_id: project.clone(),
-                resource_id: rid.into(),
-                timestamp,
-                resource_metadata: md,
-                source: DEFAULT_SOURCE.into(),
-                message_id: Uuid::now_v7(),
-                monotonic_time: Some(mono),
+        let id = d.id();
+        let stale = match prev {
+            None => true,
+            Some(k) => {
+                k.id != id
+                    || k.state != state
+                    || vcpus_now.is_some_and(|v| v != k.vcpus)
+                    || mem_now.is_some_and(|m| m != k.mem_kib)
+                    || (!devices.is_empty() && k.bulk_devices != devices)
+                    || k.fetched.elapsed() >= self.opts.xml_refresh
             }
         };
+        if stale {
+            let name = d.name()?;
+            self.guard.enter("domain xml", Some((&name, uuid)));
+            let xml = d.xml_desc(0)?;
+            stats.xml_reads += 1;
+            let parsed = domain_xml::parse(&xml).unwrap_or_else(|e| {
+                tracing::warn!(domain = %name, error = %e, "Domain XML does not parse; reporting without devices and metadata.");
+                DomainXml::default()
+            });
+            let known = self.build_known(name, uuid, id, parsed, state, vcpus, mem_kib, devices);
+            self.known.insert(uuid.to_string(), known);
+        }
+        let k = self.known.get_mut(uuid).expect("inserted above");
+        k.seen = self.cycle;
 
-        out.push(mk(
-            "power.state",
-            SampleType::Gauge,
-            "",
-            state as f64,
-            &instance_id,
-            md.clone(),
-        ));
-        out.push(mk(
-            "vcpus",
-            SampleType::Gauge,
-            "vcpu",
-            vcpus as f64,
-            &instance_id,
-            md.clone(),
-        ));
-        let stat = |tag: u32| {
-            mem_stats
-                .iter()
-                .find(|s| s.tag == tag)
-                .map(|s| s.val as f64 / 1024.0)
+        // Per-device groups the bulk call does not give.
+        let mut block_fallback: Vec<(
+            Option<virt::domain::BlockStats>,
+            Option<virt::domain::BlockInfo>,
+        )> = Vec::new();
+        if have & group::BLOCK == 0 {
+            self.guard.enter("per-domain stats", Some((&k.name, uuid)));
+            for (target, _, _) in &k.disks {
+                let bs = if running {
+                    d.block_stats(target).ok()
+                } else {
+                    None
+                };
+                block_fallback.push((bs, d.block_info(target, 0).ok()));
+            }
+            per_domain = true;
+            stats.count(group::BLOCK, Path::PerDomain);
+        } else {
+            stats.count(group::BLOCK, Path::Bulk);
+        }
+        let mut net_fallback: Vec<Option<virt::domain::InterfaceStats>> = Vec::new();
+        if have & group::INTERFACE == 0 {
+            if running {
+                self.guard.enter("per-domain stats", Some((&k.name, uuid)));
+                for (target, _, _) in &k.nics {
+                    net_fallback.push(d.interface_stats(target).ok());
+                }
+                per_domain = true;
+            }
+            stats.count(group::INTERFACE, Path::PerDomain);
+        } else {
+            stats.count(group::INTERFACE, Path::Bulk);
+        }
+        if per_domain {
+            // The moment libvirt answered this domain's last call.
+            ts = Utc::now();
+            mono = monotonic_secs();
+        }
+
+        let mut e = Emit {
+            out,
+            ts,
+            mono,
+            user: k.xml.user_id.as_deref(),
+            project: k.xml.project_id.as_deref(),
         };
-        let memory_mib = stat(memtag::ACTUAL).unwrap_or(info.memory as f64 / 1024.0);
-        out.push(mk(
-            "memory",
-            SampleType::Gauge,
-            "MiB",
-            memory_mib,
-            &instance_id,
-            md.clone(),
-        ));
+        let md = &k.md;
+        e.push("power.state", SampleType::Gauge, "", state as f64, uuid, md);
+        if vcpus_now.is_some() {
+            e.push("vcpus", SampleType::Gauge, "vcpu", vcpus as f64, uuid, md);
+        }
+        if let Some(kib) = st.balloon_current.or(info_mem_kib) {
+            e.push(
+                "memory",
+                SampleType::Gauge,
+                "MiB",
+                kib as f64 / 1024.0,
+                uuid,
+                md,
+            );
+        }
         if running {
-            out.push(mk(
-                "cpu",
-                SampleType::Cumulative,
-                "ns",
-                info.cpu_time as f64,
-                &instance_id,
-                md.clone(),
-            ));
-            if let Some(avail) = stat(memtag::AVAILABLE) {
-                out.push(mk(
+            if let Some(ns) = st.cpu_ns() {
+                e.push("cpu", SampleType::Cumulative, "ns", ns as f64, uuid, md);
+            }
+            let mib = |v: Option<u64>| v.map(|k| k as f64 / 1024.0);
+            if let Some(avail) = mib(st.balloon_available) {
+                e.push(
                     "memory.available",
                     SampleType::Gauge,
                     "MiB",
                     avail,
-                    &instance_id,
-                    md.clone(),
-                ));
-                if let Some(free) = stat(memtag::USABLE).or(stat(memtag::UNUSED)) {
-                    out.push(mk(
+                    uuid,
+                    md,
+                );
+                if let Some(free) = mib(st.balloon_usable).or(mib(st.balloon_unused)) {
+                    e.push(
                         "memory.usage",
                         SampleType::Gauge,
                         "MiB",
                         avail - free,
-                        &instance_id,
-                        md.clone(),
-                    ));
+                        uuid,
+                        md,
+                    );
                 }
-            } else if self.no_balloon_warned.insert(uuid.clone()) {
-                tracing::warn!(domain = %name, "No balloon statistics (no virtio balloon in the guest?): no memory.usage for this domain; polling goes on. Warned once.");
+            } else if self.no_balloon_warned.insert(uuid.to_string()) {
+                tracing::warn!(domain = %k.name, "No balloon statistics (no virtio balloon driver in the guest?): no memory.usage for this domain; polling goes on. Warned once.");
             }
-            if let Some(rss) = stat(memtag::RSS) {
-                out.push(mk(
-                    "memory.resident",
-                    SampleType::Gauge,
-                    "MiB",
-                    rss,
-                    &instance_id,
-                    md.clone(),
-                ));
+            if let Some(rss) = mib(st.balloon_rss) {
+                e.push("memory.resident", SampleType::Gauge, "MiB", rss, uuid, md);
             }
-            if let (Some(i), Some(o)) = (stat(memtag::SWAP_IN), stat(memtag::SWAP_OUT)) {
-                out.push(mk(
-                    "memory.swap.in",
-                    SampleType::Cumulative,
-                    "MiB",
-                    i,
-                    &instance_id,
-                    md.clone(),
-                ));
-                out.push(mk(
+            if let (Some(i), Some(o)) = (mib(st.balloon_swap_in), mib(st.balloon_swap_out)) {
+                e.push("memory.swap.in", SampleType::Cumulative, "MiB", i, uuid, md);
+                e.push(
                     "memory.swap.out",
                     SampleType::Cumulative,
                     "MiB",
                     o,
-                    &instance_id,
-                    md.clone(),
-                ));
+                    uuid,
+                    md,
+                );
             }
         }
 
-        for disk in &parsed.disks {
-            let rid = format!("{instance_id}-{}", disk.target);
-            let mut dmd = (*md).clone();
-            dmd.insert("disk_name".into(), Value::String(disk.target.clone()));
-            let dmd = Arc::new(dmd);
-            if running {
-                match d.block_stats(&disk.target) {
-                    Ok(b) => {
-                        for (meter, unit, v) in [
-                            ("disk.device.read.bytes", "B", b.rd_bytes),
-                            ("disk.device.write.bytes", "B", b.wr_bytes),
-                            ("disk.device.read.requests", "request", b.rd_req),
-                            ("disk.device.write.requests", "request", b.wr_req),
-                        ] {
-                            if v >= 0 {
-                                out.push(mk(
-                                    meter,
-                                    SampleType::Cumulative,
-                                    unit,
-                                    v as f64,
-                                    &rid,
-                                    dmd.clone(),
-                                ));
-                            }
-                        }
+        for (i, (target, rid, dmd)) in k.disks.iter().enumerate() {
+            let b = if have & group::BLOCK != 0 {
+                st.blocks.iter().find(|b| &b.name == target).cloned()
+            } else {
+                block_fallback.get(i).map(|(bs, bi)| {
+                    let pos = |v: i64| u64::try_from(v).ok();
+                    bulk::BlockStat {
+                        name: target.clone(),
+                        rd_reqs: bs.as_ref().and_then(|s| pos(s.rd_req)),
+                        rd_bytes: bs.as_ref().and_then(|s| pos(s.rd_bytes)),
+                        wr_reqs: bs.as_ref().and_then(|s| pos(s.wr_req)),
+                        wr_bytes: bs.as_ref().and_then(|s| pos(s.wr_bytes)),
+                        capacity: bi.as_ref().map(|i| i.capacity),
+                        allocation: bi.as_ref().map(|i| i.allocation),
+                        physical: bi.as_ref().map(|i| i.physical),
+                        ..Default::default()
                     }
-                    Err(e) => {
-                        tracing::debug!(domain = %name, disk = %disk.target, error = %e, "Block stats unavailable this cycle.")
+                })
+            };
+            let Some(b) = b else { continue };
+            if running {
+                for (meter, unit, v) in [
+                    ("disk.device.read.bytes", "B", b.rd_bytes),
+                    ("disk.device.write.bytes", "B", b.wr_bytes),
+                    ("disk.device.read.requests", "request", b.rd_reqs),
+                    ("disk.device.write.requests", "request", b.wr_reqs),
+                    ("disk.device.read.latency", "ns", b.rd_times),
+                    ("disk.device.write.latency", "ns", b.wr_times),
+                ] {
+                    if let Some(v) = v {
+                        e.push(meter, SampleType::Cumulative, unit, v as f64, rid, dmd);
                     }
                 }
             }
-            if let Ok(bi) = d.block_info(&disk.target, 0) {
-                out.push(mk(
+            if let Some(cap) = b.capacity.or(b.physical) {
+                let cap = cap.max(b.physical.unwrap_or(0));
+                e.push(
                     "disk.device.capacity",
                     SampleType::Gauge,
                     "B",
-                    bi.capacity.max(bi.physical) as f64,
-                    &rid,
-                    dmd.clone(),
-                ));
-                out.push(mk(
+                    cap as f64,
+                    rid,
+                    dmd,
+                );
+            }
+            if let Some(a) = b.allocation {
+                e.push(
                     "disk.device.allocation",
                     SampleType::Gauge,
                     "B",
-                    bi.allocation as f64,
-                    &rid,
-                    dmd.clone(),
-                ));
-                out.push(mk(
+                    a as f64,
+                    rid,
+                    dmd,
+                );
+            }
+            if let Some(p) = b.physical {
+                e.push(
                     "disk.device.usage",
                     SampleType::Gauge,
                     "B",
-                    bi.physical as f64,
-                    &rid,
-                    dmd.clone(),
-                ));
+                    p as f64,
+                    rid,
+                    dmd,
+                );
             }
         }
 
         if running {
-            for nic in &parsed.nics {
-                let rid = nic
-                    .filterref
-                    .clone()
-                    .unwrap_or_else(|| format!("{name}-{instance_id}-{}", nic.target));
-                let mut nmd = (*md).clone();
-                nmd.insert("mac".into(), json!(nic.mac));
-                nmd.insert("fref".into(), json!(nic.filterref));
-                nmd.insert(
-                    "vnic_name".into(),
-                    json!(nic.filterref.clone().unwrap_or_else(|| nic.target.clone())),
-                );
-                nmd.insert("instance_name".into(), json!(name));
-                let nmd = Arc::new(nmd);
-                match d.interface_stats(&nic.target) {
-                    Ok(s) => {
-                        for (meter, unit, v) in [
-                            ("network.incoming.bytes", "B", s.rx_bytes),
-                            ("network.outgoing.bytes", "B", s.tx_bytes),
-                            ("network.incoming.packets", "packet", s.rx_packets),
-                            ("network.outgoing.packets", "packet", s.tx_packets),
-                            ("network.incoming.packets.drop", "packet", s.rx_drop),
-                            ("network.outgoing.packets.drop", "packet", s.tx_drop),
-                            ("network.incoming.packets.error", "packet", s.rx_errs),
-                            ("network.outgoing.packets.error", "packet", s.tx_errs),
-                        ] {
-                            if v >= 0 {
-                                out.push(mk(
-                                    meter,
-                                    SampleType::Cumulative,
-                                    unit,
-                                    v as f64,
-                                    &rid,
-                                    nmd.clone(),
-                                ));
-                            }
+            for (i, (target, rid, nmd)) in k.nics.iter().enumerate() {
+                let n = if have & group::INTERFACE != 0 {
+                    st.nets.iter().find(|n| &n.name == target).cloned()
+                } else {
+                    net_fallback.get(i).and_then(|s| s.as_ref()).map(|s| {
+                        let pos = |v: i64| u64::try_from(v).ok();
+                        bulk::NetStat {
+                            name: target.clone(),
+                            rx_bytes: pos(s.rx_bytes),
+                            rx_pkts: pos(s.rx_packets),
+                            rx_errs: pos(s.rx_errs),
+                            rx_drop: pos(s.rx_drop),
+                            tx_bytes: pos(s.tx_bytes),
+                            tx_pkts: pos(s.tx_packets),
+                            tx_errs: pos(s.tx_errs),
+                            tx_drop: pos(s.tx_drop),
                         }
-                    }
-                    Err(e) => {
-                        tracing::debug!(domain = %name, nic = %nic.target, error = %e, "Interface stats unavailable this cycle.")
+                    })
+                };
+                let Some(n) = n else { continue };
+                for (meter, unit, v) in [
+                    ("network.incoming.bytes", "B", n.rx_bytes),
+                    ("network.outgoing.bytes", "B", n.tx_bytes),
+                    ("network.incoming.packets", "packet", n.rx_pkts),
+                    ("network.outgoing.packets", "packet", n.tx_pkts),
+                    ("network.incoming.packets.drop", "packet", n.rx_drop),
+                    ("network.outgoing.packets.drop", "packet", n.tx_drop),
+                    ("network.incoming.packets.error", "packet", n.rx_errs),
+                    ("network.outgoing.packets.error", "packet", n.tx_errs),
+                ] {
+                    if let Some(v) = v {
+                        e.push(meter, SampleType::Cumulative, unit, v as f64, rid, nmd);
                     }
                 }
             }
@@ -366,19 +696,80 @@ impl Inspector {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn build_known(
+        &self,
+        name: String,
+        uuid: &str,
+        id: Option<u32>,
+        xml: DomainXml,
+        state: u32,
+        vcpus: u64,
+        mem_kib: u64,
+        bulk_devices: Vec<String>,
+    ) -> Known {
+        let md = self.instance_metadata(&name, uuid, &xml, vcpus, mem_kib, state);
+        let disks = xml
+            .disks
+            .iter()
+            .map(|disk| {
+                let mut dmd = md.clone();
+                dmd.insert("disk_name".into(), Value::String(disk.target.clone()));
+                (
+                    disk.target.clone(),
+                    format!("{uuid}-{}", disk.target),
+                    Arc::new(dmd),
+                )
+            })
+            .collect();
+        let nics = xml
+            .nics
+            .iter()
+            .map(|nic| {
+                let rid = nic
+                    .filterref
+                    .clone()
+                    .unwrap_or_else(|| format!("{name}-{uuid}-{}", nic.target));
+                let mut nmd = md.clone();
+                nmd.insert("mac".into(), json!(nic.mac));
+                nmd.insert("fref".into(), json!(nic.filterref));
+                nmd.insert(
+                    "vnic_name".into(),
+                    json!(nic.filterref.clone().unwrap_or_else(|| nic.target.clone())),
+                );
+                nmd.insert("instance_name".into(), json!(name));
+                (nic.target.clone(), rid, Arc::new(nmd))
+            })
+            .collect();
+        Known {
+            id,
+            state,
+            vcpus,
+            mem_kib,
+            name,
+            xml,
+            bulk_devices,
+            fetched: Instant::now(),
+            seen: self.cycle,
+            md: Arc::new(md),
+            disks,
+            nics,
+        }
+    }
+
     fn instance_metadata(
         &self,
         name: &str,
         instance_id: &str,
         x: &DomainXml,
-        vcpus: i64,
+        vcpus: u64,
         max_mem_kib: u64,
         state: u32,
     ) -> Metadata {
         let mut md = Metadata::new();
         md.insert("name".into(), json!(name));
         md.insert("instance_id".into(), json!(instance_id));
-        md.insert("host".into(), json!(self.host));
+        md.insert("host".into(), json!(self.opts.host));
         md.insert("cpu_number".into(), json!(vcpus));
         md.insert("vcpus".into(), json!(vcpus));
         md.insert("memory_mb".into(), json!(max_mem_kib / 1024));
@@ -418,5 +809,130 @@ impl Inspector {
             md.insert("image_ref".into(), json!(i));
         }
         md
+    }
+}
+
+/// Builds the samples of one resource group that share timestamp, owner and clock.
+struct Emit<'a, 'o> {
+    out: &'o mut Vec<Sample>,
+    ts: DateTime<Utc>,
+    mono: f64,
+    user: Option<&'a str>,
+    project: Option<&'a str>,
+}
+
+impl Emit<'_, '_> {
+    fn push(
+        &mut self,
+        name: &str,
+        kind: SampleType,
+        unit: &str,
+        volume: f64,
+        rid: &str,
+        md: &Arc<Metadata>,
+    ) {
+        self.out.push(Sample {
+            name: name.into(),
+            kind,
+            unit: unit.into(),
+            volume,
+            user_id: self.user.map(str::to_string),
+            project_id: self.project.map(str::to_string),
+            resource_id: rid.into(),
+            timestamp: self.ts,
+            resource_metadata: md.clone(),
+            source: DEFAULT_SOURCE.into(),
+            message_id: Uuid::now_v7(),
+            monotonic_time: Some(self.mono),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> Inspector {
+        virt::error::clear_error_callback();
+        let uri = resolve_uri("demo").unwrap();
+        let opts = Options {
+            host: "h1".into(),
+            bulk: true,
+            xml_refresh: Duration::from_secs(300),
+        };
+        Inspector::open(&uri, opts, Arc::new(Guard::default())).unwrap()
+    }
+
+    #[test]
+    fn test_driver_falls_back_per_group_and_caches_the_xml() {
+        let mut insp = demo();
+        // The test driver answers only `state` in bulk.
+        assert_eq!(insp.bulk_groups(), group::STATE);
+        let (first, s1) = insp.poll().unwrap();
+        assert_eq!(s1.domains, 4);
+        assert_eq!(s1.xml_reads, 4);
+        // cpu-total read per domain for all four, never in bulk.
+        assert_eq!(s1.reads[0], [0, 4]);
+        let (second, s2) = insp.poll().unwrap();
+        assert_eq!(s2.xml_reads, 0, "unchanged domains reuse their parsed XML");
+        assert_eq!(first.len(), second.len());
+        // One timestamp and one monotonic time per domain per cycle.
+        let mut per_domain: HashMap<String, (DateTime<Utc>, Option<f64>)> = HashMap::new();
+        for s in second
+            .iter()
+            .filter(|s| !s.name.starts_with("compute.node."))
+        {
+            let inst = s.resource_metadata["instance_id"].to_string();
+            let t = (s.timestamp, s.monotonic_time);
+            let prev = per_domain.entry(inst).or_insert(t);
+            assert_eq!(*prev, t, "{}", s.name);
+        }
+        assert_eq!(per_domain.len(), 4);
+        // Metadata is shared between cycles, not rebuilt.
+        let md = |v: &[Sample]| {
+            v.iter()
+                .find(|s| s.name == "cpu")
+                .unwrap()
+                .resource_metadata
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&md(&first), &md(&second)));
+    }
+
+    #[test]
+    fn forced_per_domain_polling_gives_the_same_meters() {
+        let mut insp = demo();
+        let (a, _) = insp.poll().unwrap();
+        let mut opts = insp.opts.clone();
+        opts.bulk = false;
+        let uri = resolve_uri("demo").unwrap();
+        let mut per = Inspector::open(&uri, opts, Arc::new(Guard::default())).unwrap();
+        let (b, _) = per.poll().unwrap();
+        let names = |v: &[Sample]| {
+            let mut n: Vec<(String, String)> = v
+                .iter()
+                .map(|s| (s.name.clone(), s.resource_id.clone()))
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&a), names(&b));
+    }
+
+    #[test]
+    fn quarantined_domains_are_skipped() {
+        let mut insp = demo();
+        insp.guard
+            .quarantine("9b3e4f5a-0001-4c2d-8e1f-000000000001");
+        let (samples, st) = insp.poll().unwrap();
+        assert_eq!(st.quarantined, 1);
+        assert!(
+            !samples
+                .iter()
+                .any(|s| s.resource_id.contains("-000000000001"))
+        );
+        insp.guard.release("9b3e4f5a-0001-4c2d-8e1f-000000000001");
+        let (_, st) = insp.poll().unwrap();
+        assert_eq!(st.quarantined, 0);
     }
 }

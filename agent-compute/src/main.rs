@@ -1,11 +1,6 @@
 //! `agent-compute`: poll libvirt on this hypervisor and publish signed sample batches.
 
-mod config;
-mod domain_xml;
-mod inspector;
-mod poller;
-mod sources;
-mod spool;
+use agent_compute::{inspector, poller, sources};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vmeter_core::{http, shutdown, telemetry};
 
-use crate::config::Config;
+use agent_compute::config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -98,7 +93,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut insp = match inspector::Inspector::open(&uri, host) {
+            let opts = inspector::Options {
+                host,
+                bulk: cfg.libvirt.bulk_stats,
+                xml_refresh: std::time::Duration::from_secs_f64(cfg.libvirt.xml_refresh_secs),
+            };
+            let guard = std::sync::Arc::new(inspector::Guard::default());
+            let mut insp = match inspector::Inspector::open(&uri, opts, guard) {
                 Ok(i) => i,
                 Err(e) => {
                     eprintln!("error: cannot open libvirt {uri}: {e}");
@@ -128,8 +129,14 @@ fn main() -> ExitCode {
                         }
                     }
                     eprintln!(
-                        "{} domains, {} skipped, {} samples",
-                        stats.domains, stats.skipped, stats.samples
+                        "{} domains, {} skipped, {} samples; stats groups in bulk: {}; per domain: {}",
+                        stats.domains,
+                        stats.skipped,
+                        stats.samples,
+                        agent_compute::bulk::group::names(insp.bulk_groups()),
+                        agent_compute::bulk::group::names(
+                            agent_compute::bulk::group::ALL & !insp.bulk_groups()
+                        ),
                     );
                     ExitCode::SUCCESS
                 }

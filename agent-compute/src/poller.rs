@@ -13,14 +13,131 @@ use vmeter_core::shutdown::Shutdown;
 use vmeter_core::{Sample, telemetry};
 
 use crate::config::Config;
-use crate::inspector::{CycleStats, Inspector};
+use crate::inspector::{CycleStats, Guard, Inspector, Options};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 
 type PollReply = oneshot::Sender<Result<(Vec<Sample>, CycleStats), String>>;
 
-/// Starts the libvirt thread; each request runs one cycle. The thread reconnects with
+/// Most libvirt threads left blocked in an abandoned call before the agent stops starting
+/// new ones (libvirtd itself is then not answering; more threads would not help).
+const MAX_STUCK_WORKERS: usize = 3;
+
+/// What one cycle gave.
+pub enum Outcome {
+    Done(Vec<Sample>, CycleStats),
+    /// The connection could not be opened or the domain list read.
+    Failed(String),
+    /// The cycle overran `libvirt.call_timeout_secs`; the text says which call.
+    TimedOut(String),
+}
+
+/// One libvirt thread: owns a connection, runs one cycle per request.
+struct Worker {
+    tx: mpsc::Sender<PollReply>,
+    guard: Arc<Guard>,
+    /// Set when the scheduler gives up on this thread: `Some(uuid)` of the domain its
+    /// blocked call was about (quarantined until the call returns).
+    abandoned: Arc<Mutex<Option<Option<String>>>>,
+}
+
+/// The agent's libvirt side: a worker thread per connection, replaced when a call wedges.
+pub struct Libvirt {
+    uri: String,
+    opts: Options,
+    timeout: Duration,
+    guard: Arc<Guard>,
+    worker: Worker,
+    stuck: Arc<AtomicUsize>,
+}
+
+impl Libvirt {
+    /// Starts the first libvirt thread (it connects on the first cycle).
+    pub fn start(uri: String, opts: Options, timeout: Duration) -> Libvirt {
+        let guard = Arc::new(Guard::default());
+        let stuck = Arc::new(AtomicUsize::new(0));
+        let worker = spawn_worker(uri.clone(), opts.clone(), guard.clone(), stuck.clone());
+        Libvirt {
+            uri,
+            opts,
+            timeout,
+            guard,
+            worker,
+            stuck,
+        }
+    }
+
+    /// Runs one cycle, waiting at most `timeout` for libvirt.
+    pub async fn cycle(&mut self) -> Outcome {
+        let (tx, rx) = oneshot::channel();
+        if self.worker.tx.send(tx).await.is_err() {
+            return Outcome::Failed("libvirt thread stopped".into());
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Ok((samples, stats)))) => Outcome::Done(samples, stats),
+            Ok(Ok(Err(e))) => Outcome::Failed(e),
+            Ok(Err(_)) => Outcome::Failed("libvirt thread stopped".into()),
+            Err(_) => {
+                let call = self.worker.guard.in_flight();
+                let what = match &call {
+                    Some(c) => match &c.domain {
+                        Some((name, uuid)) => format!(
+                            "{} of domain {name} ({uuid}), blocked {:.1} s",
+                            c.call,
+                            c.since.elapsed().as_secs_f64()
+                        ),
+                        None => format!(
+                            "{}, blocked {:.1} s",
+                            c.call,
+                            c.since.elapsed().as_secs_f64()
+                        ),
+                    },
+                    None => "a libvirt call".into(),
+                };
+                let call_name = call.as_ref().map(|c| c.call).unwrap_or("unknown");
+                telemetry::counter(
+                    "vmeter_agent_libvirt_timeouts_total",
+                    "Polling cycles abandoned because a libvirt call overran libvirt.call_timeout_secs, by call.",
+                    &[("call", call_name)],
+                )
+                .inc();
+                let domain = call.and_then(|c| c.domain).map(|(_, uuid)| uuid);
+                if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK_WORKERS {
+                    tracing::error!(
+                        blocked = MAX_STUCK_WORKERS,
+                        "libvirt is not answering: several calls are blocked; waiting for them instead of opening more connections."
+                    );
+                    return Outcome::TimedOut(what);
+                }
+                // Leave the blocked thread behind (it ends when its call returns) and poll
+                // on a fresh connection that skips the domain it is blocked on.
+                if let Some(uuid) = &domain {
+                    self.guard.quarantine(uuid);
+                }
+                *self.worker.abandoned.lock().expect("poisoned") = Some(domain);
+                self.stuck.fetch_add(1, Ordering::SeqCst);
+                self.worker = spawn_worker(
+                    self.uri.clone(),
+                    self.opts.clone(),
+                    Arc::new(self.guard.sibling()),
+                    self.stuck.clone(),
+                );
+                Outcome::TimedOut(what)
+            }
+        }
+    }
+}
+
+/// Starts a libvirt thread; each request runs one cycle. The thread reconnects with
 /// back-off when the connection is down (including libvirtd not up yet at start).
-pub fn spawn_libvirt_thread(uri: String, host: String) -> mpsc::Sender<PollReply> {
+fn spawn_worker(uri: String, opts: Options, guard: Arc<Guard>, stuck: Arc<AtomicUsize>) -> Worker {
     let (tx, mut rx) = mpsc::channel::<PollReply>(1);
+    let abandoned: Arc<Mutex<Option<Option<String>>>> = Arc::new(Mutex::new(None));
+    let worker = Worker {
+        tx,
+        guard: guard.clone(),
+        abandoned: abandoned.clone(),
+    };
     std::thread::Builder::new()
         .name("libvirt".into())
         .spawn(move || {
@@ -33,7 +150,10 @@ pub fn spawn_libvirt_thread(uri: String, host: String) -> mpsc::Sender<PollReply
                     inspector = None;
                 }
                 if inspector.is_none() {
-                    match Inspector::open(&uri, host.clone()) {
+                    guard.enter("open connection", None);
+                    let opened = Inspector::open(&uri, opts.clone(), guard.clone());
+                    guard.leave();
+                    match opened {
                         Ok(i) => {
                             tracing::info!(%uri, "Connected to libvirt (read-only).");
                             backoff.reset();
@@ -50,11 +170,36 @@ pub fn spawn_libvirt_thread(uri: String, host: String) -> mpsc::Sender<PollReply
                 if result.is_err() {
                     inspector = None;
                 }
+                if let Some(domain) = abandoned.lock().expect("poisoned").take() {
+                    if let Some(uuid) = domain {
+                        guard.release(&uuid);
+                    }
+                    stuck.fetch_sub(1, Ordering::SeqCst);
+                    tracing::info!(%uri, "An abandoned libvirt call returned; its thread ends.");
+                    return;
+                }
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
         })
         .expect("spawn libvirt thread");
-    tx
+    worker
+}
+
+/// Adds a cycle's reads per stats group and path to `vmeter_agent_stats_reads_total`.
+fn record_reads(stats: &CycleStats) {
+    for (i, (_, name)) in crate::bulk::group::NAMED.iter().enumerate() {
+        for (p, path) in ["bulk", "per_domain"].iter().enumerate() {
+            let n = stats.reads[i][p];
+            if n > 0 {
+                telemetry::counter(
+                    "vmeter_agent_stats_reads_total",
+                    "Domains whose stats group was read, by group and path (bulk call or per-domain calls).",
+                    &[("group", name), ("path", path)],
+                )
+                .add(n);
+            }
+        }
+    }
 }
 
 /// Runs polling and publishing until shutdown.
@@ -67,7 +212,15 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let signer = cfg.signing.signer("agent-compute");
-    let libvirt = spawn_libvirt_thread(uri, host);
+    let mut libvirt = Libvirt::start(
+        uri,
+        Options {
+            host,
+            bulk: cfg.libvirt.bulk_stats,
+            xml_refresh: Duration::from_secs_f64(cfg.libvirt.xml_refresh_secs),
+        },
+        Duration::from_secs_f64(cfg.libvirt.call_timeout_secs),
+    );
     let libvirt_up = health.part("libvirt");
     let broker_up = health.part("broker");
     let cycles = telemetry::counter(
@@ -152,21 +305,20 @@ pub async fn run(
                 due[i] += sources[i].interval;
             }
         }
-        let (tx, rx) = oneshot::channel();
         let started = std::time::Instant::now();
         let mut fresh: Vec<Sample> = Vec::new();
-        if libvirt.send(tx).await.is_err() {
-            anyhow::bail!("libvirt thread stopped");
-        }
-        match rx.await {
-            Ok(Ok((samples, stats))) => {
+        match libvirt.cycle().await {
+            Outcome::Done(samples, stats) => {
                 libvirt_up.store(true, Ordering::Relaxed);
                 cycles.inc();
                 polled.add(samples.len() as u64);
                 cycle_ms.set(started.elapsed().as_millis() as i64);
+                record_reads(&stats);
                 tracing::debug!(
                     domains = stats.domains,
                     skipped = stats.skipped,
+                    quarantined = stats.quarantined,
+                    xml_reads = stats.xml_reads,
                     samples = stats.samples,
                     ms = started.elapsed().as_millis() as u64,
                     "Cycle done."
@@ -174,11 +326,17 @@ pub async fn run(
                 fresh = samples;
                 keep_due(&mut fresh, &sources, &active);
             }
-            Ok(Err(e)) => {
+            Outcome::Failed(e) => {
                 libvirt_up.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "Polling cycle failed; retrying next cycle.");
             }
-            Err(_) => anyhow::bail!("libvirt thread stopped"),
+            Outcome::TimedOut(what) => {
+                tracing::warn!(
+                    timeout_secs = cfg.libvirt.call_timeout_secs,
+                    call = %what,
+                    "libvirt call timed out: this cycle's samples are lost (counted in vmeter_agent_libvirt_timeouts_total); the next cycle uses a fresh connection and skips that domain until the call returns."
+                );
+            }
         }
         let batches: Vec<(Vec<u8>, u64)> = fresh
             .chunks(cfg.polling.batch_size)
