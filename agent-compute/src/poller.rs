@@ -14,18 +14,44 @@ use vmeter_core::{Sample, telemetry};
 
 use crate::config::Config;
 use crate::inspector::{CycleStats, Guard, Inspector, Options};
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
-type PollReply = oneshot::Sender<Result<(Vec<Sample>, CycleStats), String>>;
+/// Which samples a cycle keeps (the meters of the sources due now).
+pub type KeepFn = Box<dyn Fn(&Sample) -> bool + Send>;
+
+/// One cycle asked of the libvirt thread. The thread filters and encodes samples batch by
+/// batch as they are built, so a cycle's samples are never all in memory at once (with
+/// 1,000 domains they would be about 40,000 `Sample`s, ~18 MB).
+struct PollRequest {
+    keep: KeepFn,
+    batch_size: usize,
+    batches: mpsc::Sender<(Vec<u8>, u64)>,
+    done: oneshot::Sender<Result<CycleStats, String>>,
+}
+
+/// A cycle in progress: its batches arrive as the libvirt thread encodes them.
+pub struct Cycle {
+    batches: mpsc::Receiver<(Vec<u8>, u64)>,
+    done: oneshot::Receiver<Result<CycleStats, String>>,
+}
+
+/// The next thing a cycle in progress gave.
+pub enum Next {
+    /// One encoded batch (body, sample count).
+    Batch(Vec<u8>, u64),
+    /// The cycle ended.
+    Done(Outcome),
+}
 
 /// Most libvirt threads left blocked in an abandoned call before the agent stops starting
 /// new ones (libvirtd itself is then not answering; more threads would not help).
 const MAX_STUCK_WORKERS: usize = 3;
 
-/// What one cycle gave.
+/// How one cycle ended.
 pub enum Outcome {
-    Done(Vec<Sample>, CycleStats),
+    Done(CycleStats),
     /// The connection could not be opened or the domain list read.
     Failed(String),
     /// The cycle overran `libvirt.call_timeout_secs`; the text says which call.
@@ -34,7 +60,7 @@ pub enum Outcome {
 
 /// One libvirt thread: owns a connection, runs one cycle per request.
 struct Worker {
-    tx: mpsc::Sender<PollReply>,
+    tx: mpsc::Sender<PollRequest>,
     guard: Arc<Guard>,
     /// Set when the scheduler gives up on this thread: `Some(uuid)` of the domain its
     /// blocked call was about (quarantined until the call returns).
@@ -67,71 +93,96 @@ impl Libvirt {
         }
     }
 
-    /// Runs one cycle, waiting at most `timeout` for libvirt.
-    pub async fn cycle(&mut self) -> Outcome {
-        let (tx, rx) = oneshot::channel();
-        if self.worker.tx.send(tx).await.is_err() {
-            return Outcome::Failed("libvirt thread stopped".into());
+    /// Starts a cycle: the samples `keep` accepts, encoded in batches of `batch_size`.
+    pub async fn start_cycle(&mut self, keep: KeepFn, batch_size: usize) -> Result<Cycle, String> {
+        // A few batches of look-ahead: polling goes on while the broker confirms.
+        let (btx, brx) = mpsc::channel(4);
+        let (dtx, drx) = oneshot::channel();
+        let req = PollRequest {
+            keep,
+            batch_size: batch_size.max(1),
+            batches: btx,
+            done: dtx,
+        };
+        self.worker
+            .tx
+            .send(req)
+            .await
+            .map_err(|_| "libvirt thread stopped".to_string())?;
+        Ok(Cycle {
+            batches: brx,
+            done: drx,
+        })
+    }
+
+    /// The next batch of `cycle`, or its end. libvirt making no progress for `timeout`
+    /// (no batch and no end) abandons the cycle: see [`Libvirt::abandon`].
+    pub async fn next(&mut self, cycle: &mut Cycle) -> Next {
+        match tokio::time::timeout(self.timeout, cycle.batches.recv()).await {
+            Ok(Some((body, n))) => Next::Batch(body, n),
+            Ok(None) => Next::Done(match (&mut cycle.done).await {
+                Ok(Ok(stats)) => Outcome::Done(stats),
+                Ok(Err(e)) => Outcome::Failed(e),
+                Err(_) => Outcome::Failed("libvirt thread stopped".into()),
+            }),
+            Err(_) => Next::Done(Outcome::TimedOut(self.abandon())),
         }
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(Ok((samples, stats)))) => Outcome::Done(samples, stats),
-            Ok(Ok(Err(e))) => Outcome::Failed(e),
-            Ok(Err(_)) => Outcome::Failed("libvirt thread stopped".into()),
-            Err(_) => {
-                let call = self.worker.guard.in_flight();
-                let what = match &call {
-                    Some(c) => match &c.domain {
-                        Some((name, uuid)) => format!(
-                            "{} of domain {name} ({uuid}), blocked {:.1} s",
-                            c.call,
-                            c.since.elapsed().as_secs_f64()
-                        ),
-                        None => format!(
-                            "{}, blocked {:.1} s",
-                            c.call,
-                            c.since.elapsed().as_secs_f64()
-                        ),
-                    },
-                    None => "a libvirt call".into(),
-                };
-                let call_name = call.as_ref().map(|c| c.call).unwrap_or("unknown");
-                telemetry::counter(
-                    "vmeter_agent_libvirt_timeouts_total",
-                    "Polling cycles abandoned because a libvirt call overran libvirt.call_timeout_secs, by call.",
-                    &[("call", call_name)],
-                )
-                .inc();
-                let domain = call.and_then(|c| c.domain).map(|(_, uuid)| uuid);
-                if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK_WORKERS {
-                    tracing::error!(
-                        blocked = MAX_STUCK_WORKERS,
-                        "libvirt is not answering: several calls are blocked; waiting for them instead of opening more connections."
-                    );
-                    return Outcome::TimedOut(what);
-                }
-                // Leave the blocked thread behind (it ends when its call returns) and poll
-                // on a fresh connection that skips the domain it is blocked on.
-                if let Some(uuid) = &domain {
-                    self.guard.quarantine(uuid);
-                }
-                *self.worker.abandoned.lock().expect("poisoned") = Some(domain);
-                self.stuck.fetch_add(1, Ordering::SeqCst);
-                self.worker = spawn_worker(
-                    self.uri.clone(),
-                    self.opts.clone(),
-                    Arc::new(self.guard.sibling()),
-                    self.stuck.clone(),
-                );
-                Outcome::TimedOut(what)
-            }
+    }
+
+    /// Gives up on the worker's blocked call: counts it, quarantines the domain it is
+    /// about, leaves the thread behind (it ends when the call returns) and starts a fresh
+    /// one. Returns what was blocked, for the log.
+    fn abandon(&mut self) -> String {
+        let call = self.worker.guard.in_flight();
+        let what = match &call {
+            Some(c) => match &c.domain {
+                Some((name, uuid)) => format!(
+                    "{} of domain {name} ({uuid}), blocked {:.1} s",
+                    c.call,
+                    c.since.elapsed().as_secs_f64()
+                ),
+                None => format!(
+                    "{}, blocked {:.1} s",
+                    c.call,
+                    c.since.elapsed().as_secs_f64()
+                ),
+            },
+            None => "a libvirt call".into(),
+        };
+        let call_name = call.as_ref().map(|c| c.call).unwrap_or("unknown");
+        telemetry::counter(
+            "vmeter_agent_libvirt_timeouts_total",
+            "Polling cycles cut short because a libvirt call overran libvirt.call_timeout_secs, by call.",
+            &[("call", call_name)],
+        )
+        .inc();
+        let domain = call.and_then(|c| c.domain).map(|(_, uuid)| uuid);
+        if self.stuck.load(Ordering::SeqCst) >= MAX_STUCK_WORKERS {
+            tracing::error!(
+                blocked = MAX_STUCK_WORKERS,
+                "libvirt is not answering: several calls are blocked; waiting for them instead of opening more connections."
+            );
+            return what;
         }
+        if let Some(uuid) = &domain {
+            self.guard.quarantine(uuid);
+        }
+        *self.worker.abandoned.lock().expect("poisoned") = Some(domain);
+        self.stuck.fetch_add(1, Ordering::SeqCst);
+        self.worker = spawn_worker(
+            self.uri.clone(),
+            self.opts.clone(),
+            Arc::new(self.guard.sibling()),
+            self.stuck.clone(),
+        );
+        what
     }
 }
 
 /// Starts a libvirt thread; each request runs one cycle. The thread reconnects with
 /// back-off when the connection is down (including libvirtd not up yet at start).
 fn spawn_worker(uri: String, opts: Options, guard: Arc<Guard>, stuck: Arc<AtomicUsize>) -> Worker {
-    let (tx, mut rx) = mpsc::channel::<PollReply>(1);
+    let (tx, mut rx) = mpsc::channel::<PollRequest>(1);
     let abandoned: Arc<Mutex<Option<Option<String>>>> = Arc::new(Mutex::new(None));
     let worker = Worker {
         tx,
@@ -144,7 +195,8 @@ fn spawn_worker(uri: String, opts: Options, guard: Arc<Guard>, stuck: Arc<Atomic
             virt::error::clear_error_callback();
             let mut inspector: Option<Inspector> = None;
             let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-            while let Some(reply) = rx.blocking_recv() {
+            while let Some(req) = rx.blocking_recv() {
+                let reply = req.done;
                 if inspector.as_ref().is_some_and(|i| !i.alive()) {
                     tracing::warn!(%uri, "libvirt connection lost; reopening.");
                     inspector = None;
@@ -166,7 +218,28 @@ fn spawn_worker(uri: String, opts: Options, guard: Arc<Guard>, stuck: Arc<Atomic
                         }
                     }
                 }
-                let result = inspector.as_mut().expect("opened above").poll();
+                // Samples are filtered and encoded as they are built and handed over batch
+                // by batch: memory stays at a few batches whatever the number of domains.
+                let mut buf: Vec<Sample> = Vec::with_capacity(req.batch_size);
+                let out = req.batches;
+                let result = inspector
+                    .as_mut()
+                    .expect("opened above")
+                    .poll_each(&mut |s| {
+                        if (req.keep)(&s) {
+                            buf.push(s);
+                            if buf.len() >= req.batch_size {
+                                let b = (vmeter_core::wire::encode(&buf), buf.len() as u64);
+                                buf.clear();
+                                // Err: the scheduler gave up on this cycle; nothing to do.
+                                let _ = out.blocking_send(b);
+                            }
+                        }
+                    });
+                if !buf.is_empty() {
+                    let _ = out.blocking_send((vmeter_core::wire::encode(&buf), buf.len() as u64));
+                }
+                drop(out);
                 if result.is_err() {
                     inspector = None;
                 }
@@ -267,9 +340,10 @@ pub async fn run(
     }
     // Each source has its own schedule on a fixed grid from the first cycle; a cycle polls
     // libvirt once and keeps the samples of the sources that are due.
+    let sources = Arc::new(sources);
     let start = tokio::time::Instant::now();
     let mut due: Vec<tokio::time::Instant> = vec![start; sources.len()];
-    for s in &sources {
+    for s in sources.iter() {
         tracing::info!(source = %s.name, interval_secs = s.interval.as_secs_f64(), "Polling source.");
     }
     let mut spool = Spool::open(&cfg.spool.dir, cfg.spool.max_bytes)
@@ -305,46 +379,8 @@ pub async fn run(
                 due[i] += sources[i].interval;
             }
         }
-        let started = std::time::Instant::now();
-        let mut fresh: Vec<Sample> = Vec::new();
-        match libvirt.cycle().await {
-            Outcome::Done(samples, stats) => {
-                libvirt_up.store(true, Ordering::Relaxed);
-                cycles.inc();
-                polled.add(samples.len() as u64);
-                cycle_ms.set(started.elapsed().as_millis() as i64);
-                record_reads(&stats);
-                tracing::debug!(
-                    domains = stats.domains,
-                    skipped = stats.skipped,
-                    quarantined = stats.quarantined,
-                    xml_reads = stats.xml_reads,
-                    samples = stats.samples,
-                    ms = started.elapsed().as_millis() as u64,
-                    "Cycle done."
-                );
-                fresh = samples;
-                keep_due(&mut fresh, &sources, &active);
-            }
-            Outcome::Failed(e) => {
-                libvirt_up.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %e, "Polling cycle failed; retrying next cycle.");
-            }
-            Outcome::TimedOut(what) => {
-                tracing::warn!(
-                    timeout_secs = cfg.libvirt.call_timeout_secs,
-                    call = %what,
-                    "libvirt call timed out: this cycle's samples are lost (counted in vmeter_agent_libvirt_timeouts_total); the next cycle uses a fresh connection and skips that domain until the call returns."
-                );
-            }
-        }
-        let batches: Vec<(Vec<u8>, u64)> = fresh
-            .chunks(cfg.polling.batch_size)
-            .map(|c| (vmeter_core::wire::encode(c), c.len() as u64))
-            .collect();
-        drop(fresh);
-
-        // Publish what is pending, oldest first; on failure keep it for the next cycle.
+        // Reach the broker first (when down and its back-off allows), so that fresh
+        // batches can go straight out as the libvirt thread produces them.
         if publisher.is_none() && tokio::time::Instant::now() >= next_broker_try {
             match amqp::connect(&cfg.broker, "vmeter-agent-compute").await {
                 Ok(conn) => match Publisher::open(&conn, signer.clone()).await {
@@ -367,46 +403,57 @@ pub async fn run(
                 }
             }
         }
-        // Fresh batches go straight out when nothing older waits; otherwise (or when the
-        // broker fails) they join the spool, which is then sent oldest first.
-        let mut to_spool: &[(Vec<u8>, u64)] = &batches;
-        if spool.is_empty()
-            && let Some((_, p)) = &publisher
-        {
-            match send_batches(p, &cfg, &batches).await {
-                Ok(()) => {
-                    broker_up.store(true, Ordering::Relaxed);
-                    published.add(batches.iter().map(|b| b.1).sum());
-                    to_spool = &[];
-                }
-                Err((confirmed, e)) => {
-                    broker_up.store(false, Ordering::Relaxed);
-                    published.add(batches[..confirmed].iter().map(|b| b.1).sum());
-                    tracing::warn!(error = %e, "Publishing failed; spooling to disk.");
-                    publisher = None;
-                    to_spool = &batches[confirmed..];
-                }
-            }
-        }
-        for (body, n) in to_spool {
-            match spool.push(body, *n) {
-                Ok(evicted) => {
-                    let lost: u64 = evicted.iter().map(|e| e.samples).sum();
-                    if lost > 0 {
-                        telemetry::dropped("agent-compute", "spool_full").add(lost);
-                        tracing::warn!(
-                            dropped_samples = lost,
-                            max_bytes = cfg.spool.max_bytes,
-                            "Spool full: oldest batches dropped."
+
+        let started = std::time::Instant::now();
+        let keep = keep_due(sources.clone(), active.clone());
+        let mut out = Outbox {
+            cfg: &cfg,
+            spool: &mut spool,
+            publisher: &mut publisher,
+            window: VecDeque::new(),
+            published: &published,
+            broker_up: &broker_up,
+        };
+        match libvirt.start_cycle(keep, cfg.polling.batch_size).await {
+            Err(e) => anyhow::bail!("{e}"),
+            Ok(mut cycle) => loop {
+                match libvirt.next(&mut cycle).await {
+                    Next::Batch(body, n) => out.deliver(body, n).await,
+                    Next::Done(Outcome::Done(stats)) => {
+                        libvirt_up.store(true, Ordering::Relaxed);
+                        cycles.inc();
+                        polled.add(stats.samples as u64);
+                        cycle_ms.set(started.elapsed().as_millis() as i64);
+                        record_reads(&stats);
+                        tracing::debug!(
+                            domains = stats.domains,
+                            skipped = stats.skipped,
+                            quarantined = stats.quarantined,
+                            xml_reads = stats.xml_reads,
+                            samples = stats.samples,
+                            ms = started.elapsed().as_millis() as u64,
+                            "Cycle done."
                         );
+                        break;
+                    }
+                    Next::Done(Outcome::Failed(e)) => {
+                        libvirt_up.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "Polling cycle failed; retrying next cycle.");
+                        break;
+                    }
+                    Next::Done(Outcome::TimedOut(what)) => {
+                        tracing::warn!(
+                            timeout_secs = cfg.libvirt.call_timeout_secs,
+                            call = %what,
+                            "libvirt call timed out: the rest of this cycle is lost (counted in vmeter_agent_libvirt_timeouts_total); the next cycle uses a fresh connection and skips that domain until the call returns."
+                        );
+                        break;
                     }
                 }
-                Err(e) => {
-                    telemetry::dropped("agent-compute", "spool_write_error").add(*n);
-                    tracing::error!(error = %e, samples = n, "Could not spool a batch; its samples are lost.");
-                }
-            }
+            },
         }
+        out.finish().await;
+
         if let Some((_, p)) = &publisher
             && !spool.is_empty()
         {
@@ -438,47 +485,111 @@ pub async fn run(
     Ok(())
 }
 
-/// Keeps the samples of the meters that one of the due sources (`active`) selects.
-fn keep_due(samples: &mut Vec<Sample>, sources: &[PollingSource], active: &[usize]) {
-    samples.retain(|s| active.iter().any(|&i| sources[i].filter.matches(&s.name)));
+/// Most batches sent and not yet confirmed while a cycle is being published.
+const WINDOW: usize = 16;
+
+/// Where a cycle's batches go as they arrive: straight to the broker when it is up and
+/// nothing older waits in the spool, else to the spool (so order is kept). A batch sent
+/// directly is kept until its confirm; when sending or a confirm fails, it and everything
+/// after it go to the spool.
+struct Outbox<'a> {
+    cfg: &'a Config,
+    spool: &'a mut Spool,
+    publisher: &'a mut Option<(lapin::Connection, Publisher)>,
+    window: VecDeque<(Vec<u8>, u64, amqp::Pending)>,
+    published: &'a telemetry::Counter,
+    broker_up: &'a std::sync::atomic::AtomicBool,
 }
 
-/// Sends `batches` and waits for their confirms in order. On failure returns how many
-/// leading batches were confirmed.
-async fn send_batches(
-    p: &Publisher,
-    cfg: &Config,
-    batches: &[(Vec<u8>, u64)],
-) -> Result<(), (usize, amqp::PublishError)> {
-    let mut confirms = Vec::with_capacity(batches.len());
-    for (i, (body, n)) in batches.iter().enumerate() {
+impl Outbox<'_> {
+    async fn deliver(&mut self, body: Vec<u8>, n: u64) {
+        let direct = self.spool.is_empty();
+        let Some((_, p)) = self.publisher.as_ref().filter(|_| direct) else {
+            spool_push(self.spool, self.cfg, &body, n);
+            return;
+        };
         match p
             .send_body(
-                &cfg.broker.exchange,
-                &cfg.broker.raw_routing_key,
-                body,
-                amqp::count_header(*n as usize),
+                &self.cfg.broker.exchange,
+                &self.cfg.broker.raw_routing_key,
+                &body,
+                amqp::count_header(n as usize),
             )
             .await
         {
-            Ok(c) => confirms.push(c),
-            Err(e) => {
-                // Wait for what was sent so far to know how much got through.
-                let mut ok = 0;
-                for c in confirms {
-                    if c.confirmed().await.is_err() {
-                        break;
-                    }
-                    ok += 1;
+            Ok(pending) => {
+                self.window.push_back((body, n, pending));
+                if self.window.len() > WINDOW {
+                    self.confirm_front().await;
                 }
-                return Err((ok.min(i), e));
+            }
+            Err(e) => {
+                self.fail(&e.to_string());
+                spool_push(self.spool, self.cfg, &body, n);
             }
         }
     }
-    for (i, c) in confirms.into_iter().enumerate() {
-        c.confirmed().await.map_err(|e| (i, e))?;
+
+    /// Waits for the oldest batch's confirm.
+    async fn confirm_front(&mut self) {
+        let Some((body, n, pending)) = self.window.pop_front() else {
+            return;
+        };
+        match pending.confirmed().await {
+            Ok(()) => {
+                self.broker_up.store(true, Ordering::Relaxed);
+                self.published.add(n);
+            }
+            Err(e) => {
+                // Keep the order: this batch, then the ones sent after it.
+                spool_push(self.spool, self.cfg, &body, n);
+                self.fail(&e.to_string());
+            }
+        }
     }
-    Ok(())
+
+    /// The broker failed: what is still unconfirmed goes to the spool, in order.
+    fn fail(&mut self, error: &str) {
+        self.broker_up.store(false, Ordering::Relaxed);
+        tracing::warn!(error, "Publishing failed; spooling to disk.");
+        *self.publisher = None;
+        for (body, n, _) in std::mem::take(&mut self.window) {
+            spool_push(self.spool, self.cfg, &body, n);
+        }
+    }
+
+    /// Waits for every confirm of the cycle.
+    async fn finish(mut self) {
+        while !self.window.is_empty() {
+            self.confirm_front().await;
+        }
+    }
+}
+
+/// Appends a batch to the spool; evictions (spool full) and write errors are counted.
+fn spool_push(spool: &mut Spool, cfg: &Config, body: &[u8], n: u64) {
+    match spool.push(body, n) {
+        Ok(evicted) => {
+            let lost: u64 = evicted.iter().map(|e| e.samples).sum();
+            if lost > 0 {
+                telemetry::dropped("agent-compute", "spool_full").add(lost);
+                tracing::warn!(
+                    dropped_samples = lost,
+                    max_bytes = cfg.spool.max_bytes,
+                    "Spool full: oldest batches dropped."
+                );
+            }
+        }
+        Err(e) => {
+            telemetry::dropped("agent-compute", "spool_write_error").add(n);
+            tracing::error!(error = %e, samples = n, "Could not spool a batch; its samples are lost.");
+        }
+    }
+}
+
+/// Keeps the samples of the meters that one of the due sources (`active`) selects.
+fn keep_due(sources: Arc<Vec<PollingSource>>, active: Vec<usize>) -> KeepFn {
+    Box::new(move |s| active.iter().any(|&i| sources[i].filter.matches(&s.name)))
 }
 
 /// Sends the spool oldest first, `WINDOW` batches in flight; a batch leaves the spool only
@@ -546,15 +657,14 @@ mod tests {
             monotonic_time: None,
         };
         let all = || vec![mk("cpu"), mk("memory"), mk("disk.read.bytes")];
-        let mut v = all();
-        keep_due(&mut v, &srcs[..1], &[0]);
+        let kept = |src: Vec<PollingSource>, active: Vec<usize>| -> Vec<Sample> {
+            let keep = keep_due(Arc::new(src), active);
+            all().into_iter().filter(|s| keep(s)).collect()
+        };
+        let v = kept(srcs[..1].to_vec(), vec![0]);
         let names: Vec<_> = v.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["cpu"], "a single source still selects");
-        let mut v = all();
-        keep_due(&mut v, &srcs, &[0, 1]);
-        assert_eq!(v.len(), 2);
-        let mut v = all();
-        keep_due(&mut v, &sources::every_meter(60.0), &[0]);
-        assert_eq!(v.len(), 3);
+        assert_eq!(kept(srcs.clone(), vec![0, 1]).len(), 2);
+        assert_eq!(kept(sources::every_meter(60.0), vec![0]).len(), 3);
     }
 }
