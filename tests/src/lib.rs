@@ -345,6 +345,25 @@ pub mod broker {
         out
     }
 
+    /// Every sample arriving on `queue` during `period` (for a producer that keeps going).
+    pub async fn collect_for(conn: &Connection, queue: &str, period: Duration) -> Vec<Sample> {
+        let started = Instant::now();
+        let mut got = Vec::new();
+        while started.elapsed() < period {
+            got.extend(
+                take(
+                    conn,
+                    queue,
+                    usize::MAX,
+                    Duration::from_millis(500),
+                    Duration::from_secs(2),
+                )
+                .await,
+            );
+        }
+        got
+    }
+
     /// Deletes this run's queues and exchanges.
     pub async fn cleanup(conn: &Connection, names: &Names) {
         let ch = conn.create_channel().await.unwrap();

@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmeter_core::Sample;
 use vmeter_e2e::{Names, Service, broker, free_port, http};
@@ -204,20 +204,7 @@ async fn real_qemu_guests_spinning_and_idle() {
     let conn = broker::connect().await;
     let mut agent = Service::start("agent", "agent-compute", &[], &env, &dir);
     broker::wait_for_queue(&conn, &names.raw_queue, Duration::from_secs(30)).await;
-    let mut got: Vec<Sample> = Vec::new();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(8) {
-        got.extend(
-            broker::take(
-                &conn,
-                &names.raw_queue,
-                usize::MAX,
-                Duration::from_millis(500),
-                Duration::from_secs(2),
-            )
-            .await,
-        );
-    }
+    let got = broker::collect_for(&conn, &names.raw_queue, Duration::from_secs(8)).await;
     let cpu = cpu_series(&got);
     let (s, i) = (
         cpu.get(&spin_id).cloned().unwrap_or_default(),
@@ -301,20 +288,7 @@ async fn real_qemu_guests_spinning_and_idle() {
     // SAFETY: kill(2) with SIGSTOP on the guest's QEMU process.
     assert_eq!(unsafe { libc_kill(pid, 19) }, 0);
     guests.frozen.push(pid);
-    let frozen_at = Instant::now();
-    let mut after: Vec<Sample> = Vec::new();
-    while frozen_at.elapsed() < Duration::from_secs(9) {
-        after.extend(
-            broker::take(
-                &conn,
-                &names.raw_queue,
-                usize::MAX,
-                Duration::from_millis(500),
-                Duration::from_secs(2),
-            )
-            .await,
-        );
-    }
+    let after = broker::collect_for(&conn, &names.raw_queue, Duration::from_secs(9)).await;
     let (_, metrics) = http::request(&http_addr, "GET", "/metrics", &[], None).await;
     let timeouts = metric(&metrics, "vmeter_agent_libvirt_timeouts_total");
     let spin_after = cpu_series(&after).remove(&spin_id).unwrap_or_default();

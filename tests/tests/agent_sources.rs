@@ -3,7 +3,7 @@
 //! test driver and a real RabbitMQ.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmeter_e2e::{Names, Service, bin_dir, broker, free_port, repo_root};
 
@@ -64,20 +64,7 @@ async fn sources_poll_their_meters_at_their_intervals() {
     let conn = broker::connect().await;
     let agent = Service::start("agent", "agent-compute", &[], &env, &dir);
     broker::wait_for_queue(&conn, &names.raw_queue, Duration::from_secs(30)).await;
-    let started = Instant::now();
-    let mut got = Vec::new();
-    while started.elapsed() < Duration::from_secs(8) {
-        got.extend(
-            broker::take(
-                &conn,
-                &names.raw_queue,
-                usize::MAX,
-                Duration::from_millis(500),
-                Duration::from_secs(2),
-            )
-            .await,
-        );
-    }
+    let got = broker::collect_for(&conn, &names.raw_queue, Duration::from_secs(8)).await;
     drop(agent);
     let mut by_meter: HashMap<&str, Vec<i64>> = HashMap::new();
     for s in &got {
