@@ -466,16 +466,15 @@ impl Inspector {
         let mem_kib = mem_now.or(prev.map(|k| k.mem_kib)).unwrap_or(0);
 
         // Parsed XML and metadata: reused unless something says the domain changed.
-        let devices: Vec<String> = if st.has_block || st.has_net {
+        // Device names of the bulk record (compared without allocating; copied only when
+        // the XML is re-read).
+        let devices = || {
             st.blocks
                 .iter()
                 .map(|b| b.name.as_str())
                 .chain(st.nets.iter().map(|n| n.name.as_str()))
-                .map(str::to_string)
-                .collect()
-        } else {
-            Vec::new()
         };
+        let has_devices = st.has_block || st.has_net;
         let id = d.id();
         let stale = match prev {
             None => true,
@@ -484,7 +483,7 @@ impl Inspector {
                     || k.state != state
                     || vcpus_now.is_some_and(|v| v != k.vcpus)
                     || mem_now.is_some_and(|m| m != k.mem_kib)
-                    || (!devices.is_empty() && k.bulk_devices != devices)
+                    || (has_devices && !k.bulk_devices.iter().map(String::as_str).eq(devices()))
                     || k.fetched.elapsed() >= self.opts.xml_refresh
             }
         };
@@ -497,6 +496,7 @@ impl Inspector {
                 tracing::warn!(domain = %name, error = %e, "Domain XML does not parse; reporting without devices and metadata.");
                 DomainXml::default()
             });
+            let devices = devices().map(str::to_string).collect();
             let known = self.build_known(name, uuid, id, parsed, state, vcpus, mem_kib, devices);
             self.known.insert(uuid.to_string(), known);
         }
@@ -609,7 +609,10 @@ impl Inspector {
 
         for (i, (target, rid, dmd)) in k.disks.iter().enumerate() {
             let b = if have & group::BLOCK != 0 {
-                st.blocks.iter().find(|b| &b.name == target).cloned()
+                st.blocks
+                    .iter_mut()
+                    .find(|b| &b.name == target)
+                    .map(std::mem::take)
             } else {
                 block_fallback.get(i).map(|(bs, bi)| {
                     let pos = |v: i64| u64::try_from(v).ok();
@@ -677,7 +680,10 @@ impl Inspector {
         if running {
             for (i, (target, rid, nmd)) in k.nics.iter().enumerate() {
                 let n = if have & group::INTERFACE != 0 {
-                    st.nets.iter().find(|n| &n.name == target).cloned()
+                    st.nets
+                        .iter_mut()
+                        .find(|n| &n.name == target)
+                        .map(std::mem::take)
                 } else {
                     net_fallback.get(i).and_then(|s| s.as_ref()).map(|s| {
                         let pos = |v: i64| u64::try_from(v).ok();

@@ -231,13 +231,12 @@ fn spawn_worker(uri: String, opts: Options, guard: Arc<Guard>, stuck: Arc<Atomic
                             if buf.len() >= req.batch_size {
                                 let b = (vmeter_core::wire::encode(&buf), buf.len() as u64);
                                 buf.clear();
-                                // Err: the scheduler gave up on this cycle; nothing to do.
-                                let _ = out.blocking_send(b);
+                                hand_over(&out, b);
                             }
                         }
                     });
                 if !buf.is_empty() {
-                    let _ = out.blocking_send((vmeter_core::wire::encode(&buf), buf.len() as u64));
+                    hand_over(&out, (vmeter_core::wire::encode(&buf), buf.len() as u64));
                 }
                 drop(out);
                 if result.is_err() {
@@ -483,6 +482,15 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Passes a batch to the scheduler. When it gave up on this cycle (the cycle overran
+/// `libvirt.call_timeout_secs`), the batch's samples are counted as dropped.
+fn hand_over(out: &mpsc::Sender<(Vec<u8>, u64)>, batch: (Vec<u8>, u64)) {
+    let n = batch.1;
+    if out.blocking_send(batch).is_err() {
+        telemetry::dropped("agent-compute", "libvirt_timeout").add(n);
+    }
 }
 
 /// Most batches sent and not yet confirmed while a cycle is being published.

@@ -71,8 +71,7 @@ struct Guests {
 impl Drop for Guests {
     fn drop(&mut self) {
         for pid in &self.frozen {
-            // SAFETY: plain kill(2) on a pid we froze.
-            unsafe { libc_kill(*pid, 18) }; // SIGCONT
+            let _ = signal(*pid, "CONT");
         }
         for n in &self.names {
             let _ = virsh(&["destroy", n]);
@@ -80,9 +79,13 @@ impl Drop for Guests {
     }
 }
 
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+/// `kill -SIG pid`; whether it was delivered.
+fn signal(pid: i32, sig: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn qemu_pid(name: &str) -> i32 {
@@ -285,8 +288,7 @@ async fn real_qemu_guests_spinning_and_idle() {
     // must give up on that cycle after call_timeout (2 s), count it, and go on polling the
     // spinning guest (no-wait bulk call skips what needs the frozen guest's job lock).
     let pid = qemu_pid(&idle);
-    // SAFETY: kill(2) with SIGSTOP on the guest's QEMU process.
-    assert_eq!(unsafe { libc_kill(pid, 19) }, 0);
+    assert!(signal(pid, "STOP"), "SIGSTOP to QEMU pid {pid}");
     guests.frozen.push(pid);
     let after = broker::collect_for(&conn, &names.raw_queue, Duration::from_secs(9)).await;
     let (_, metrics) = http::request(&http_addr, "GET", "/metrics", &[], None).await;
