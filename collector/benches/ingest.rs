@@ -12,7 +12,8 @@
 //! resource's 10,000 samples of one meter, and `statistics?period=60` over all 1,000,000
 //! samples grouped by resource.
 //!
-//! Run: `cargo bench -p collector --bench ingest`.
+//! Run: `cargo bench -p collector --bench ingest` (`VMETER_BENCH_KEEP_DB=1` keeps the
+//! database for inspection).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -335,9 +336,13 @@ async fn main() {
             .exchange_delete(e.as_str().into(), Default::default())
             .await;
     }
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {id} with (force)"
-    )))
-    .execute(&admin)
-    .await;
+    if std::env::var_os("VMETER_BENCH_KEEP_DB").is_some() {
+        println!("database kept (VMETER_BENCH_KEEP_DB): {db_url}");
+    } else {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {id} with (force)"
+        )))
+        .execute(&admin)
+        .await;
+    }
 }

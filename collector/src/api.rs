@@ -7,7 +7,9 @@
 //!
 //! Errors are JSON `{"error_message": {"faultstring": "…"}}` (Ceilometer's shape) with 400,
 //! 401 or 404; internal errors are logged and answered with a generic 500 message, never a
-//! trace. Every query is one SQL statement with bound parameters.
+//! trace. All SQL uses bound parameters; meter and resource filters are resolved to integer
+//! ids with small lookups first, then samples and statistics are read from the narrow sample
+//! table in one statement.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use vmeter_core::{Sample, SampleType};
+
+use crate::jsonw::JsonBuf;
 
 /// Bearer tokens: none configured means the API is open (logged at start).
 #[derive(Debug, Clone, Default)]
@@ -508,16 +512,17 @@ fn flat(md: Value) -> Map<String, Value> {
     }
 }
 
-const SAMPLE_COLS: &str = "select s.ts, m.name, m.type, m.unit, s.volume, s.meter_id, s.resource_id
-     from sample s join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id
-     where true";
-
-/// One sample row; its resource's columns are fetched once per resource ([`ResInfo`]).
-struct SampleRow {
-    ts: DateTime<Utc>,
+/// A meter's columns.
+struct MeterInfo {
     name: String,
     kind: String,
     unit: String,
+}
+
+/// One sample row: the narrow table's columns only; names come from [`MeterInfo`] and
+/// [`ResInfo`], fetched once per meter and per resource.
+struct SampleRow {
+    ts: DateTime<Utc>,
     volume: f64,
     meter_id: i32,
     rint: i32,
@@ -532,107 +537,246 @@ struct ResInfo {
     md: Box<serde_json::value::RawValue>,
 }
 
-/// Samples plus the resources they refer to.
+/// Samples plus the meters and resources they refer to.
+#[derive(Default)]
 struct Fetched {
     rows: Vec<SampleRow>,
+    meters: HashMap<i32, MeterInfo>,
     res: HashMap<i32, ResInfo>,
 }
 
-#[derive(serde::Serialize)]
-struct OldSampleOut<'a> {
-    source: Option<&'a str>,
-    counter_name: &'a str,
-    counter_type: &'a str,
-    counter_unit: &'a str,
-    counter_volume: f64,
-    user_id: Option<&'a str>,
-    project_id: Option<&'a str>,
-    resource_id: &'a str,
-    timestamp: String,
-    recorded_at: String,
-    resource_metadata: &'a serde_json::value::RawValue,
-    message_id: String,
-}
-
-#[derive(serde::Serialize)]
-struct SampleOut<'a> {
-    id: String,
-    meter: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    unit: &'a str,
-    volume: f64,
-    user_id: Option<&'a str>,
-    project_id: Option<&'a str>,
-    resource_id: &'a str,
-    source: Option<&'a str>,
-    timestamp: String,
-    recorded_at: String,
-    metadata: &'a serde_json::value::RawValue,
-}
-
 impl Fetched {
-    /// Rows with their resource; a row whose resource was pruned between the two queries
-    /// (retention running concurrently) is left out rather than failing the request.
-    fn joined(&self) -> impl Iterator<Item = (&SampleRow, &ResInfo)> {
+    /// Rows with their meter and resource; a row whose resource was pruned between the
+    /// queries (retention running concurrently) is left out rather than failing the request.
+    fn joined(&self) -> impl Iterator<Item = (&SampleRow, &MeterInfo, &ResInfo)> {
         self.rows
             .iter()
-            .filter_map(|s| self.res.get(&s.rint).map(|r| (s, r)))
+            .filter_map(|s| Some((s, self.meters.get(&s.meter_id)?, self.res.get(&s.rint)?)))
     }
 
-    fn old(&self) -> Vec<OldSampleOut<'_>> {
-        self.joined()
-            .map(|(s, r)| OldSampleOut {
-                source: r.source.as_deref(),
-                counter_name: &s.name,
-                counter_type: &s.kind,
-                counter_unit: &s.unit,
-                counter_volume: s.volume,
-                user_id: r.user.as_deref(),
-                project_id: r.project.as_deref(),
-                resource_id: &r.rid,
-                timestamp: iso(s.ts),
-                recorded_at: iso(s.ts),
-                resource_metadata: &r.md,
-                message_id: sample_id(s.meter_id, s.rint, s.ts),
-            })
-            .collect()
+    /// The rows as a JSON array of Ceilometer's OldSample (`GET /v2/meters/{meter}`).
+    fn old_json(&self) -> Vec<u8> {
+        self.write(OLD_SAMPLE, false).unwrap_or_default()
     }
 
-    fn new_shape(&self) -> Vec<SampleOut<'_>> {
-        self.joined()
-            .map(|(s, r)| SampleOut {
-                id: sample_id(s.meter_id, s.rint, s.ts),
-                meter: &s.name,
-                kind: &s.kind,
-                unit: &s.unit,
-                volume: s.volume,
-                user_id: r.user.as_deref(),
-                project_id: r.project.as_deref(),
-                resource_id: &r.rid,
-                source: r.source.as_deref(),
-                timestamp: iso(s.ts),
-                recorded_at: iso(s.ts),
-                metadata: &r.md,
-            })
-            .collect()
+    /// The rows in the v2 Sample shape (`GET /v2/samples`): a JSON array, or with `one`
+    /// the first row alone (`None` when there is none).
+    fn new_json(&self, one: bool) -> Option<Vec<u8>> {
+        self.write(NEW_SAMPLE, one)
+    }
+
+    fn write(&self, shape: &[(&str, Field)], one: bool) -> Option<Vec<u8>> {
+        let mut j = JsonBuf::with_capacity(64 + self.rows.len() * 700);
+        if !one {
+            j.raw("[");
+        }
+        let mut n = 0;
+        for (s, m, r) in self.joined() {
+            if one && n == 1 {
+                break;
+            }
+            if n > 0 {
+                j.raw(",");
+            }
+            n += 1;
+            for (i, (key, field)) in shape.iter().enumerate() {
+                j.raw(if i == 0 { "{\"" } else { ",\"" });
+                j.raw(key);
+                j.raw("\":");
+                match field {
+                    Field::Id => {
+                        j.raw("\"");
+                        write_sample_id(&mut j, s);
+                        j.raw("\"");
+                    }
+                    Field::Meter => j.str(&m.name),
+                    Field::Kind => j.str(&m.kind),
+                    Field::Unit => j.str(&m.unit),
+                    Field::Volume => j.f64(s.volume),
+                    Field::User => j.opt_str(r.user.as_deref()),
+                    Field::Project => j.opt_str(r.project.as_deref()),
+                    Field::Resource => j.str(&r.rid),
+                    Field::Source => j.opt_str(r.source.as_deref()),
+                    // Storage keeps one time per sample: recorded_at is the sample's time.
+                    Field::Time => j.ts(s.ts),
+                    Field::Metadata => j.raw(r.md.get()),
+                }
+            }
+            j.raw("}");
+        }
+        if one {
+            return (n == 1).then_some(j.buf);
+        }
+        j.raw("]");
+        Some(j.buf)
     }
 }
 
-/// A JSON response from something serialisable (no intermediate `Value` tree).
-fn json_response<T: serde::Serialize>(v: &T) -> Result<Response, ApiError> {
-    let mut body = Vec::with_capacity(64 * 1024);
-    serde_json::to_writer(&mut body, v).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((
+/// A sample field in the API's answers.
+#[derive(Clone, Copy)]
+enum Field {
+    Id,
+    Meter,
+    Kind,
+    Unit,
+    Volume,
+    User,
+    Project,
+    Resource,
+    Source,
+    Time,
+    Metadata,
+}
+
+/// Ceilometer's OldSample, keys in its order.
+const OLD_SAMPLE: &[(&str, Field)] = &[
+    ("source", Field::Source),
+    ("counter_name", Field::Meter),
+    ("counter_type", Field::Kind),
+    ("counter_unit", Field::Unit),
+    ("counter_volume", Field::Volume),
+    ("user_id", Field::User),
+    ("project_id", Field::Project),
+    ("resource_id", Field::Resource),
+    ("timestamp", Field::Time),
+    ("recorded_at", Field::Time),
+    ("resource_metadata", Field::Metadata),
+    ("message_id", Field::Id),
+];
+
+/// The v2 Sample, keys in its order.
+const NEW_SAMPLE: &[(&str, Field)] = &[
+    ("id", Field::Id),
+    ("meter", Field::Meter),
+    ("type", Field::Kind),
+    ("unit", Field::Unit),
+    ("volume", Field::Volume),
+    ("user_id", Field::User),
+    ("project_id", Field::Project),
+    ("resource_id", Field::Resource),
+    ("source", Field::Source),
+    ("timestamp", Field::Time),
+    ("recorded_at", Field::Time),
+    ("metadata", Field::Metadata),
+];
+
+/// [`sample_id`] written in place.
+fn write_sample_id(j: &mut JsonBuf, s: &SampleRow) {
+    use std::io::Write;
+    let _ = write!(
+        j.buf,
+        "{:x}-{:x}-{:x}",
+        s.meter_id,
+        s.rint,
+        s.ts.timestamp_micros()
+    );
+}
+
+/// A JSON response from bytes already written.
+fn json_bytes(body: Vec<u8>) -> Response {
+    (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
+/// The resource-level part of `c` (resource, project, user, source, metadata), if any.
+fn resource_level(c: &Cond) -> Option<Cond> {
+    let r = Cond {
+        resource: c.resource.clone(),
+        project: c.project.clone(),
+        user: c.user.clone(),
+        source: c.source.clone(),
+        metadata: c.metadata.clone(),
+        ..Cond::default()
+    };
+    (r.resource.is_some()
+        || r.project.is_some()
+        || r.user.is_some()
+        || r.source.is_some()
+        || !r.metadata.is_empty())
+    .then_some(r)
+}
+
+/// The sample-level part of `c`: time bounds and a sample key.
+fn sample_level(c: &Cond) -> Cond {
+    Cond {
+        ge: c.ge,
+        gt: c.gt,
+        le: c.le,
+        lt: c.lt,
+        sample: c.sample,
+        ..Cond::default()
+    }
+}
+
+/// Meters named `name` (all meters without a name), by id.
+async fn meters_named(api: &Api, name: Option<&str>) -> Result<HashMap<i32, MeterInfo>, ApiError> {
+    let rows =
+        sqlx::query("select id, name, type, unit from meter where $1::text is null or name = $1")
+            .bind(name)
+            .fetch_all(&api.pool)
+            .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        out.insert(
+            r.try_get::<i32, _>(0)?,
+            MeterInfo {
+                name: r.try_get(1)?,
+                kind: r.try_get(2)?,
+                unit: r.try_get(3)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Ids of the resources that match the resource-level conditions of `c`; `None` when
+/// `c` has none (every resource).
+async fn resource_ids(api: &Api, c: &Cond) -> Result<Option<Vec<i32>>, ApiError> {
+    let Some(rc) = resource_level(c) else {
+        return Ok(None);
+    };
+    let mut qb = QueryBuilder::new("select r.id from resource r where true");
+    push_cond(&mut qb, &rc, false);
+    let ids: Vec<i32> = qb.build_query_scalar().fetch_all(&api.pool).await?;
+    Ok(Some(ids))
+}
+
+/// `and <col> = $n` for one id, `and <col> = any($n)` for several.
+fn push_ids(qb: &mut QueryBuilder<Postgres>, col: &str, ids: &[i32]) {
+    if let [one] = ids {
+        qb.push(format!(" and {col} = "));
+        qb.push_bind(*one);
+    } else {
+        qb.push(format!(" and {col} = any("));
+        qb.push_bind(ids.to_vec());
+        qb.push(")");
+    }
+}
+
+/// Samples matching `c`, newest first. Meter and resource conditions are resolved to
+/// integer ids first, so the sample query reads the narrow table alone: for one meter of
+/// one resource that is an index-only scan of the primary key, already in time order.
 async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiError> {
-    let mut qb = QueryBuilder::new(SAMPLE_COLS);
-    push_cond(&mut qb, c, true);
+    let meters = meters_named(api, c.meter.as_deref()).await?;
+    let res_ids = resource_ids(api, c).await?;
+    if meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(Fetched::default());
+    }
+    let mut qb = QueryBuilder::new(
+        "select s.ts, s.volume, s.meter_id, s.resource_id from sample s where true",
+    );
+    if c.meter.is_some() {
+        let mut ids: Vec<i32> = meters.keys().copied().collect();
+        ids.sort_unstable();
+        push_ids(&mut qb, "s.meter_id", &ids);
+    }
+    if let Some(ids) = &res_ids {
+        push_ids(&mut qb, "s.resource_id", ids);
+    }
+    push_cond(&mut qb, &sample_level(c), true);
     qb.push(" order by s.ts desc limit ");
     qb.push_bind(limit);
     let rows = qb.build().fetch_all(&api.pool).await?;
@@ -641,22 +785,26 @@ async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiEr
         .map(|r| {
             Ok(SampleRow {
                 ts: r.try_get(0)?,
-                name: r.try_get(1)?,
-                kind: r.try_get(2)?,
-                unit: r.try_get(3)?,
-                volume: r.try_get(4)?,
-                meter_id: r.try_get(5)?,
-                rint: r.try_get(6)?,
+                volume: r.try_get(1)?,
+                meter_id: r.try_get(2)?,
+                rint: r.try_get(3)?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()?;
     let mut ids: Vec<i32> = rows.iter().map(|r| r.rint).collect();
     ids.sort_unstable();
     ids.dedup();
+    let res = resources_by_id(api, &ids).await?;
+    Ok(Fetched { rows, meters, res })
+}
+
+/// The resources with these ids, metadata flattened (Ceilometer's OldSample form) and
+/// serialised once each.
+async fn resources_by_id(api: &Api, ids: &[i32]) -> Result<HashMap<i32, ResInfo>, ApiError> {
     let res_rows = sqlx::query(
         "select id, resource_id, user_id, project_id, source, metadata from resource where id = any($1)",
     )
-    .bind(&ids)
+    .bind(ids)
     .fetch_all(&api.pool)
     .await?;
     let mut res = HashMap::with_capacity(res_rows.len());
@@ -674,7 +822,7 @@ async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiEr
             },
         );
     }
-    Ok(Fetched { rows, res })
+    Ok(res)
 }
 
 const SAMPLES: Fields = Fields {
@@ -693,7 +841,7 @@ async fn meter_samples(
     let (q, mut c) = request(&api, &headers, raw.as_deref(), &[], SAMPLES)?;
     c.meter = Some(meter);
     let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    json_response(&f.old())
+    Ok(json_bytes(f.old_json()))
 }
 
 /// `GET /v2/samples`: samples of any meter (`q.field=meter`), newest first.
@@ -708,7 +856,7 @@ async fn list_samples(
     };
     let (q, c) = request(&api, &headers, raw.as_deref(), &[], fields)?;
     let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    json_response(&f.new_shape())
+    Ok(json_bytes(f.new_json(false).unwrap_or_default()))
 }
 
 /// `GET /v2/samples/{id}`.
@@ -722,8 +870,7 @@ async fn one_sample(
     let key = parse_sample_id(&id).ok_or_else(not_found)?;
     c.sample = Some(key);
     let f = fetch_samples(&api, &c, 1).await?;
-    let one = f.new_shape().into_iter().next().ok_or_else(not_found)?;
-    json_response(&one)
+    Ok(json_bytes(f.new_json(true).ok_or_else(not_found)?))
 }
 
 /// Standard base64 (for Ceilometer's `meter_id`).
@@ -978,8 +1125,54 @@ fn aggregates(q: &Query) -> Result<Vec<Agg>, ApiError> {
     Ok(out)
 }
 
-/// `GET /v2/meters/{meter}/statistics`: one SQL statement over the filtered samples,
+/// A `groupby` field: its output name and where its value comes from.
+#[derive(Clone, Copy, PartialEq)]
+enum GroupBy {
+    /// The resource's integer key in the sample table; its name is looked up afterwards
+    /// (no join per sample row).
+    ResourceId,
+    /// A column of the resource table (`expr`), which joins the resource per sample row.
+    Resource(&'static str, &'static str),
+}
+
+impl GroupBy {
+    fn name(self) -> &'static str {
+        match self {
+            GroupBy::ResourceId => "resource_id",
+            GroupBy::Resource(name, _) => name,
+        }
+    }
+}
+
+/// One aggregated row of the statistics query.
+struct StatRow {
+    unit: usize,
+    /// Values of the resource-table `groupby` fields (`None` at the `resource_id` place).
+    groups: Vec<Option<String>>,
+    /// The resource's integer key, with `groupby=resource_id`.
+    rint: i32,
+    /// Rank of the resource's id in name order (0: no name), for sorting.
+    rrank: u32,
+    /// Bucket start; `None` without a period.
+    bucket: Option<DateTime<Utc>>,
+    count: i64,
+    min: f64,
+    max: f64,
+    sum: f64,
+    sumsq: f64,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    card: [i64; 3],
+}
+
+/// `GET /v2/meters/{meter}/statistics`: one SQL statement over the narrow sample table,
 /// grouped by unit, the `groupby` fields and, with `period`, the time bucket.
+///
+/// The meter and the resource-level filters are resolved to integer ids first; the
+/// statement then reads only the sample table (an index-only scan for one series) and
+/// joins the resource table only when a `groupby` field or a cardinality needs one of its
+/// columns. Buckets are `date_bin(period, ts, t0)`: Ceilometer's `[t0 + kP, t0 + (k+1)P)`,
+/// with `t0` the query's start or else the first sample's time.
 async fn statistics(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -1001,14 +1194,14 @@ async fn statistics(
             Some(v)
         }
     };
-    let mut groupby: Vec<(&'static str, &'static str)> = Vec::new();
+    let mut groupby: Vec<GroupBy> = Vec::new();
     for g in q.params("groupby") {
         let col = match g {
-            "user_id" => ("user_id", "r.user_id"),
-            "project_id" => ("project_id", "r.project_id"),
-            "resource_id" => ("resource_id", "r.resource_id"),
-            "source" => ("source", "r.source"),
-            "resource_metadata.instance_type" => (
+            "resource_id" => GroupBy::ResourceId,
+            "user_id" => GroupBy::Resource("user_id", "r.user_id"),
+            "project_id" => GroupBy::Resource("project_id", "r.project_id"),
+            "source" => GroupBy::Resource("source", "r.source"),
+            "resource_metadata.instance_type" => GroupBy::Resource(
                 "resource_metadata.instance_type",
                 "r.metadata->>'instance_type'",
             ),
@@ -1023,15 +1216,30 @@ async fn statistics(
         }
     }
     let aggs = aggregates(&q)?;
+    let empty = || Ok(json_bytes(b"[]".to_vec()));
+
+    let meters = meters_named(&api, c.meter.as_deref()).await?;
+    let res_ids = resource_ids(&api, &c).await?;
+    if meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty) {
+        return empty();
+    }
+    let mut meter_ids: Vec<i32> = meters.keys().copied().collect();
+    meter_ids.sort_unstable();
+    // Units in a stable order; a meter name stored with several units gives one result
+    // set per unit (Ceilometer groups statistics by unit).
+    let mut units: Vec<&str> = meter_ids.iter().map(|m| meters[m].unit.as_str()).collect();
+    units.sort_unstable();
+    units.dedup();
 
     // Bucket origin and end: the query's bounds, else the first/last sample of the
     // selected series (kept per series by the collector: no scan of the samples).
     let (mut t0, mut t1) = (c.start(), c.end());
     if period.is_some() && (t0.is_none() || t1.is_none()) {
-        let mut qb = QueryBuilder::new(
-            "select min(se.first_ts), max(se.last_ts) from series se join meter m on m.id = se.meter_id join resource r on r.id = se.resource_id where true",
-        );
-        push_cond(&mut qb, &c, false);
+        let mut qb = QueryBuilder::new("select min(first_ts), max(last_ts) from series where true");
+        push_ids(&mut qb, "meter_id", &meter_ids);
+        if let Some(ids) = &res_ids {
+            push_ids(&mut qb, "resource_id", ids);
+        }
         let row = qb.build().fetch_one(&api.pool).await?;
         let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
             (row.try_get(0)?, row.try_get(1)?);
@@ -1043,245 +1251,358 @@ async fn statistics(
         (Some(p), Some(t0), Some(t1)) => {
             let span = (t1 - t0).num_microseconds().unwrap_or(0) as f64 / 1e6;
             let n = (span / p).ceil().max(0.0);
+            let us = ((p * 1e6).round() as i64).max(1);
             Some((
-                p,
+                us,
                 t0,
                 t0 + chrono::Duration::microseconds((n * p * 1e6) as i64),
             ))
         }
-        (Some(_), _, _) => return json_response(&Vec::<Value>::new()),
+        (Some(_), _, _) => return empty(),
         _ => None,
     };
 
-    // One statement in two levels: the inner level reads only the narrow sample table
-    // (meter and resources resolved to their integer ids first, no per-row join) and
-    // aggregates per (meter id, resource, bucket); the outer level joins the names and
-    // merges to (unit, groupby fields, bucket). stddev from the sum of squares.
-    let mut qb = QueryBuilder::new("select m.unit");
-    for (_, expr) in &groupby {
-        qb.push(format!(", {expr}"));
+    let card_asked = [
+        aggs.contains(&Agg::Cardinality("resource_id")),
+        aggs.contains(&Agg::Cardinality("user_id")),
+        aggs.contains(&Agg::Cardinality("project_id")),
+    ];
+    let join = card_asked[1]
+        || card_asked[2]
+        || groupby.iter().any(|g| matches!(g, GroupBy::Resource(..)));
+    let stddev = aggs.contains(&Agg::Std("stddev"));
+
+    let mut qb = QueryBuilder::new("select ");
+    if units.len() == 1 {
+        qb.push("0");
+    } else {
+        qb.push("case s.meter_id");
+        for m in &meter_ids {
+            let u = units.iter().position(|u| *u == meters[m].unit).unwrap_or(0);
+            qb.push(format!(" when {m} then {u}"));
+        }
+        qb.push(" end");
     }
-    qb.push(", a.k, sum(a.n)::bigint, min(a.mn), max(a.mx), sum(a.sm), sum(a.sm) / sum(a.n), sqrt(greatest(sum(a.sq) / sum(a.n) - (sum(a.sm) / sum(a.n))^2, 0)), min(a.t0), max(a.t1)");
+    for g in &groupby {
+        match g {
+            GroupBy::ResourceId => qb.push(", s.resource_id"),
+            GroupBy::Resource(_, expr) => qb.push(format!(", {expr}")),
+        };
+    }
+    match buckets {
+        Some((us, t0, _)) => {
+            qb.push(", date_bin(");
+            qb.push_bind(sqlx::postgres::types::PgInterval {
+                months: 0,
+                days: 0,
+                microseconds: us,
+            });
+            qb.push(", s.ts, ");
+            qb.push_bind(t0);
+            qb.push(")");
+        }
+        None => {
+            qb.push(", null::timestamptz");
+        }
+    }
+    qb.push(", count(*), min(s.volume), max(s.volume), sum(s.volume), ");
+    qb.push(if stddev {
+        "sum(s.volume * s.volume)"
+    } else {
+        "0::float8"
+    });
+    qb.push(", min(s.ts), max(s.ts)");
     // Distinct counts only when asked for (they force a sort per group).
-    for (i, col) in ["r.resource_id", "r.user_id", "r.project_id"]
+    for (asked, col) in card_asked
         .iter()
-        .enumerate()
+        .zip(["s.resource_id", "r.user_id", "r.project_id"])
     {
-        if aggs.contains(&Agg::Cardinality(
-            ["resource_id", "user_id", "project_id"][i],
-        )) {
+        if *asked {
             qb.push(format!(", count(distinct {col})"));
         } else {
             qb.push(", 0::bigint");
         }
     }
-    qb.push(" from (select s.meter_id, s.resource_id");
-    match buckets {
-        Some((p, t0, _)) => {
-            qb.push(", floor(extract(epoch from s.ts - ");
-            qb.push_bind(t0);
-            qb.push("::timestamptz)::float8 / ");
-            qb.push_bind(p);
-            qb.push(")::bigint as k");
-        }
-        None => {
-            qb.push(", 0::bigint as k");
-        }
+    qb.push(" from sample s");
+    if join {
+        qb.push(" join resource r on r.id = s.resource_id");
     }
-    qb.push(", count(*) as n, min(s.volume) as mn, max(s.volume) as mx, sum(s.volume) as sm, sum(s.volume * s.volume) as sq, min(s.ts) as t0, max(s.ts) as t1 from sample s where s.meter_id = any(array(select id from meter where name = ");
-    qb.push_bind(c.meter.clone().unwrap_or_default());
-    qb.push("))");
-    let resource_level = Cond {
-        resource: c.resource.clone(),
-        project: c.project.clone(),
-        user: c.user.clone(),
-        source: c.source.clone(),
-        metadata: c.metadata.clone(),
-        ..Cond::default()
-    };
-    if resource_level.resource.is_some()
-        || resource_level.project.is_some()
-        || resource_level.user.is_some()
-        || resource_level.source.is_some()
-        || !resource_level.metadata.is_empty()
-    {
-        qb.push(" and s.resource_id = any(array(select r.id from resource r where true");
-        push_cond(&mut qb, &resource_level, false);
-        qb.push("))");
+    qb.push(" where true");
+    push_ids(&mut qb, "s.meter_id", &meter_ids);
+    if let Some(ids) = &res_ids {
+        push_ids(&mut qb, "s.resource_id", ids);
     }
-    let time_only = Cond {
-        ge: c.ge,
-        gt: c.gt,
-        le: c.le,
-        lt: c.lt,
-        sample: c.sample,
-        ..Cond::default()
-    };
-    push_cond(&mut qb, &time_only, true);
+    push_cond(&mut qb, &sample_level(&c), true);
     if let Some((_, t0, end)) = buckets {
         qb.push(" and s.ts >= ");
         qb.push_bind(t0);
         qb.push(" and s.ts < ");
         qb.push_bind(end);
     }
-    qb.push(" group by 1, 2, 3) a join meter m on m.id = a.meter_id join resource r on r.id = a.resource_id");
-    let gcount = groupby.len();
-    let group_cols: String = (1..=gcount + 2)
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    qb.push(format!(" group by {group_cols} order by {}, 1", gcount + 2));
-    for i in 0..gcount {
-        qb.push(format!(", {}", i + 2));
-    }
+    let g = groupby.len();
+    let group_cols: Vec<String> = (1..=g + 2).map(|i| i.to_string()).collect();
+    qb.push(format!(" group by {}", group_cols.join(", ")));
     let mut tx = api.pool.begin().await?;
     // Hash aggregation in memory for many buckets; no JIT start-up cost.
     sqlx::query("set local work_mem = '256MB'")
         .execute(&mut *tx)
         .await?;
     sqlx::query("set local jit = off").execute(&mut *tx).await?;
-    sqlx::query("set local enable_sort = off")
-        .execute(&mut *tx)
-        .await?;
     let rows = qb.build().fetch_all(&mut *tx).await?;
     tx.commit().await?;
 
-    let g = gcount;
-    let mut out = Vec::with_capacity(rows.len());
+    let mut out: Vec<StatRow> = Vec::with_capacity(rows.len());
     for r in &rows {
-        let unit: String = r.try_get(0)?;
-        let groups = if g == 0 {
-            None
-        } else {
-            let mut gmap = BTreeMap::new();
-            for (i, (name, _)) in groupby.iter().enumerate() {
-                gmap.insert(*name, r.try_get::<Option<String>, _>(1 + i)?);
-            }
-            Some(gmap)
-        };
-        let k: i64 = r.try_get(1 + g)?;
-        let count: i64 = r.try_get(2 + g)?;
-        let min: f64 = r.try_get(3 + g)?;
-        let max: f64 = r.try_get(4 + g)?;
-        let sum: f64 = r.try_get(5 + g)?;
-        let avg: f64 = r.try_get(6 + g)?;
-        let stddev: Option<f64> = r.try_get(7 + g)?;
-        let d0: DateTime<Utc> = r.try_get(8 + g)?;
-        let d1: DateTime<Utc> = r.try_get(9 + g)?;
-        let card: [i64; 3] = [r.try_get(10 + g)?, r.try_get(11 + g)?, r.try_get(12 + g)?];
-        let (p_start, p_end, period_s) = match buckets {
-            Some((p, t0, _)) => {
-                let us = (p * 1e6) as i64;
-                let ps = t0 + chrono::Duration::microseconds(us * k);
-                (ps, ps + chrono::Duration::microseconds(us), p)
-            }
-            None => (d0, d1, 0.0),
-        };
-        // Clamp the duration to the query's bounds (as Ceilometer's API).
-        let d0c = c.start().map_or(d0, |s| d0.max(s));
-        let d1c = c.end().map_or(d1, |e| d1.min(e));
-        let (duration, ds, de) = if d0c > d1c {
-            (None, None, None)
-        } else {
-            (
-                Some((d1c - d0c).num_microseconds().unwrap_or(0) as f64 / 1e6),
-                Some(iso(d0c)),
-                Some(iso(d1c)),
-            )
-        };
-        let std_value = |name: &str| -> f64 {
-            match name {
-                "max" => max,
-                "min" => min,
-                "sum" => sum,
-                "avg" => avg,
-                "count" => count as f64,
-                _ => stddev.unwrap_or(0.0),
-            }
-        };
-        let mut row = StatOut {
-            duration,
-            duration_start: ds,
-            duration_end: de,
-            period: period_s,
-            period_start: iso(p_start),
-            period_end: iso(p_end),
-            unit,
-            groupby: groups,
-            max: None,
-            min: None,
-            sum: None,
-            avg: None,
-            count: None,
-            aggregate: None,
-        };
-        if aggs.is_empty() {
-            (row.max, row.min, row.sum, row.avg, row.count) =
-                (Some(max), Some(min), Some(sum), Some(avg), Some(count));
-        } else {
-            let mut amap = BTreeMap::new();
-            for a in &aggs {
-                match a {
-                    Agg::Std(name) => {
-                        let v = std_value(name);
-                        match *name {
-                            "max" => row.max = Some(v),
-                            "min" => row.min = Some(v),
-                            "sum" => row.sum = Some(v),
-                            "avg" => row.avg = Some(v),
-                            "count" => row.count = Some(count),
-                            // stddev is not one of the standard fields: aggregate map only.
-                            _ => {}
-                        }
-                        amap.insert(
-                            name.to_string(),
-                            json!(if *name == "count" {
-                                json!(count)
-                            } else {
-                                json!(v)
-                            }),
-                        );
-                    }
-                    Agg::Cardinality(p) => {
-                        let v = match *p {
-                            "resource_id" => card[0],
-                            "user_id" => card[1],
-                            _ => card[2],
-                        };
-                        amap.insert(format!("cardinality/{p}"), json!(v));
-                    }
+        let mut groups = Vec::with_capacity(g);
+        let mut rint = 0;
+        for (i, gb) in groupby.iter().enumerate() {
+            match gb {
+                GroupBy::ResourceId => {
+                    rint = r.try_get_unchecked(1 + i)?;
+                    groups.push(None);
+                }
+                GroupBy::Resource(..) => {
+                    groups.push(r.try_get_unchecked::<Option<String>, _>(1 + i)?)
                 }
             }
-            row.aggregate = Some(amap);
         }
-        out.push(row);
+        out.push(StatRow {
+            unit: r.try_get_unchecked::<i32, _>(0)? as usize,
+            groups,
+            rint,
+            rrank: 0,
+            bucket: r.try_get_unchecked(1 + g)?,
+            count: r.try_get_unchecked(2 + g)?,
+            min: r.try_get_unchecked(3 + g)?,
+            max: r.try_get_unchecked(4 + g)?,
+            sum: r.try_get_unchecked(5 + g)?,
+            sumsq: r.try_get_unchecked(6 + g)?,
+            first: r.try_get_unchecked(7 + g)?,
+            last: r.try_get_unchecked(8 + g)?,
+            card: [
+                r.try_get_unchecked(9 + g)?,
+                r.try_get_unchecked(10 + g)?,
+                r.try_get_unchecked(11 + g)?,
+            ],
+        });
     }
-    json_response(&out)
+    drop(rows);
+    // Resource ids by integer key, for `groupby=resource_id`.
+    let rid_at = groupby.iter().position(|g| *g == GroupBy::ResourceId);
+    let mut rid_names: HashMap<i32, String> = HashMap::new();
+    if rid_at.is_some() {
+        let mut ids: Vec<i32> = out.iter().map(|r| r.rint).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        rid_names = sqlx::query_as("select id, resource_id from resource where id = any($1)")
+            .bind(&ids)
+            .fetch_all(&api.pool)
+            .await?
+            .into_iter()
+            .collect();
+    }
+    let names_ref = GroupNames {
+        rid_at,
+        rid_names: &rid_names,
+    };
+    // Ceilometer's order: by period, then unit, then the groupby values (resource ids
+    // compared through their rank in name order: integer comparisons only).
+    if rid_at.is_some() {
+        let mut by_name: Vec<(&str, i32)> =
+            rid_names.iter().map(|(id, n)| (n.as_str(), *id)).collect();
+        by_name.sort_unstable();
+        let rank: HashMap<i32, u32> = by_name
+            .iter()
+            .enumerate()
+            .map(|(i, (_, id))| (*id, i as u32 + 1))
+            .collect();
+        for r in &mut out {
+            r.rrank = rank.get(&r.rint).copied().unwrap_or(0);
+        }
+    }
+    out.sort_unstable_by(|a, b| {
+        (a.bucket, a.unit).cmp(&(b.bucket, b.unit)).then_with(|| {
+            (0..g)
+                .map(|i| {
+                    if Some(i) == rid_at {
+                        a.rrank.cmp(&b.rrank)
+                    } else {
+                        a.groups[i].cmp(&b.groups[i])
+                    }
+                })
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+    });
+    let period_s = buckets.map_or(0.0, |(us, _, _)| us as f64 / 1e6);
+    let mut names: Vec<(&'static str, usize)> = groupby
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.name(), i))
+        .collect();
+    names.sort_unstable();
+    let ctx = StatCtx {
+        names: names_ref,
+        aggs: &aggs,
+        units: &units,
+        groupby: &names,
+        period_us: buckets.map(|(us, _, _)| us),
+        period_s,
+        start: c.start(),
+        end: c.end(),
+    };
+    let mut j = JsonBuf::with_capacity(64 + out.len() * 360);
+    j.raw("[");
+    for (i, r) in out.iter().enumerate() {
+        if i > 0 {
+            j.raw(",");
+        }
+        write_stat(&mut j, r, &ctx);
+    }
+    j.raw("]");
+    Ok(json_bytes(j.buf))
 }
 
-/// One statistics row (Ceilometer's Statistics); absent aggregates are left out.
-#[derive(serde::Serialize)]
-struct StatOut {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    min: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sum: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    avg: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    count: Option<i64>,
-    duration: Option<f64>,
-    duration_start: Option<String>,
-    duration_end: Option<String>,
-    period: f64,
-    period_start: String,
-    period_end: String,
-    unit: String,
-    groupby: Option<BTreeMap<&'static str, Option<String>>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    aggregate: Option<BTreeMap<String, Value>>,
+/// Where a statistics row's `groupby` values are.
+#[derive(Clone, Copy)]
+struct GroupNames<'a> {
+    /// Position of `resource_id` among the `groupby` fields.
+    rid_at: Option<usize>,
+    rid_names: &'a HashMap<i32, String>,
+}
+
+impl<'a> GroupNames<'a> {
+    /// The `i`th `groupby` value of `r`.
+    fn value<'b>(&self, r: &'b StatRow, i: usize) -> Option<&'b str>
+    where
+        'a: 'b,
+    {
+        if Some(i) == self.rid_at {
+            self.rid_names.get(&r.rint).map(String::as_str)
+        } else {
+            r.groups[i].as_deref()
+        }
+    }
+}
+
+/// What every statistics row is written with.
+struct StatCtx<'a> {
+    names: GroupNames<'a>,
+    aggs: &'a [Agg],
+    units: &'a [&'a str],
+    /// `groupby` output names in JSON key order, with their index in [`StatRow::groups`].
+    groupby: &'a [(&'static str, usize)],
+    period_us: Option<i64>,
+    period_s: f64,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+}
+
+/// One row as Ceilometer's Statistics: `max`, `min`, `sum`, `avg`, `count` (all of them, or
+/// with `aggregate.func` only those asked for, plus the `aggregate` map), `duration*`
+/// clamped to the query's bounds, `period*`, `unit`, `groupby`.
+fn write_stat(j: &mut JsonBuf, r: &StatRow, ctx: &StatCtx<'_>) {
+    let n = r.count as f64;
+    let avg = r.sum / n;
+    let std = (r.sumsq / n - avg * avg).max(0.0).sqrt();
+    let value = |name: &str| -> f64 {
+        match name {
+            "max" => r.max,
+            "min" => r.min,
+            "sum" => r.sum,
+            "avg" => avg,
+            "count" => n,
+            _ => std,
+        }
+    };
+    let all = ctx.aggs.is_empty();
+    let mut first = true;
+    let mut key = |j: &mut JsonBuf, k: &str| {
+        j.raw(if first { "{\"" } else { ",\"" });
+        first = false;
+        j.raw(k);
+        j.raw("\":");
+    };
+    for name in ["max", "min", "sum", "avg"] {
+        if all || ctx.aggs.contains(&Agg::Std(name)) {
+            key(j, name);
+            j.f64(value(name));
+        }
+    }
+    if all || ctx.aggs.contains(&Agg::Std("count")) {
+        key(j, "count");
+        j.i64(r.count);
+    }
+    // Clamp the duration to the query's bounds (as Ceilometer's API).
+    let d0 = ctx.start.map_or(r.first, |s| r.first.max(s));
+    let d1 = ctx.end.map_or(r.last, |e| r.last.min(e));
+    key(j, "duration");
+    if d0 > d1 {
+        j.raw("null,\"duration_start\":null,\"duration_end\":null");
+    } else {
+        j.f64((d1 - d0).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        j.raw(",\"duration_start\":");
+        j.ts(d0);
+        j.raw(",\"duration_end\":");
+        j.ts(d1);
+    }
+    j.raw(",\"period\":");
+    j.f64(ctx.period_s);
+    let (ps, pe) = match (r.bucket, ctx.period_us) {
+        (Some(b), Some(us)) => (b, b + chrono::Duration::microseconds(us)),
+        _ => (r.first, r.last),
+    };
+    j.raw(",\"period_start\":");
+    j.ts(ps);
+    j.raw(",\"period_end\":");
+    j.ts(pe);
+    j.raw(",\"unit\":");
+    j.str(ctx.units.get(r.unit).copied().unwrap_or(""));
+    j.raw(",\"groupby\":");
+    if ctx.groupby.is_empty() {
+        j.raw("null");
+    } else {
+        for (i, (name, at)) in ctx.groupby.iter().enumerate() {
+            j.raw(if i == 0 { "{" } else { "," });
+            j.str(name);
+            j.raw(":");
+            j.opt_str(ctx.names.value(r, *at));
+        }
+        j.raw("}");
+    }
+    if !all {
+        // The aggregate map, keys in sorted order.
+        let mut entries: Vec<(String, Option<f64>, Option<i64>)> = ctx
+            .aggs
+            .iter()
+            .map(|a| match a {
+                Agg::Std("count") => ("count".to_string(), None, Some(r.count)),
+                Agg::Std(name) => (name.to_string(), Some(value(name)), None),
+                Agg::Cardinality(p) => {
+                    let v = match *p {
+                        "resource_id" => r.card[0],
+                        "user_id" => r.card[1],
+                        _ => r.card[2],
+                    };
+                    (format!("cardinality/{p}"), None, Some(v))
+                }
+            })
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        j.raw(",\"aggregate\":");
+        for (i, (k, f, int)) in entries.iter().enumerate() {
+            j.raw(if i == 0 { "{" } else { "," });
+            j.str(k);
+            j.raw(":");
+            match (f, int) {
+                (Some(v), _) => j.f64(*v),
+                (_, Some(v)) => j.i64(*v),
+                _ => j.raw("null"),
+            }
+        }
+        j.raw("}");
+    }
+    j.raw("}");
 }
 
 /// `POST /v2/meters/{meter}`: a list of OldSample. `direct=true` stores them at once;

@@ -4,10 +4,12 @@
 //! - [`store`]: schema migrations, partitions, idempotent batched inserts.
 //! - [`ingest`]: the AMQP consumer loop (ack after commit, dead-letter what can never be stored).
 //! - [`api`]: the Ceilometer-v2-style HTTP API.
+//! - [`jsonw`]: the JSON writer behind the API's large answers.
 //! - [`config`]: the `collector.yaml` structure.
 
 pub mod api;
 pub mod config;
 pub mod ingest;
+pub mod jsonw;
 pub mod raw;
 pub mod store;

@@ -34,25 +34,20 @@ async fn post(addr: &str, path: &str, token: &str, body: &Value) -> (u16, Value)
     (code, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-fn faultstring(v: &Value) -> &str {
-    v["error_message"]["faultstring"].as_str().unwrap_or("")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v2_api_reads_statistics_auth_and_errors() {
-    let names = Names::new("a");
+/// A fresh database and a collector serving it (with `extra` environment); waits for
+/// its API. Returns the admin pool, the API address, the service and its log directory.
+async fn start_api(
+    names: &Names,
+    extra: &[(String, String)],
+) -> (sqlx::PgPool, String, Service, std::path::PathBuf) {
     let logs = std::env::temp_dir().join(format!("vmeter-api-{}", names.id));
     std::fs::create_dir_all(&logs).unwrap();
-    let admin = create_database(&names).await;
+    let admin = create_database(names).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = names.env("api-secret");
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
     env.push(("VMETER_HTTP__LISTEN".into(), addr.clone()));
-    env.push(("VMETER_HTTP__ADMIN_TOKENS".into(), format!("[{ADMIN}]")));
-    env.push((
-        "VMETER_HTTP__PROJECT_TOKENS".into(),
-        format!("{{{P1}: project-1}}"),
-    ));
+    env.extend_from_slice(extra);
     let collector = Service::start("collector", "collector", &[], &env, &logs);
     let mut up = false;
     for _ in 0..300 {
@@ -63,6 +58,24 @@ async fn v2_api_reads_statistics_auth_and_errors() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(up, "API never came up:\n{}", collector.log_text());
+    (admin, addr, collector, logs)
+}
+
+fn faultstring(v: &Value) -> &str {
+    v["error_message"]["faultstring"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_api_reads_statistics_auth_and_errors() {
+    let names = Names::new("a");
+    let auth = [
+        ("VMETER_HTTP__ADMIN_TOKENS".into(), format!("[{ADMIN}]")),
+        (
+            "VMETER_HTTP__PROJECT_TOKENS".into(),
+            format!("{{{P1}: project-1}}"),
+        ),
+    ];
+    let (admin, addr, collector, logs) = start_api(&names, &auth).await;
 
     // Seed: the reference's worked example on vm-a (8, 9, 10 at 10:30, 11:31, 12:32) and two
     // samples of vm-b in another project.
@@ -329,6 +342,244 @@ async fn v2_api_reads_statistics_auth_and_errors() {
 
     drop(collector);
     broker::cleanup(&conn, &names).await;
+    drop_database(&admin, &names).await;
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// One sample of the differential test, as the test generated it.
+struct Gen {
+    rid: String,
+    project: String,
+    user: String,
+    unit: &'static str,
+    ts: chrono::DateTime<chrono::Utc>,
+    v: f64,
+}
+
+fn ceilo_ts(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+}
+
+/// Statistics as Ceilometer defines them, computed here from the generated samples:
+/// buckets `[t0 + kP, t0 + (k+1)P)` for `k < ceil((t1 - t0) / P)` with `t0`/`t1` the query's
+/// bounds or else the first/last selected sample; rows ordered by bucket, unit, groupby.
+fn expected_stats(
+    all: &[Gen],
+    start: Option<chrono::DateTime<chrono::Utc>>,
+    period_us: Option<i64>,
+    groupby: &[&str],
+) -> Vec<Value> {
+    let sel: Vec<&Gen> = all
+        .iter()
+        .filter(|s| start.is_none_or(|t| s.ts >= t))
+        .collect();
+    let t0 = start.unwrap_or_else(|| sel.iter().map(|s| s.ts).min().unwrap());
+    let t1 = sel.iter().map(|s| s.ts).max().unwrap();
+    let end = period_us.map(|p| {
+        let n = ((t1 - t0).num_microseconds().unwrap() as f64 / p as f64).ceil() as i64;
+        t0 + chrono::Duration::microseconds(n * p)
+    });
+    type Key = (i64, &'static str, Vec<String>);
+    let mut groups: std::collections::BTreeMap<Key, Vec<&Gen>> = Default::default();
+    for s in sel {
+        if end.is_some_and(|e| s.ts >= e) {
+            continue;
+        }
+        let k = period_us.map_or(0, |p| (s.ts - t0).num_microseconds().unwrap() / p);
+        let g = groupby
+            .iter()
+            .map(|f| match *f {
+                "resource_id" => s.rid.clone(),
+                "project_id" => s.project.clone(),
+                "user_id" => s.user.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
+        groups.entry((k, s.unit, g)).or_default().push(s);
+    }
+    groups
+        .into_iter()
+        .map(|((k, unit, g), ss)| {
+            let n = ss.len() as f64;
+            let sum: f64 = ss.iter().map(|s| s.v).sum();
+            let first = ss.iter().map(|s| s.ts).min().unwrap();
+            let last = ss.iter().map(|s| s.ts).max().unwrap();
+            let d0 = start.map_or(first, |t| first.max(t));
+            let (ps, pe) = match period_us {
+                Some(p) => (
+                    t0 + chrono::Duration::microseconds(k * p),
+                    t0 + chrono::Duration::microseconds((k + 1) * p),
+                ),
+                None => (first, last),
+            };
+            let mut gb = serde_json::Map::new();
+            for (f, v) in groupby.iter().zip(g) {
+                gb.insert(f.to_string(), json!(v));
+            }
+            json!({
+                "count": ss.len(),
+                "min": ss.iter().map(|s| s.v).fold(f64::INFINITY, f64::min),
+                "max": ss.iter().map(|s| s.v).fold(f64::NEG_INFINITY, f64::max),
+                "sum": sum,
+                "avg": sum / n,
+                "duration": (last - d0).num_microseconds().unwrap() as f64 / 1e6,
+                "duration_start": ceilo_ts(d0),
+                "duration_end": ceilo_ts(last),
+                "period": period_us.map_or(0.0, |p| p as f64 / 1e6),
+                "period_start": ceilo_ts(ps),
+                "period_end": ceilo_ts(pe),
+                "unit": unit,
+                "groupby": if groupby.is_empty() { Value::Null } else { Value::Object(gb) },
+            })
+        })
+        .collect()
+}
+
+fn close(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(1.0),
+        _ => a == b,
+    }
+}
+
+/// The statistics query (one SQL statement, date_bin buckets, ids resolved first, resource
+/// names joined afterwards, rows written by the JSON writer) against an independent
+/// computation over irregular, microsecond-jittered data: five resources in two projects,
+/// one of them with another unit for the same meter name, fractional and unaligned periods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_match_an_independent_computation() {
+    let names = Names::new("s");
+    let (admin, addr, collector, logs) = start_api(&names, &[]).await;
+
+    let base = chrono::DateTime::parse_from_rfc3339("2026-03-02T00:00:03.250000Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let mut data = Vec::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for r in 0..5 {
+        for i in 0..150i64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.push(Gen {
+                rid: format!("vm-{r}"),
+                project: format!("project-{}", r % 2),
+                user: format!("user-{}", r % 3),
+                unit: if r == 4 { "ratio" } else { "%" },
+                ts: base
+                    + chrono::Duration::microseconds(
+                        i * 7_300_000 + r * 1_100_000 + (x % 900_000) as i64,
+                    ),
+                v: (x % 100_000) as f64 / 1000.0,
+            });
+        }
+    }
+    for chunk in data.chunks(100) {
+        let body: Vec<Value> = chunk
+            .iter()
+            .map(|s| {
+                json!({
+                    "counter_name": "cpu_util", "counter_type": "gauge", "counter_unit": s.unit,
+                    "counter_volume": s.v, "resource_id": s.rid, "project_id": s.project,
+                    "user_id": s.user, "timestamp": ceilo_ts(s.ts), "source": "openstack",
+                    "resource_metadata": {}
+                })
+            })
+            .collect();
+        let (code, _) = request(
+            &addr,
+            "POST",
+            "/v2/meters/cpu_util?direct=true",
+            &[],
+            Some(&Value::Array(body).to_string()),
+        )
+        .await;
+        assert_eq!(code, 201, "{}", collector.log_text());
+    }
+
+    let start = base + chrono::Duration::microseconds(95_123_456);
+    // (query, its start, period in µs, groupby fields)
+    type Case<'a> = (
+        String,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<i64>,
+        Vec<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "period=60&groupby=resource_id".into(),
+            None,
+            Some(60_000_000),
+            vec!["resource_id"],
+        ),
+        (
+            "period=90.5&groupby=project_id".into(),
+            None,
+            Some(90_500_000),
+            vec!["project_id"],
+        ),
+        (
+            format!(
+                "q.field=timestamp&q.op=ge&q.value={}&period=300&groupby=user_id&groupby=resource_id",
+                ceilo_ts(start)
+            ),
+            Some(start),
+            Some(300_000_000),
+            vec!["user_id", "resource_id"],
+        ),
+        ("groupby=project_id".into(), None, None, vec!["project_id"]),
+        ("period=120".into(), None, Some(120_000_000), vec![]),
+    ];
+    for (query, start, period, groupby) in cases {
+        let (code, got) = get_json(
+            &addr,
+            &format!("/v2/meters/cpu_util/statistics?{query}"),
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{query}: {got}");
+        let got = got.as_array().unwrap();
+        let want = expected_stats(&data, start, period, &groupby);
+        assert_eq!(got.len(), want.len(), "{query}: row count");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (k, wv) in w.as_object().unwrap() {
+                assert!(
+                    close(&g[k], wv),
+                    "{query}: row {i} field {k}: got {} want {wv}\n got {g}\nwant {w}",
+                    g[k]
+                );
+            }
+        }
+    }
+
+    // Cardinality and stddev through the resource join, per unit.
+    let (_, st) = get_json(
+        &addr,
+        "/v2/meters/cpu_util/statistics?aggregate.func=cardinality&aggregate.param=user_id&aggregate.func=stddev&aggregate.func=count",
+        None,
+    )
+    .await;
+    let st = st.as_array().unwrap();
+    assert_eq!(st.len(), 2, "one row per unit: {st:?}");
+    for row in st {
+        let unit = row["unit"].as_str().unwrap();
+        let xs: Vec<&Gen> = data.iter().filter(|s| s.unit == unit).collect();
+        let users: std::collections::BTreeSet<&str> = xs.iter().map(|s| s.user.as_str()).collect();
+        assert_eq!(
+            row["aggregate"]["cardinality/user_id"],
+            json!(users.len()),
+            "{row}"
+        );
+        assert_eq!(row["aggregate"]["count"], json!(xs.len()), "{row}");
+        assert_eq!(row["count"], json!(xs.len()), "{row}");
+        let mean = xs.iter().map(|s| s.v).sum::<f64>() / xs.len() as f64;
+        let sd = (xs.iter().map(|s| (s.v - mean).powi(2)).sum::<f64>() / xs.len() as f64).sqrt();
+        let got = row["aggregate"]["stddev"].as_f64().unwrap();
+        assert!((got - sd).abs() < 1e-6, "{got} vs {sd}");
+        assert!(row.get("max").is_none(), "{row}");
+    }
+
+    drop(collector);
     drop_database(&admin, &names).await;
     let _ = std::fs::remove_dir_all(&logs);
 }
