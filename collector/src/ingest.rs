@@ -91,15 +91,8 @@ pub async fn run(
                         Err(e) => {
                             tracing::warn!(reason = e.reason(), error = %e, "Message can never be stored; dead-lettering it.");
                             publisher
-                                .dead_letter(
-                                    &cfg.broker,
-                                    d.routing_key.as_str(),
-                                    &d.data,
-                                    &d.properties,
-                                    e.reason(),
-                                )
+                                .dead_letter_delivery(&cfg.broker, d, SERVICE, e.reason())
                                 .await?;
-                            telemetry::dead_lettered(SERVICE, e.reason());
                         }
                     }
                 }
@@ -134,15 +127,13 @@ pub async fn run(
                                         let d = &deliveries[*i];
                                         tracing::warn!(error = %e, "Message violates the schema; dead-lettering it.");
                                         publisher
-                                            .dead_letter(
+                                            .dead_letter_delivery(
                                                 &cfg.broker,
-                                                d.routing_key.as_str(),
-                                                &d.data,
-                                                &d.properties,
+                                                d,
+                                                SERVICE,
                                                 "rejected_by_database",
                                             )
                                             .await?;
-                                        telemetry::dead_lettered(SERVICE, "rejected_by_database");
                                     }
                                     Err(StoreError::Transient(e)) => anyhow::bail!(
                                         "database failed while isolating a bad message: {e}"

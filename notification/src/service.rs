@@ -203,9 +203,8 @@ pub async fn run(
                                 }
                                 Err(e) => {
                                     tracing::warn!(reason = e.reason(), error = %e, "Message can never be processed; dead-lettering it.");
-                                    publisher.dead_letter(&cfg.broker, d.routing_key.as_str(), &d.data, &d.properties, e.reason()).await?;
+                                    publisher.dead_letter_delivery(&cfg.broker, d, SERVICE, e.reason()).await?;
                                     metrics.dead_lettered.inc();
-                                    telemetry::dead_lettered(SERVICE, e.reason());
                                 }
                             }
                         }

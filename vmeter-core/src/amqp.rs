@@ -508,6 +508,22 @@ impl Publisher {
             .confirmed()
             .await
     }
+
+    /// Dead-letters a consumed delivery as [`Publisher::dead_letter`] does (confirmed before
+    /// returning) and counts it in `vmeter_dead_lettered_total{service, reason}`. The caller
+    /// still acks the delivery, after this returns.
+    pub async fn dead_letter_delivery(
+        &self,
+        cfg: &BrokerConfig,
+        d: &lapin::message::Delivery,
+        service: &str,
+        reason: &str,
+    ) -> Result<(), PublishError> {
+        self.dead_letter(cfg, d.routing_key.as_str(), &d.data, &d.properties, reason)
+            .await?;
+        crate::telemetry::dead_lettered(service, reason);
+        Ok(())
+    }
 }
 
 /// Why a delivery can never be processed (it goes to the dead-letter queue).
