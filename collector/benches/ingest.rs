@@ -10,7 +10,11 @@
 //! (`/metrics`) account for every message; bytes per stored sample (sample partitions, heap
 //! and indexes, and all vmeter tables); then API latency on that data, median of 20: one
 //! resource's 10,000 samples of one meter, and `statistics?period=60` over all 1,000,000
-//! samples grouped by resource.
+//! samples grouped by resource (answered from the per-minute rollups, which the collector's
+//! rollup job, every 5 s here, writes while the load runs; the bench waits until every
+//! closed hour is rolled up). For comparison in the same run: the same statistics with a
+//! start that is not on a minute (answered from the samples), and the rollup job's cost,
+//! timed by rolling up all 1,000,000 samples again from scratch.
 //!
 //! Run: `cargo bench -p collector --bench ingest` (`VMETER_BENCH_KEEP_DB=1` keeps the
 //! database for inspection).
@@ -52,7 +56,7 @@ fn metadata(r: usize) -> Arc<vmeter_core::Metadata> {
 
 /// Message `k`: points `k*10 .. k*10+10` of every resource.
 fn message(k: usize, mds: &[Arc<vmeter_core::Metadata>], ids: &[String]) -> Vec<Sample> {
-    let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+    let t0 = t0();
     let mut out = Vec::with_capacity(RESOURCES * PER_MESSAGE_POINTS);
     for r in 0..RESOURCES {
         for p in k * PER_MESSAGE_POINTS..(k + 1) * PER_MESSAGE_POINTS {
@@ -120,6 +124,7 @@ fn start_collector(cfg: &BrokerConfig, db: &str, http: &str) -> Child {
         .env("VMETER_SIGNING__TELEMETRY_SECRET", SECRET)
         .env("VMETER_DATABASE__URL", db)
         .env("VMETER_HTTP__LISTEN", http)
+        .env("VMETER_DATABASE__ROLLUP_INTERVAL_SECS", "5")
         .env("VMETER_LOG__LEVEL", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -247,6 +252,29 @@ async fn main() {
     assert_eq!(stored, unique, "every distinct sample stored exactly once");
 
     let pool = PgPool::connect(&db_url).await.unwrap();
+    // Every closed hour rolled up: data time is the newest sample, the lag the default.
+    let newest = t0() + chrono::Duration::seconds((POINTS as i64 - 1) * 10);
+    let want = collector::rollup::floor_hour(newest - chrono::Duration::seconds(600));
+    let waited = Instant::now();
+    loop {
+        let wm: Option<chrono::DateTime<Utc>> =
+            sqlx::query_scalar("select watermark from rollup_state")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if wm == Some(want) {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(300),
+            "rollups stuck at {wm:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "rollups: every closed hour (up to {want}) rolled up {:.1} s after the last sample was stored (job every 5 s)",
+        waited.elapsed().as_secs_f64()
+    );
     sqlx::query("vacuum analyze").execute(&pool).await.unwrap();
     let rows: i64 = sqlx::query_scalar("select count(*) from sample")
         .fetch_one(&pool)
@@ -259,14 +287,20 @@ async fn main() {
     .await
     .unwrap();
     let all_bytes: i64 = sqlx::query_scalar(
-        "select (sum(pg_total_relation_size(inhrelid)) + pg_total_relation_size('resource') + pg_total_relation_size('meter') + pg_total_relation_size('series'))::bigint from pg_inherits where inhparent = 'sample'::regclass",
+        "select (sum(pg_total_relation_size(inhrelid)) + pg_total_relation_size('resource') + pg_total_relation_size('meter') + pg_total_relation_size('series') + pg_total_relation_size('sample_rollup') + pg_total_relation_size('rollup_state'))::bigint from pg_inherits where inhparent = 'sample'::regclass",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
+    let rollup_bytes: i64 =
+        sqlx::query_scalar("select pg_total_relation_size('sample_rollup')::bigint")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     println!(
-        "size: {rows} rows; sample partitions (heap + primary key) {:.1} B/sample; with meter/resource/series {:.1} B/sample; target ≤ 100 B: {}",
+        "size: {rows} rows; sample partitions (heap + primary key) {:.1} B/sample; rollups {:.1} B/sample; all tables (meter/resource/series/rollups) {:.1} B/sample; target ≤ 100 B: {}",
         sample_bytes as f64 / rows as f64,
+        rollup_bytes as f64 / rows as f64,
         all_bytes as f64 / rows as f64,
         if (all_bytes as f64 / rows as f64) <= 100.0 {
             "MET"
@@ -280,6 +314,10 @@ async fn main() {
     let one_resource =
         format!("/v2/meters/cpu_util?q.field=resource_id&q.value={rid}&limit={POINTS}");
     let stats = "/v2/meters/cpu_util/statistics?period=60&groupby=resource_id".to_string();
+    let unaligned = format!(
+        "{stats}&q.field=timestamp&q.op=ge&q.value={}",
+        (t0() + chrono::Duration::seconds(7)).format("%Y-%m-%dT%H:%M:%S")
+    );
     for (label, path, target_ms, expect) in [
         ("one resource's 10,000 samples", &one_resource, 20.0, POINTS),
         (
@@ -288,7 +326,14 @@ async fn main() {
             200.0,
             RESOURCES * POINTS * 10 / 60,
         ),
+        (
+            "the same statistics, start 7 s past a minute (from the samples; no target)",
+            &unaligned,
+            f64::INFINITY,
+            RESOURCES * POINTS * 10 / 60,
+        ),
     ] {
+        let paths_before = paths(&http).await;
         let body = http_get(&http, path).await;
         let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
         let n = serde_json::from_str::<serde_json::Value>(json)
@@ -308,11 +353,14 @@ async fn main() {
         }
         ms.sort_by(f64::total_cmp);
         let median = ms[ms.len() / 2];
+        let paths_after = paths(&http).await;
         println!(
-            "API {label}: median {median:.1} ms of 20 ({n} rows, {} KiB; min {:.1}, max {:.1}); target ≤ {target_ms} ms: {}",
+            "API {label}: median {median:.1} ms of 20 ({n} rows, {} KiB; min {:.1}, max {:.1}; statistics answered from rollups {}, from samples {}); target ≤ {target_ms} ms: {}",
             body_len(&http, path).await / 1024,
             ms[0],
             ms[ms.len() - 1],
+            paths_after.0 - paths_before.0,
+            paths_after.1 - paths_before.1,
             if median <= target_ms {
                 "MET"
             } else {
@@ -326,6 +374,34 @@ async fn main() {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let _ = child.wait();
+
+    // The rollup job's cost: every hour again, from scratch, with nothing else running.
+    sqlx::query("truncate sample_rollup")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("update rollup_state set watermark = null")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let store = collector::store::Store::new(pool.clone());
+    let t = Instant::now();
+    let run = store
+        .roll_up(Utc::now(), chrono::Duration::seconds(600), u32::MAX)
+        .await
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let covered: i64 = sqlx::query_scalar("select count(*) from sample where ts < $1")
+        .bind(run.watermark)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    println!(
+        "rollup job from scratch: {} hours, {} rows, {covered} samples in {secs:.2} s ({:.2} µs/sample)",
+        run.hours,
+        run.rows,
+        secs * 1e6 / covered as f64
+    );
     pool.close().await;
     let ch = conn.create_channel().await.unwrap();
     for q in [&cfg.raw_queue, &cfg.processed_queue, &cfg.dead_letter_queue] {
@@ -345,4 +421,21 @@ async fn main() {
         .execute(&admin)
         .await;
     }
+}
+
+/// Statistics requests answered so far (from rollups, from samples), from `/metrics`.
+async fn paths(http: &str) -> (u64, u64) {
+    let m = http_get(http, "/metrics").await;
+    let get = |p: &str| {
+        m.lines()
+            .find(|l| l.starts_with(&format!("vmeter_api_statistics_total{{path=\"{p}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("rollup"), get("samples"))
+}
+
+/// The first sample's time.
+fn t0() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
 }

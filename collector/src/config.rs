@@ -65,6 +65,13 @@ pub struct DatabaseConfig {
     pub retention_days: Option<u32>,
     /// How often retention runs (and partitions ahead are created), s.
     pub maintenance_interval_secs: u64,
+    /// How often the rollup job looks for closed hours to roll up, s (0: never; statistics
+    /// then always read the samples).
+    pub rollup_interval_secs: u64,
+    /// An hour is rolled up once the wall clock and the newest stored sample are this far
+    /// past its end, s. Samples that arrive later for a rolled-up hour are folded in by the
+    /// transaction that writes them (correct, but slower than the common path).
+    pub rollup_lag_secs: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -78,6 +85,8 @@ impl Default for DatabaseConfig {
             partitions_ahead_days: 2,
             retention_days: None,
             maintenance_interval_secs: 3600,
+            rollup_interval_secs: 60,
+            rollup_lag_secs: 600,
         }
     }
 }

@@ -5,18 +5,44 @@
 //! (floats through zmij as serde_json does, non-finite floats as `null`, strings escaped by `serde_json`);
 //! the unit tests hold it to that.
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono::{DateTime, Datelike, Utc};
 
 /// A JSON document under construction.
-#[derive(Default)]
 pub struct JsonBuf {
     pub buf: Vec<u8>,
+    /// The last day written by [`JsonBuf::ts_us_bare`] (days since the epoch) and its
+    /// `YYYY-MM-DDT`: answers are mostly about one day, so the calendar is computed once.
+    day: i64,
+    date: [u8; 11],
+}
+
+impl Default for JsonBuf {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+/// "00" to "99".
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Writes `v` (< 100) as two digits at `out[0..2]`.
+#[inline]
+fn pair(out: &mut [u8], v: u32) {
+    let i = v as usize * 2;
+    out[0] = PAIRS[i];
+    out[1] = PAIRS[i + 1];
 }
 
 impl JsonBuf {
     pub fn with_capacity(n: usize) -> Self {
         Self {
             buf: Vec::with_capacity(n),
+            day: i64::MIN,
+            date: [0; 11],
         }
     }
 
@@ -78,27 +104,50 @@ impl JsonBuf {
 
     /// [`JsonBuf::ts`] without the quotes.
     pub fn ts_bare(&mut self, t: DateTime<Utc>) {
-        let year = t.year();
-        if !(0..=9999).contains(&year) {
-            // Outside what the fixed-width form can hold; PostgreSQL's range is wider.
-            let s = t.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
-            self.raw(&s);
-            return;
+        self.ts_us_bare(t.timestamp_micros());
+    }
+
+    /// [`JsonBuf::ts`] of a time given in µs since the epoch.
+    #[inline]
+    pub fn ts_us(&mut self, us: i64) {
+        self.buf.push(b'"');
+        self.ts_us_bare(us);
+        self.buf.push(b'"');
+    }
+
+    /// [`JsonBuf::ts_us`] without the quotes.
+    pub fn ts_us_bare(&mut self, us: i64) {
+        let secs = us.div_euclid(1_000_000);
+        let frac = us.rem_euclid(1_000_000) as u32;
+        let day = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400) as u32;
+        if day != self.day {
+            let t = DateTime::<Utc>::from_timestamp_micros(us).unwrap_or_default();
+            let year = t.year();
+            if !(0..=9999).contains(&year) {
+                // Outside what the fixed-width form can hold; PostgreSQL's range is wider.
+                let s = t.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+                self.raw(&s);
+                return;
+            }
+            let d = &mut self.date;
+            pair(&mut d[0..], year as u32 / 100);
+            pair(&mut d[2..], year as u32 % 100);
+            d[4] = b'-';
+            pair(&mut d[5..], t.month());
+            d[7] = b'-';
+            pair(&mut d[8..], t.day());
+            d[10] = b'T';
+            self.day = day;
         }
         let mut out = *b"0000-00-00T00:00:00.000000";
-        let put = |o: &mut [u8; 26], at: usize, width: usize, mut v: u32| {
-            for i in (0..width).rev() {
-                o[at + i] = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        };
-        put(&mut out, 0, 4, year as u32);
-        put(&mut out, 5, 2, t.month());
-        put(&mut out, 8, 2, t.day());
-        put(&mut out, 11, 2, t.hour());
-        put(&mut out, 14, 2, t.minute());
-        put(&mut out, 17, 2, t.second());
-        put(&mut out, 20, 6, t.nanosecond() / 1000 % 1_000_000);
+        out[..11].copy_from_slice(&self.date);
+        pair(&mut out[11..], sod / 3600);
+        pair(&mut out[14..], sod / 60 % 60);
+        pair(&mut out[17..], sod % 60);
+        pair(&mut out[20..], frac / 10_000);
+        pair(&mut out[22..], frac / 100 % 100);
+        pair(&mut out[24..], frac % 100);
         self.buf.extend_from_slice(&out);
     }
 }
@@ -163,5 +212,31 @@ mod tests {
         let mut j = JsonBuf::default();
         j.ts_bare(Utc.with_ymd_and_hms(999, 12, 31, 23, 59, 59).unwrap());
         assert_eq!(j.buf, b"0999-12-31T23:59:59.000000");
+    }
+
+    #[test]
+    fn timestamps_from_micros_match_chrono_across_days() {
+        // One writer for many times (its day cache switches back and forth), against
+        // chrono's formatting of each.
+        let mut j = JsonBuf::default();
+        let mut want = String::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for i in 0..20_000i64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let us = match i % 4 {
+                0 => (x % 400_000_000_000_000_000) as i64 - 62_000_000_000_000_000,
+                1 => 1_767_225_600_000_000 + (x % 86_400_000_000) as i64,
+                2 => -1 - (x % 1_000_000) as i64,
+                _ => 1_767_225_600_000_000 - 1 + (i % 3),
+            };
+            let t = DateTime::<Utc>::from_timestamp_micros(us).unwrap();
+            want.push_str(&t.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string());
+            want.push(',');
+            j.ts_us_bare(us);
+            j.raw(",");
+        }
+        assert_eq!(String::from_utf8(j.buf).unwrap(), want);
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Module map:
 //! - [`store`]: schema migrations, partitions, idempotent batched inserts.
+//! - [`rollup`]: per-minute rollups of closed hours, for statistics.
 //! - [`ingest`]: the AMQP consumer loop (ack after commit, dead-letter what can never be stored).
 //! - [`api`]: the Ceilometer-v2-style HTTP API.
 //! - [`jsonw`]: the JSON writer behind the API's large answers.
@@ -12,4 +13,5 @@ pub mod config;
 pub mod ingest;
 pub mod jsonw;
 pub mod raw;
+pub mod rollup;
 pub mod store;

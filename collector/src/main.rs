@@ -95,6 +95,7 @@ fn main() -> ExitCode {
         }
         let health = http::Health::default();
         let maintenance = tokio::spawn(maintain(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
+        let rollups = tokio::spawn(roll_up(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
         let auth = api::Auth {
             admin: cfg.http.admin_tokens.clone(),
             projects: cfg.http.project_tokens.clone(),
@@ -133,6 +134,7 @@ fn main() -> ExitCode {
         };
         web.abort();
         maintenance.abort();
+        rollups.abort();
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -177,6 +179,57 @@ async fn maintain(
                 "Retention: expired partitions dropped, empty series/resources/meters pruned."
             ),
             Err(e) => tracing::warn!(error = %e, "Retention failed; retrying next round."),
+        }
+    }
+}
+
+/// Every `rollup_interval_secs`: roll up the hours that closed (docs/storage.md, "Rollups").
+/// A backlog is worked off 24 hours per round, without waiting for the next tick.
+async fn roll_up(
+    store: Store,
+    cfg: collector::config::DatabaseConfig,
+    mut stop: shutdown::Shutdown,
+) {
+    if cfg.rollup_interval_secs == 0 {
+        return;
+    }
+    let hours = vmeter_core::telemetry::counter(
+        "vmeter_rollup_hours_total",
+        "Hours rolled up by the rollup job (one transaction each).",
+        &[],
+    );
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.rollup_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lag =
+        chrono::Duration::seconds(cfg.rollup_lag_secs.min(i64::MAX as u64 / 2_000_000) as i64);
+    let mut caught_up = true;
+    loop {
+        if caught_up {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown::wait(&mut stop) => return,
+            }
+        }
+        let started = std::time::Instant::now();
+        match store.roll_up(chrono::Utc::now(), lag, 24).await {
+            Ok(run) => {
+                hours.add(u64::from(run.hours));
+                caught_up = run.caught_up;
+                if run.hours > 0 {
+                    tracing::info!(
+                        hours = run.hours,
+                        rows = run.rows,
+                        watermark = ?run.watermark,
+                        caught_up = run.caught_up,
+                        ms = started.elapsed().as_millis() as u64,
+                        "Rolled up closed hours."
+                    );
+                }
+            }
+            Err(e) => {
+                caught_up = true;
+                tracing::warn!(error = %e, "Rollup failed; retrying next round.");
+            }
         }
     }
 }

@@ -7,6 +7,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use vmeter_core::Sample;
 
+use crate::rollup;
+
 /// Embedded, numbered migrations (collector/migrations), applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -57,6 +59,8 @@ pub struct Retention {
     pub series: u64,
     pub resources: u64,
     pub meters: u64,
+    /// Rollup rows of the dropped days.
+    pub rollup_rows: u64,
 }
 
 /// The storage handle: a pool plus caches of meter ids and existing partitions.
@@ -68,10 +72,24 @@ pub struct Store {
 }
 
 /// Connects a pool (lazily: no connection is made until first use).
+///
+/// Each connection sets `random_page_cost = 1.1` for itself (PostgreSQL's default, 4, is
+/// for spinning disks): the recent samples the API reads are in memory or on SSD, and with
+/// the default the planner reads one series' 10,000 newest samples through a bitmap scan
+/// and a sort (11–18 ms here) instead of the primary key backwards, already in order
+/// (6–7 ms). The setting is per session; the server's configuration is untouched.
 pub fn pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("set random_page_cost = 1.1")
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
         .connect_lazy(url)
 }
 
@@ -183,6 +201,8 @@ impl Store {
 
     async fn write_inner(&mut self, samples: &[Sample]) -> Result<Written, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // First (lock order: rollup lock, then partition lock).
+        let watermark = rollup::writer_watermark(&mut tx).await?;
         let days: HashSet<NaiveDate> = samples.iter().map(|s| s.timestamp.date_naive()).collect();
         for d in days {
             self.ensure_partition(&mut tx, d).await?;
@@ -265,18 +285,48 @@ impl Store {
             e.0 = e.0.min(s.timestamp);
             e.1 = e.1.max(s.timestamp);
         }
-        let inserted = sqlx::query(
-            "insert into sample (ts, meter_id, resource_id, volume)
-             select * from unnest($1::timestamptz[], $2::int4[], $3::int4[], $4::float8[])
-             on conflict do nothing",
-        )
-        .bind(&ts)
-        .bind(&meter_ids)
-        .bind(&rid)
-        .bind(&vol)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let oldest = ts.iter().min().copied();
+        let inserted = if watermark.is_some_and(|w| oldest.is_some_and(|o| o < w)) {
+            // Samples of rolled-up hours: learn which hours got new rows, and fold them in.
+            let w = watermark.unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let hours: Vec<(i32, i32, DateTime<Utc>, i64)> =
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "with ins as (
+                   insert into sample (ts, meter_id, resource_id, volume)
+                   select * from unnest($1::timestamptz[], $2::int4[], $3::int4[], $4::float8[])
+                   on conflict do nothing
+                   returning meter_id, resource_id, ts)
+                 select meter_id, resource_id, date_bin('1 hour', ts, {}), count(*)
+                 from ins group by 1, 2, 3 order by 1, 2, 3",
+                    rollup::EPOCH
+                )))
+                .bind(&ts)
+                .bind(&meter_ids)
+                .bind(&rid)
+                .bind(&vol)
+                .fetch_all(&mut *tx)
+                .await?;
+            let late: Vec<(i32, i32, DateTime<Utc>)> = hours
+                .iter()
+                .filter(|h| h.2 < w)
+                .map(|h| (h.0, h.1, h.2))
+                .collect();
+            rollup::fold_late(&mut tx, &late).await?;
+            hours.iter().map(|h| h.3 as u64).sum()
+        } else {
+            sqlx::query(
+                "insert into sample (ts, meter_id, resource_id, volume)
+                 select * from unnest($1::timestamptz[], $2::int4[], $3::int4[], $4::float8[])
+                 on conflict do nothing",
+            )
+            .bind(&ts)
+            .bind(&meter_ids)
+            .bind(&rid)
+            .bind(&vol)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        };
         let mut series: Vec<_> = series.into_iter().collect();
         series.sort_unstable_by_key(|(k, _)| *k);
         let (sm, sr): (Vec<i32>, Vec<i32>) = series.iter().map(|(k, _)| *k).unzip();
@@ -313,6 +363,11 @@ impl Store {
     ) -> Result<Retention, StoreError> {
         let cutoff = now - Duration::days(i64::from(days));
         let mut tx = self.pool.begin().await?;
+        // Lock order: rollup lock, then partition lock (as sample writes).
+        sqlx::query("select pg_advisory_xact_lock($1)")
+            .bind(rollup::ROLLUP_LOCK)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("select pg_advisory_xact_lock(7266315512)")
             .execute(&mut *tx)
             .await?;
@@ -323,6 +378,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut out = Retention::default();
+        let mut dropped_until: Option<DateTime<Utc>> = None;
         for name in parts {
             // sample_pYYYYMMDD covers [day, day + 1).
             let Some(day) = name
@@ -336,12 +392,21 @@ impl Store {
                 .expect("midnight")
                 .and_utc();
             if end <= cutoff {
+                dropped_until = dropped_until.max(Some(end));
                 sqlx::query(AssertSqlSafe(format!("drop table {name}")))
                     .execute(&mut *tx)
                     .await?;
                 self.partitions.remove(&day);
                 out.partitions.push(name);
             }
+        }
+        if let Some(end) = dropped_until {
+            // Rollups of the dropped days.
+            out.rollup_rows = sqlx::query("delete from sample_rollup where hour < $1")
+                .bind(end)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
         if !out.partitions.is_empty() {
             // Series whose every sample is gone; the others start no earlier than what is left.

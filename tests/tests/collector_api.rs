@@ -366,15 +366,16 @@ fn ceilo_ts(t: chrono::DateTime<chrono::Utc>) -> String {
 fn expected_stats(
     all: &[Gen],
     start: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
     period_us: Option<i64>,
     groupby: &[&str],
 ) -> Vec<Value> {
     let sel: Vec<&Gen> = all
         .iter()
-        .filter(|s| start.is_none_or(|t| s.ts >= t))
+        .filter(|s| start.is_none_or(|t| s.ts >= t) && until.is_none_or(|t| s.ts < t))
         .collect();
     let t0 = start.unwrap_or_else(|| sel.iter().map(|s| s.ts).min().unwrap());
-    let t1 = sel.iter().map(|s| s.ts).max().unwrap();
+    let t1 = until.unwrap_or_else(|| sel.iter().map(|s| s.ts).max().unwrap());
     let end = period_us.map(|p| {
         let n = ((t1 - t0).num_microseconds().unwrap() as f64 / p as f64).ceil() as i64;
         t0 + chrono::Duration::microseconds(n * p)
@@ -442,6 +443,64 @@ fn close(a: &Value, b: &Value) -> bool {
     }
 }
 
+type Case<'a> = (
+    String,
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<i64>,
+    Vec<&'a str>,
+    bool,
+);
+
+/// Every statistics case against [`expected_stats`], field by field.
+async fn check_cases(addr: &str, data: &[Gen], cases: &[Case<'_>]) {
+    for (query, start, until, period, groupby, _) in cases {
+        let (code, got) = get_json(
+            addr,
+            &format!("/v2/meters/cpu_util/statistics?{query}"),
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{query}: {got}");
+        let got = got.as_array().unwrap();
+        let want = expected_stats(data, *start, *until, *period, groupby);
+        assert_eq!(got.len(), want.len(), "{query}: row count");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (k, wv) in w.as_object().unwrap() {
+                assert!(
+                    close(&g[k], wv),
+                    "{query}: row {i} field {k}: got {} want {wv}\n got {g}\nwant {w}",
+                    g[k]
+                );
+            }
+        }
+    }
+}
+
+/// Stores `samples` of `meter` through `POST /v2/meters/{meter}?direct=true`.
+async fn post_direct(addr: &str, meter: &str, samples: &[Gen], collector: &Service) {
+    let body: Vec<Value> = samples
+        .iter()
+        .map(|s| {
+            json!({
+                "counter_name": meter, "counter_type": "gauge", "counter_unit": s.unit,
+                "counter_volume": s.v, "resource_id": s.rid, "project_id": s.project,
+                "user_id": s.user, "timestamp": ceilo_ts(s.ts), "source": "openstack",
+                "resource_metadata": {}
+            })
+        })
+        .collect();
+    let (code, _) = request(
+        addr,
+        "POST",
+        &format!("/v2/meters/{meter}?direct=true"),
+        &[],
+        Some(&Value::Array(body).to_string()),
+    )
+    .await;
+    assert_eq!(code, 201, "{}", collector.log_text());
+}
+
 /// The statistics query (one SQL statement, date_bin buckets, ids resolved first, resource
 /// names joined afterwards, rows written by the JSON writer) against an independent
 /// computation over irregular, microsecond-jittered data: five resources in two projects,
@@ -449,7 +508,11 @@ fn close(a: &Value, b: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_match_an_independent_computation() {
     let names = Names::new("s");
-    let (admin, addr, collector, logs) = start_api(&names, &[]).await;
+    let (admin, addr, collector, logs) = start_api(
+        &names,
+        &[("VMETER_DATABASE__ROLLUP_INTERVAL_SECS".into(), "1".into())],
+    )
+    .await;
 
     let base = chrono::DateTime::parse_from_rfc3339("2026-03-02T00:00:03.250000Z")
         .unwrap()
@@ -474,83 +537,196 @@ async fn statistics_match_an_independent_computation() {
             });
         }
     }
+    // A sparse series (one sample per 130 s): too few per minute to be rolled up, its hour
+    // is read from the samples on the rollup path too.
+    for i in 0..9i64 {
+        data.push(Gen {
+            rid: "vm-sparse".into(),
+            project: "project-1".into(),
+            user: "user-2".into(),
+            unit: "%",
+            ts: base + chrono::Duration::microseconds(i * 130_000_000 + 17),
+            v: i as f64 * 1.5,
+        });
+    }
     for chunk in data.chunks(100) {
-        let body: Vec<Value> = chunk
-            .iter()
-            .map(|s| {
-                json!({
-                    "counter_name": "cpu_util", "counter_type": "gauge", "counter_unit": s.unit,
-                    "counter_volume": s.v, "resource_id": s.rid, "project_id": s.project,
-                    "user_id": s.user, "timestamp": ceilo_ts(s.ts), "source": "openstack",
-                    "resource_metadata": {}
-                })
-            })
-            .collect();
-        let (code, _) = request(
-            &addr,
-            "POST",
-            "/v2/meters/cpu_util?direct=true",
-            &[],
-            Some(&Value::Array(body).to_string()),
-        )
-        .await;
-        assert_eq!(code, 201, "{}", collector.log_text());
+        post_direct(&addr, "cpu_util", chunk, &collector).await;
     }
 
     let start = base + chrono::Duration::microseconds(95_123_456);
-    // (query, its start, period in µs, groupby fields)
-    type Case<'a> = (
-        String,
-        Option<chrono::DateTime<chrono::Utc>>,
-        Option<i64>,
-        Vec<&'a str>,
-    );
+    let minute =
+        |m: i64| base - chrono::Duration::microseconds(3_250_000) + chrono::Duration::minutes(m);
+    let ge = |t| format!("q.field=timestamp&q.op=ge&q.value={}", ceilo_ts(t));
+    let lt = |t| format!("q.field=timestamp&q.op=lt&q.value={}", ceilo_ts(t));
+    // (query, its start, its end, period in µs, groupby fields, whole minutes: the
+    // rollups can answer once the hour is rolled up)
     let cases: Vec<Case> = vec![
         (
             "period=60&groupby=resource_id".into(),
             None,
+            None,
             Some(60_000_000),
             vec!["resource_id"],
+            false,
         ),
         (
             "period=90.5&groupby=project_id".into(),
             None,
+            None,
             Some(90_500_000),
             vec!["project_id"],
+            false,
         ),
         (
             format!(
-                "q.field=timestamp&q.op=ge&q.value={}&period=300&groupby=user_id&groupby=resource_id",
-                ceilo_ts(start)
+                "{}&period=300&groupby=user_id&groupby=resource_id",
+                ge(start)
             ),
             Some(start),
+            None,
             Some(300_000_000),
             vec!["user_id", "resource_id"],
+            false,
         ),
-        ("groupby=project_id".into(), None, None, vec!["project_id"]),
-        ("period=120".into(), None, Some(120_000_000), vec![]),
-    ];
-    for (query, start, period, groupby) in cases {
-        let (code, got) = get_json(
-            &addr,
-            &format!("/v2/meters/cpu_util/statistics?{query}"),
+        (
+            "groupby=project_id".into(),
             None,
-        )
-        .await;
-        assert_eq!(code, 200, "{query}: {got}");
-        let got = got.as_array().unwrap();
-        let want = expected_stats(&data, start, period, &groupby);
-        assert_eq!(got.len(), want.len(), "{query}: row count");
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            for (k, wv) in w.as_object().unwrap() {
-                assert!(
-                    close(&g[k], wv),
-                    "{query}: row {i} field {k}: got {} want {wv}\n got {g}\nwant {w}",
-                    g[k]
-                );
-            }
+            None,
+            None,
+            vec!["project_id"],
+            true,
+        ),
+        (
+            "period=120".into(),
+            None,
+            None,
+            Some(120_000_000),
+            vec![],
+            false,
+        ),
+        (
+            format!("{}&period=60&groupby=resource_id", ge(minute(0))),
+            Some(minute(0)),
+            None,
+            Some(60_000_000),
+            vec!["resource_id"],
+            true,
+        ),
+        (
+            format!(
+                "{}&{}&period=300&groupby=project_id&groupby=resource_id",
+                ge(minute(1)),
+                lt(minute(14))
+            ),
+            Some(minute(1)),
+            Some(minute(14)),
+            Some(300_000_000),
+            vec!["project_id", "resource_id"],
+            true,
+        ),
+        (
+            format!("{}&{}&groupby=user_id", ge(minute(2)), lt(minute(9))),
+            Some(minute(2)),
+            Some(minute(9)),
+            None,
+            vec!["user_id"],
+            true,
+        ),
+        (
+            format!("{}&period=120", ge(minute(3))),
+            Some(minute(3)),
+            None,
+            Some(120_000_000),
+            vec![],
+            true,
+        ),
+    ];
+    check_cases(&addr, &data, &cases).await;
+    let paths = |m: &str| -> (u64, u64) {
+        let get = |p: &str| {
+            m.lines()
+                .find(|l| l.starts_with(&format!("vmeter_api_statistics_total{{path=\"{p}\"}}")))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (get("rollup"), get("samples"))
+    };
+    let (_, m) = request(&addr, "GET", "/metrics", &[], None).await;
+    assert_eq!(
+        paths(&m),
+        (0, cases.len() as u64),
+        "nothing is rolled up yet (the newest sample is in the same hour): {m}"
+    );
+
+    // A sample of another meter three hours later moves data time on: the hour closes and
+    // the rollup job (every second here) rolls it up.
+    let clock = Gen {
+        rid: "clock".into(),
+        project: "project-0".into(),
+        user: "user-0".into(),
+        unit: "s",
+        ts: base + chrono::Duration::hours(3),
+        v: 1.0,
+    };
+    post_direct(&addr, "clock", std::slice::from_ref(&clock), &collector).await;
+    let db = sqlx::PgPool::connect(&names.db_url()).await.unwrap();
+    let mut rolled = false;
+    for _ in 0..100 {
+        let wm: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("select watermark from rollup_state")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        if wm.is_some_and(|w| w > base) {
+            rolled = true;
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        rolled,
+        "the hour was not rolled up:\n{}",
+        collector.log_text()
+    );
+    let (rows, sparse): (i64, i64) = sqlx::query_as(
+        "select count(*), count(*) filter (where minutes is null) from sample_rollup",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows, sparse),
+        (6, 1),
+        "5 dense series and the sparse one, one hour each"
+    );
+    let before = paths(&request(&addr, "GET", "/metrics", &[], None).await.1);
+    check_cases(&addr, &data, &cases).await;
+    let after = paths(&request(&addr, "GET", "/metrics", &[], None).await.1);
+    let whole = cases.iter().filter(|c| c.5).count() as u64;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (whole, cases.len() as u64 - whole),
+        "whole-minute queries answered from the rollups, the others from the samples"
+    );
+
+    // A late sample (and its redelivery) in the rolled-up hour is folded into its rollup.
+    let late = Gen {
+        rid: "vm-1".into(),
+        project: "project-1".into(),
+        user: "user-1".into(),
+        unit: "%",
+        ts: minute(4) + chrono::Duration::microseconds(31_000_001),
+        v: 1234.5,
+    };
+    post_direct(&addr, "cpu_util", std::slice::from_ref(&late), &collector).await;
+    post_direct(&addr, "cpu_util", std::slice::from_ref(&late), &collector).await;
+    data.push(late);
+    check_cases(&addr, &data, &cases).await;
+    let (_, m) = request(&addr, "GET", "/metrics", &[], None).await;
+    assert!(
+        m.contains("vmeter_rollup_late_hours_total 1\n"),
+        "one late hour recomputed (the redelivery inserts nothing): {m}"
+    );
 
     // Cardinality and stddev through the resource join, per unit.
     let (_, st) = get_json(
@@ -580,6 +756,7 @@ async fn statistics_match_an_independent_computation() {
     }
 
     drop(collector);
+    db.close().await;
     drop_database(&admin, &names).await;
     let _ = std::fs::remove_dir_all(&logs);
 }

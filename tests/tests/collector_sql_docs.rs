@@ -267,8 +267,18 @@ async fn retention_drops_whole_expired_days_and_prunes() {
         }
     };
     assert_eq!(count("select count(*) from sample").await, 4);
+    // Rollups of the closed hours: the three series of 5 days ago (the newest sample's
+    // hour is not closed).
+    let run = store
+        .roll_up(now, Duration::minutes(10), 10_000)
+        .await
+        .unwrap();
+    assert!(run.caught_up, "{run:?}");
+    assert_eq!(count("select count(*) from sample_rollup").await, 3);
 
     let r = store.apply_retention(now, 2).await.unwrap();
+    assert_eq!(r.rollup_rows, 3, "the rollups of the dropped day: {r:?}");
+    assert_eq!(count("select count(*) from sample_rollup").await, 0);
     assert_eq!(r.partitions.len(), 1, "the day of 5 days ago: {r:?}");
     assert_eq!(
         (r.resources, r.meters),
