@@ -113,13 +113,6 @@ fn proc_cpu_secs(pid: u32) -> f64 {
     (v(11) + v(12)) / tick
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
@@ -236,7 +229,9 @@ fn main() {
         .unwrap();
     let pid = child.id();
     // Two cycles to settle, then measure over five.
-    let cycles = |a: &str| metric(&http_get(a, "/metrics"), "vmeter_agent_cycles_total");
+    let cycles = |a: &str| {
+        vmeter_core::telemetry::scrape(&http_get(a, "/metrics"), "vmeter_agent_cycles_total")
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while cycles(&addr) < 2.0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
@@ -252,7 +247,7 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&spool);
-    let published = metric(&m, "vmeter_agent_samples_published_total");
+    let published = vmeter_core::telemetry::scrape(&m, "vmeter_agent_samples_published_total");
     println!(
         "  daemon (test+unix:// via libvirtd, {n} domains, publishing to RabbitMQ): RSS {:.1} MiB, peak {:.1} MiB   target ≤ 30 MiB",
         rss as f64 / 1024.0,

@@ -30,6 +30,7 @@ use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmeter_core::amqp::{self, BrokerConfig, Publisher};
 use vmeter_core::signing::Signer;
+use vmeter_core::telemetry::scrape;
 use vmeter_core::{Sample, SampleType};
 
 const RESOURCES: usize = 100;
@@ -96,13 +97,7 @@ async fn body_len(addr: &str, path: &str) -> usize {
 /// `(stored, duplicates)` from the collector's `/metrics`.
 async fn counters(addr: &str) -> (u64, u64) {
     let text = http_get(addr, "/metrics").await;
-    let get = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let get = |name| scrape(&text, name) as u64;
     (
         get("vmeter_collector_samples_stored_total"),
         get("vmeter_collector_duplicates_total"),
@@ -426,12 +421,7 @@ async fn main() {
 /// Statistics requests answered so far (from rollups, from samples), from `/metrics`.
 async fn paths(http: &str) -> (u64, u64) {
     let m = http_get(http, "/metrics").await;
-    let get = |p: &str| {
-        m.lines()
-            .find(|l| l.starts_with(&format!("vmeter_api_statistics_total{{path=\"{p}\"}}")))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let get = |p: &str| scrape(&m, &format!("vmeter_api_statistics_total{{path=\"{p}\"}}")) as u64;
     (get("rollup"), get("samples"))
 }
 

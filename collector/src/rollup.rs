@@ -15,10 +15,10 @@
 //!   added samples to ([`fold_late`]), after locking those rows, so that two writers of the
 //!   same hour each recompute from a snapshot that includes the other's committed samples.
 
-use chrono::{DateTime, Duration, DurationRound, NaiveDate, Utc};
-use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, partition_days};
 
 /// Advisory lock key: exclusive for the rollup job and retention, shared for sample writes.
 /// Always taken before the partition lock.
@@ -105,6 +105,14 @@ pub fn unpack(data: &[u8]) -> impl Iterator<Item = Minute> + '_ {
     })
 }
 
+/// `rollup_state.watermark`: every (meter, resource, hour) before it is rolled up (`None`:
+/// nothing is yet).
+pub async fn watermark(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("select watermark from rollup_state where singleton")
+        .fetch_one(conn)
+        .await
+}
+
 /// Takes [`ROLLUP_LOCK`] shared for the transaction and returns the watermark read after
 /// it: samples written in this transaction before it must be folded in ([`fold_late`]).
 pub async fn writer_watermark(
@@ -115,12 +123,7 @@ pub async fn writer_watermark(
         .execute(&mut **tx)
         .await?;
     // A statement of its own: its snapshot is taken after the lock was granted.
-    Ok(
-        sqlx::query_scalar("select watermark from rollup_state where singleton")
-            .fetch_optional(&mut **tx)
-            .await?
-            .flatten(),
-    )
+    Ok(watermark(tx).await?)
 }
 
 /// Recomputes the rollup rows of `hours` (meter, resource, hour start; sorted, distinct)
@@ -218,10 +221,7 @@ impl Store {
                 .bind(ROLLUP_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            let wm: Option<DateTime<Utc>> =
-                sqlx::query_scalar("select watermark from rollup_state where singleton")
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let wm = watermark(&mut tx).await?;
             run.watermark = wm;
             let (oldest, newest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
                 sqlx::query_as("select min(first_ts), max(last_ts) from series")
@@ -241,21 +241,12 @@ impl Store {
                 return Ok(run);
             }
             // Jump over days without a partition (nothing to roll up there).
-            let days: Vec<String> = sqlx::query_scalar(
-                "select c.relname::text from pg_inherits i join pg_class c on c.oid = i.inhrelid
-                 where i.inhparent = 'sample'::regclass",
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            let next_day = days
-                .iter()
-                .filter_map(|n| {
-                    let d =
-                        NaiveDate::parse_from_str(n.strip_prefix("sample_p")?, "%Y%m%d").ok()?;
-                    Some(d.and_hms_opt(0, 0, 0)?.and_utc())
-                })
-                .filter(|d| *d + Duration::days(1) > start)
-                .min();
+            // Partitions in day order: the first whose day ends after `start`.
+            let next_day = partition_days(&mut tx)
+                .await?
+                .into_iter()
+                .filter_map(|(_, d)| Some(d.and_hms_opt(0, 0, 0)?.and_utc()))
+                .find(|d| *d + Duration::days(1) > start);
             match next_day {
                 Some(d) if d > start => start = d.min(limit),
                 Some(_) => {}

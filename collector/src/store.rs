@@ -71,6 +71,26 @@ pub struct Store {
     partitions: HashSet<NaiveDate>,
 }
 
+/// The daily partitions of `sample` (`sample_pYYYYMMDD`, covering [day, day + 1)) with
+/// their day, in day order. Tables attached under other names are left out.
+pub async fn partition_days(
+    conn: &mut sqlx::PgConnection,
+) -> Result<Vec<(String, NaiveDate)>, sqlx::Error> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "select c.relname::text from pg_inherits i join pg_class c on c.oid = i.inhrelid
+         where i.inhparent = 'sample'::regclass order by 1",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(names
+        .into_iter()
+        .filter_map(|n| {
+            let day = NaiveDate::parse_from_str(n.strip_prefix("sample_p")?, "%Y%m%d").ok()?;
+            Some((n, day))
+        })
+        .collect())
+}
+
 /// Connects a pool (lazily: no connection is made until first use).
 ///
 /// Each connection sets `random_page_cost = 1.1` for itself (PostgreSQL's default, 4, is
@@ -286,9 +306,9 @@ impl Store {
             e.1 = e.1.max(s.timestamp);
         }
         let oldest = ts.iter().min().copied();
-        let inserted = if watermark.is_some_and(|w| oldest.is_some_and(|o| o < w)) {
-            // Samples of rolled-up hours: learn which hours got new rows, and fold them in.
-            let w = watermark.unwrap_or(DateTime::<Utc>::MIN_UTC);
+        // Samples of rolled-up hours: learn which hours got new rows, and fold them in.
+        let late_before = watermark.filter(|w| oldest.is_some_and(|o| o < *w));
+        let inserted = if let Some(w) = late_before {
             let hours: Vec<(i32, i32, DateTime<Utc>, i64)> =
                 sqlx::query_as(AssertSqlSafe(format!(
                     "with ins as (
@@ -371,22 +391,9 @@ impl Store {
         sqlx::query("select pg_advisory_xact_lock(7266315512)")
             .execute(&mut *tx)
             .await?;
-        let parts: Vec<String> = sqlx::query_scalar(
-            "select c.relname::text from pg_inherits i join pg_class c on c.oid = i.inhrelid
-             where i.inhparent = 'sample'::regclass order by 1",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
         let mut out = Retention::default();
         let mut dropped_until: Option<DateTime<Utc>> = None;
-        for name in parts {
-            // sample_pYYYYMMDD covers [day, day + 1).
-            let Some(day) = name
-                .strip_prefix("sample_p")
-                .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok())
-            else {
-                continue;
-            };
+        for (name, day) in partition_days(&mut tx).await? {
             let end = (day + Duration::days(1))
                 .and_hms_opt(0, 0, 0)
                 .expect("midnight")

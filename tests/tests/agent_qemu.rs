@@ -121,13 +121,6 @@ fn util(series: &[(f64, f64)]) -> f64 {
     (last.1 - first.1) / ((last.0 - first.0) * 1e9) * 100.0
 }
 
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(line_start))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_qemu_guests_spinning_and_idle() {
     if !emulator().exists() || virsh(&["uri"]).is_err() {
@@ -268,14 +261,14 @@ async fn real_qemu_guests_spinning_and_idle() {
     );
     assert_eq!(spin_md.get("cpu_number").and_then(|v| v.as_u64()), Some(1));
     let (_, metrics) = http::request(&http_addr, "GET", "/metrics", &[], None).await;
-    let bulk_cpu = metric(
+    let bulk_cpu = vmeter_core::telemetry::scrape(
         &metrics,
         "vmeter_agent_stats_reads_total{group=\"cpu-total\",path=\"bulk\"}",
     );
-    let per_domain = metric(
+    let per_domain = vmeter_core::telemetry::scrape(
         &metrics,
         "vmeter_agent_stats_reads_total{group=\"cpu-total\",path=\"per_domain\"}",
-    ) + metric(
+    ) + vmeter_core::telemetry::scrape(
         &metrics,
         "vmeter_agent_stats_reads_total{group=\"vcpu\",path=\"per_domain\"}",
     );
@@ -292,7 +285,7 @@ async fn real_qemu_guests_spinning_and_idle() {
     guests.frozen.push(pid);
     let after = broker::collect_for(&conn, &names.raw_queue, Duration::from_secs(9)).await;
     let (_, metrics) = http::request(&http_addr, "GET", "/metrics", &[], None).await;
-    let timeouts = metric(&metrics, "vmeter_agent_libvirt_timeouts_total");
+    let timeouts = vmeter_core::telemetry::scrape(&metrics, "vmeter_agent_libvirt_timeouts_total");
     let spin_after = cpu_series(&after).remove(&spin_id).unwrap_or_default();
     eprintln!(
         "agent_qemu: frozen idle guest: {timeouts} timed-out cycle(s), {} cpu samples of the spinning guest in 9 s",

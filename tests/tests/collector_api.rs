@@ -644,10 +644,10 @@ async fn statistics_match_an_independent_computation() {
     check_cases(&addr, &data, &cases).await;
     let paths = |m: &str| -> (u64, u64) {
         let get = |p: &str| {
-            m.lines()
-                .find(|l| l.starts_with(&format!("vmeter_api_statistics_total{{path=\"{p}\"}}")))
-                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-                .unwrap_or(0)
+            vmeter_core::telemetry::scrape(
+                m,
+                &format!("vmeter_api_statistics_total{{path=\"{p}\"}}"),
+            ) as u64
         };
         (get("rollup"), get("samples"))
     };

@@ -149,6 +149,16 @@ pub fn gauge(name: &'static str, help: &'static str, labels: &[(&str, &str)]) ->
     }
 }
 
+/// The sum of the values of the series in `text` (the exposition format, as [`render`]
+/// writes it) whose line starts with `prefix`: a name, or a name and the start of its
+/// labels. 0 when there is none. For the tests and benches that read `/metrics`.
+pub fn scrape(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// All metrics in the Prometheus text exposition format.
 pub fn render() -> String {
     let reg = REGISTRY.lock().expect("metrics registry poisoned");
@@ -205,6 +215,14 @@ pub fn dead_lettered(service: &str, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_sums_the_series_a_prefix_selects() {
+        let text = "# HELP a_total x\n# TYPE a_total counter\na_total{path=\"x\"} 2\na_total{path=\"y\"} 3\nb 7\n";
+        assert_eq!(scrape(text, "a_total"), 5.0);
+        assert_eq!(scrape(text, "a_total{path=\"y\"}"), 3.0);
+        assert_eq!(scrape(text, "c"), 0.0);
+    }
 
     #[test]
     fn counters_render_with_labels() {

@@ -77,20 +77,36 @@ enum GroupBy {
     /// The resource's integer key in the sample table; its name is looked up afterwards
     /// (no join per sample row).
     ResourceId,
-    /// A column of the resource table: output name, SQL expression (alias `r`), and its
-    /// index among the columns of [`RESOURCE_COLUMNS`].
-    Resource(&'static str, &'static str, usize),
+    /// A column of the resource table: its index in [`RESOURCE_GROUPS`].
+    Resource(usize),
 }
 
-/// The resource columns a `groupby` can name, as fetched for the rollup path.
-const RESOURCE_COLUMNS: &str =
-    "id, resource_id, user_id, project_id, source, metadata->>'instance_type'";
+/// The resource-table fields a `groupby` can name: output name, SQL expression (alias `r`).
+const RESOURCE_GROUPS: [(&str, &str); 4] = [
+    ("user_id", "r.user_id"),
+    ("project_id", "r.project_id"),
+    ("source", "r.source"),
+    (
+        "resource_metadata.instance_type",
+        "r.metadata->>'instance_type'",
+    ),
+];
 
 impl GroupBy {
+    fn parse(field: &str) -> Option<GroupBy> {
+        if field == "resource_id" {
+            return Some(GroupBy::ResourceId);
+        }
+        RESOURCE_GROUPS
+            .iter()
+            .position(|(name, _)| *name == field)
+            .map(GroupBy::Resource)
+    }
+
     fn name(self) -> &'static str {
         match self {
             GroupBy::ResourceId => "resource_id",
-            GroupBy::Resource(name, _, _) => name,
+            GroupBy::Resource(i) => RESOURCE_GROUPS[i].0,
         }
     }
 }
@@ -183,22 +199,8 @@ pub(super) async fn statistics(
     };
     let mut groupby: Vec<GroupBy> = Vec::new();
     for g in q.params("groupby") {
-        let col = match g {
-            "resource_id" => GroupBy::ResourceId,
-            "user_id" => GroupBy::Resource("user_id", "r.user_id", 0),
-            "project_id" => GroupBy::Resource("project_id", "r.project_id", 1),
-            "source" => GroupBy::Resource("source", "r.source", 2),
-            "resource_metadata.instance_type" => GroupBy::Resource(
-                "resource_metadata.instance_type",
-                "r.metadata->>'instance_type'",
-                3,
-            ),
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "Invalid groupby fields: {other}"
-                )));
-            }
-        };
+        let col = GroupBy::parse(g)
+            .ok_or_else(|| ApiError::BadRequest(format!("Invalid groupby fields: {g}")))?;
         if !groupby.contains(&col) {
             groupby.push(col);
         }
@@ -354,7 +356,7 @@ async fn from_samples(api: &Api, p: &Plan<'_>) -> Result<(Vec<StatRow>, Groups),
     for g in &p.groupby {
         match g {
             GroupBy::ResourceId => qb.push(", s.resource_id"),
-            GroupBy::Resource(_, expr, _) => qb.push(format!(", {expr}")),
+            GroupBy::Resource(i) => qb.push(format!(", {}", RESOURCE_GROUPS[*i].1)),
         };
     }
     match p.buckets {
@@ -574,59 +576,71 @@ impl Sink {
 
     #[inline]
     fn add(&mut self, k: i64, unit: u32, gid: u32, x: &Acc) {
-        match self {
+        if let Sink::Grid {
+            cells,
+            units,
+            groups,
+        } = self
+        {
+            let (u, g) = (unit as usize, gid as usize);
+            let at = usize::try_from(k)
+                .ok()
+                .filter(|_| u < *units && g < *groups)
+                .and_then(|k| (k * *units + u).checked_mul(*groups)?.checked_add(g))
+                .filter(|at| *at < cells.len());
+            match at {
+                Some(at) => return cells[at].add(x),
+                // Off the grid (the bounds were computed wrong): keep every part anyway.
+                None => *self = Sink::List(self.take_parts()),
+            }
+        }
+        if let Sink::List(v) = self {
+            v.push(((k, unit, gid), *x));
+        }
+    }
+
+    /// The parts merged so far, with their keys (a grid's non-empty cells).
+    fn take_parts(&mut self) -> Vec<((i64, u32, u32), Acc)> {
+        match std::mem::replace(self, Sink::List(Vec::new())) {
+            Sink::List(v) => v,
             Sink::Grid {
                 cells,
                 units,
                 groups,
-            } => {
-                let at = (k as usize * *units + unit as usize) * *groups + gid as usize;
-                debug_assert!(
-                    at < cells.len(),
-                    "bucket {k} unit {unit} group {gid} off the grid"
-                );
-                if let Some(c) = cells.get_mut(at) {
-                    c.add(x);
-                }
-            }
-            Sink::List(v) => v.push(((k, unit, gid), *x)),
+            } => cells
+                .into_iter()
+                .enumerate()
+                .filter(|(_, c)| c.n > 0)
+                .map(|(at, c)| {
+                    let (g, u, k) = (at % groups, at / groups % units, at / groups / units);
+                    ((k as i64, u as u32, g as u32), c)
+                })
+                .collect(),
         }
     }
 
     /// One row per non-empty (bucket, unit, group), in that order.
-    fn rows(self, p: &Plan<'_>) -> Vec<StatRow> {
-        let mut out = Vec::new();
-        match self {
-            Sink::Grid {
-                cells,
-                units,
-                groups,
-            } => {
-                out.reserve(cells.iter().filter(|c| c.n > 0).count());
-                for (at, acc) in cells.iter().enumerate() {
-                    if acc.n > 0 {
-                        let (g, u, k) = (at % groups, at / groups % units, at / groups / units);
-                        out.push(acc.row(p, k as i64, u as u32, g as u32));
-                    }
-                }
+    fn rows(mut self, p: &Plan<'_>) -> Vec<StatRow> {
+        // A grid's cells come out in key order, one per key.
+        let sorted = matches!(self, Sink::Grid { .. });
+        let mut parts = self.take_parts();
+        if !sorted {
+            parts.sort_unstable_by_key(|(k, _)| *k);
+        }
+        let mut out: Vec<StatRow> = Vec::with_capacity(parts.len());
+        let mut acc = Acc::EMPTY;
+        let mut cur = None;
+        for (key, x) in parts {
+            if cur.is_some_and(|c| c != key) {
+                let (k, u, g) = cur.expect("checked");
+                out.push(acc.row(p, k, u, g));
+                acc = Acc::EMPTY;
             }
-            Sink::List(mut v) => {
-                v.sort_unstable_by_key(|(k, _)| *k);
-                let mut acc = Acc::EMPTY;
-                let mut cur = None;
-                for (key, x) in v {
-                    if cur.is_some_and(|c| c != key) {
-                        let (k, u, g) = cur.expect("checked");
-                        out.push(acc.row(p, k, u, g));
-                        acc = Acc::EMPTY;
-                    }
-                    cur = Some(key);
-                    acc.add(&x);
-                }
-                if let Some((k, u, g)) = cur {
-                    out.push(acc.row(p, k, u, g));
-                }
-            }
+            cur = Some(key);
+            acc.add(&x);
+        }
+        if let Some((k, u, g)) = cur {
+            out.push(acc.row(p, k, u, g));
         }
         out
     }
@@ -677,11 +691,7 @@ async fn from_rollups(api: &Api, p: &Plan<'_>) -> Result<Option<(Vec<StatRow>, G
     sqlx::query("set transaction isolation level repeatable read, read only")
         .execute(&mut *tx)
         .await?;
-    let wm: Option<DateTime<Utc>> =
-        sqlx::query_scalar("select watermark from rollup_state where singleton")
-            .fetch_one(&mut *tx)
-            .await?;
-    let Some(wm) = wm else {
+    let Some(wm) = rollup::watermark(&mut tx).await? else {
         return Ok(None);
     };
     let wm = micros(wm);
@@ -738,7 +748,8 @@ async fn from_rollups(api: &Api, p: &Plan<'_>) -> Result<Option<(Vec<StatRow>, G
         vec![Vec::new()]
     } else {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "select {RESOURCE_COLUMNS} from resource where id = any($1)"
+            "select r.id, r.resource_id, {} from resource r where r.id = any($1)",
+            RESOURCE_GROUPS.map(|(_, expr)| expr).join(", ")
         )))
         .bind(&rints)
         .fetch_all(&mut *tx)
@@ -755,7 +766,7 @@ async fn from_rollups(api: &Api, p: &Plan<'_>) -> Result<Option<(Vec<StatRow>, G
             for g in &p.groupby {
                 k.push(match g {
                     GroupBy::ResourceId => r.try_get::<Option<String>, _>(1)?,
-                    GroupBy::Resource(_, _, col) => r.try_get::<Option<String>, _>(2 + col)?,
+                    GroupBy::Resource(i) => r.try_get::<Option<String>, _>(2 + i)?,
                 });
             }
             keys.push(k);
