@@ -35,7 +35,7 @@ fn main() {
     println!("open: {}", rss());
     for c in 0..4 {
         let mut n = 0;
-        i.poll_each(&mut |_s| n += 1).expect("poll");
+        i.poll_each(&mut |_r, _s, _md| n += 1).expect("poll");
         println!("cycle {c} ({n} samples): {}", rss());
     }
     drop(i);

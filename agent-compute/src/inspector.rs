@@ -22,6 +22,7 @@ use uuid::Uuid;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use vmeter_core::sample::DEFAULT_SOURCE;
+use vmeter_core::wire::{self, BatchWriter, Reading, Shared};
 use vmeter_core::{Metadata, Sample, SampleType};
 
 use crate::bulk::{self, DomStats, group};
@@ -108,8 +109,19 @@ impl CycleStats {
 /// when a call overruns `call_timeout`.
 #[derive(Debug, Default)]
 pub struct Guard {
-    in_flight: Mutex<Option<InFlight>>,
+    in_flight: Mutex<Slot>,
     quarantined: Arc<Mutex<HashSet<String>>>,
+}
+
+/// The call in progress, kept in place: entering a call copies the domain's name and UUID
+/// into buffers that are reused (a call is entered several times per domain per cycle).
+#[derive(Debug, Default)]
+struct Slot {
+    call: Option<&'static str>,
+    has_domain: bool,
+    name: String,
+    uuid: String,
+    since: Option<Instant>,
 }
 
 /// One libvirt call in progress.
@@ -126,28 +138,38 @@ impl Guard {
     /// A guard for another libvirt thread: its own call in progress, the same quarantine.
     pub fn sibling(&self) -> Guard {
         Guard {
-            in_flight: Mutex::new(None),
+            in_flight: Mutex::default(),
             quarantined: self.quarantined.clone(),
         }
     }
 
     /// Records the call about to be made.
     pub fn enter(&self, call: &'static str, domain: Option<(&str, &str)>) {
-        *self.in_flight.lock().expect("guard poisoned") = Some(InFlight {
-            call,
-            domain: domain.map(|(n, u)| (n.to_string(), u.to_string())),
-            since: Instant::now(),
-        });
+        let mut g = self.in_flight.lock().expect("guard poisoned");
+        g.call = Some(call);
+        g.has_domain = domain.is_some();
+        if let Some((n, u)) = domain {
+            g.name.clear();
+            g.name.push_str(n);
+            g.uuid.clear();
+            g.uuid.push_str(u);
+        }
+        g.since = Some(Instant::now());
     }
 
     /// Records that no call is in progress.
     pub fn leave(&self) {
-        *self.in_flight.lock().expect("guard poisoned") = None;
+        self.in_flight.lock().expect("guard poisoned").call = None;
     }
 
     /// The call in progress, if any.
     pub fn in_flight(&self) -> Option<InFlight> {
-        self.in_flight.lock().expect("guard poisoned").clone()
+        let g = self.in_flight.lock().expect("guard poisoned");
+        Some(InFlight {
+            call: g.call?,
+            domain: g.has_domain.then(|| (g.name.clone(), g.uuid.clone())),
+            since: g.since?,
+        })
     }
 
     /// Skips `uuid`'s per-domain calls until [`Guard::release`].
@@ -195,12 +217,37 @@ struct Known {
     bulk_devices: Vec<String>,
     fetched: Instant,
     seen: u64,
-    md: Arc<Metadata>,
+    md: MdBlob,
     /// (target, resource id, metadata) per disk with a source.
-    disks: Vec<(String, String, Arc<Metadata>)>,
+    disks: Vec<(String, String, MdBlob)>,
     /// (target, resource id, metadata) per vNIC.
-    nics: Vec<(String, String, Arc<Metadata>)>,
+    nics: Vec<(String, String, MdBlob)>,
 }
+
+/// A resource's metadata, kept encoded as it goes on the wire ([`wire::encode_metadata`]):
+/// built when the domain XML is read, then copied into each batch that carries one of the
+/// resource's samples. Encoded, it is a fifth of the map's memory and costs nothing to
+/// send again.
+pub struct MdBlob {
+    /// Unique in this process (never reused), the blob's identity within a batch.
+    pub id: u64,
+    /// One msgpack map.
+    pub bytes: Box<[u8]>,
+}
+
+impl MdBlob {
+    fn new(md: &Metadata) -> MdBlob {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        MdBlob {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            bytes: wire::encode_metadata(md).into_boxed_slice(),
+        }
+    }
+}
+
+/// Where a cycle's samples go: each as its own fields, the fields it shares with the other
+/// samples of its resource (encoded once), and its resource's metadata.
+pub type SampleSink<'o> = dyn FnMut(&Reading<'_>, &Shared, &MdBlob) + 'o;
 
 /// A read-only libvirt connection and the per-domain state kept between cycles.
 pub struct Inspector {
@@ -210,11 +257,17 @@ pub struct Inspector {
     /// Groups the bulk call answers on this connection (always includes `state`).
     bulk_groups: u32,
     bulk_flags: u32,
-    known: HashMap<String, Known>,
+    known: HashMap<String, Known, foldhash::fast::RandomState>,
     cycle: u64,
     no_balloon_warned: HashSet<String>,
-    host_md: Arc<Metadata>,
+    host_md: MdBlob,
     host_warned: bool,
+    /// Per-domain fallback readings of one domain's disks and vNICs (reused buffers).
+    block_fallback: Vec<(
+        Option<virt::domain::BlockStats>,
+        Option<virt::domain::BlockInfo>,
+    )>,
+    net_fallback: Vec<Option<virt::domain::InterfaceStats>>,
 }
 
 impl Inspector {
@@ -243,15 +296,17 @@ impl Inspector {
         host_md.insert("host".into(), json!(opts.host));
         Ok(Inspector {
             conn,
-            host_md: Arc::new(host_md),
+            host_md: MdBlob::new(&host_md),
             opts,
             guard,
             bulk_groups,
             bulk_flags,
-            known: HashMap::new(),
+            known: HashMap::default(),
             cycle: 0,
             no_balloon_warned: HashSet::new(),
             host_warned: false,
+            block_fallback: Vec::new(),
+            net_fallback: Vec::new(),
         })
     }
 
@@ -265,26 +320,64 @@ impl Inspector {
         self.conn.is_alive().unwrap_or(false)
     }
 
-    /// Polls the host and every domain once, collecting the samples.
+    /// Polls the host and every domain once and returns the samples exactly as the agent
+    /// would send them: encoded in batches ([`Inspector::poll_batches`]) and decoded again.
+    /// For `poll-once` and tests; the agent itself never builds [`Sample`]s.
     pub fn poll(&mut self) -> Result<(Vec<Sample>, CycleStats), virt::error::Error> {
-        let mut v = Vec::new();
-        let stats = self.poll_each(&mut |s| v.push(s))?;
+        let mut bodies = Vec::new();
+        let stats = self.poll_batches(&|_| true, 500, &mut |body, _| bodies.push(body))?;
+        let mut dec = wire::Decoder::default();
+        let mut v = Vec::with_capacity(stats.samples);
+        for b in bodies {
+            v.extend(
+                dec.decode(&b, Some(wire::FORMAT_VERSION))
+                    .expect("the agent's own batches decode"),
+            );
+        }
         Ok((v, stats))
     }
 
-    /// Polls the host and every domain once, handing each sample to `out` as it is built
-    /// (the agent encodes them batch by batch, so a cycle's samples are never all in memory).
+    /// One cycle as the agent runs it: polls, keeps the samples whose meter `keep` accepts,
+    /// encodes them as they are built into batches of `batch_size` and hands each batch
+    /// (body, sample count) to `out`. A cycle's samples are never all in memory.
+    pub fn poll_batches(
+        &mut self,
+        keep: &dyn Fn(&str) -> bool,
+        batch_size: usize,
+        out: &mut dyn FnMut(Vec<u8>, u64),
+    ) -> Result<CycleStats, virt::error::Error> {
+        let batch_size = batch_size.max(1);
+        let mut w = BatchWriter::with_capacity(batch_size);
+        let stats = self.poll_each(&mut |r, shared, md| {
+            if keep(r.name) {
+                let i = w.metadata(md.id as usize, |o| o.extend_from_slice(&md.bytes));
+                w.push_shared(r, shared, i);
+                if w.len() >= batch_size {
+                    let n = w.len() as u64;
+                    out(w.finish(), n);
+                }
+            }
+        });
+        if !w.is_empty() {
+            let n = w.len() as u64;
+            out(w.finish(), n);
+        }
+        stats
+    }
+
+    /// Polls the host and every domain once, handing each sample to `out` as it is built,
+    /// borrowed from the libvirt answer and the domain's cached state.
     /// `Err` only when the domain list itself cannot be read (the caller then reconnects).
     pub fn poll_each(
         &mut self,
-        out: &mut dyn FnMut(Sample),
+        out: &mut SampleSink<'_>,
     ) -> Result<CycleStats, virt::error::Error> {
         self.cycle += 1;
         let mut stats = CycleStats::default();
         let mut count = 0usize;
-        let mut out = |s: Sample| {
+        let mut out = |r: &Reading<'_>, shared: &Shared, md: &MdBlob| {
             count += 1;
-            out(s)
+            out(r, shared, md)
         };
         self.poll_host(&mut out);
 
@@ -329,20 +422,12 @@ impl Inspector {
         Ok(stats)
     }
 
-    fn poll_host(&mut self, out: &mut dyn FnMut(Sample)) {
+    fn poll_host(&mut self, out: &mut SampleSink<'_>) {
         self.guard.enter("host stats", None);
         let cpu = bulk::node_cpu_stats(&self.conn);
         let mem = bulk::node_memory_stats(&self.conn);
         self.guard.leave();
-        let ts = Utc::now();
-        let mono = monotonic_secs();
-        let mut e = Emit {
-            out,
-            ts,
-            mono,
-            user: None,
-            project: None,
-        };
+        let mut e = Emit::new(out, Utc::now(), monotonic_secs(), None, None);
         let host = self.opts.host.clone();
         match cpu {
             Ok(fields) => {
@@ -401,7 +486,7 @@ impl Inspector {
         uuid: &str,
         mut st: DomStats,
         answered: (DateTime<Utc>, f64),
-        out: &mut dyn FnMut(Sample),
+        out: &mut SampleSink<'_>,
         stats: &mut CycleStats,
     ) -> Result<(), virt::error::Error> {
         let (mut ts, mut mono) = answered;
@@ -416,9 +501,18 @@ impl Inspector {
             || have & group::BALLOON == 0;
         let mut info_mem_kib = None;
         let mut info_max_kib = None;
+        // The guard's record of the call in progress, for the log if it hangs: entered
+        // once for this domain's per-domain calls (again after the XML read).
+        let mut entered = false;
         if need_info {
-            let name = d.name().unwrap_or_default();
-            self.guard.enter("per-domain stats", Some((&name, uuid)));
+            match self.known.get(uuid) {
+                Some(k) => self.guard.enter("per-domain stats", Some((&k.name, uuid))),
+                None => {
+                    let name = d.name().unwrap_or_default();
+                    self.guard.enter("per-domain stats", Some((&name, uuid)));
+                }
+            }
+            entered = true;
             let info = d.info()?;
             per_domain = true;
             st.state.get_or_insert(info.state.to_raw());
@@ -490,6 +584,7 @@ impl Inspector {
         if stale {
             let name = d.name()?;
             self.guard.enter("domain xml", Some((&name, uuid)));
+            entered = false;
             let xml = d.xml_desc(0)?;
             stats.xml_reads += 1;
             let parsed = domain_xml::parse(&xml).unwrap_or_else(|e| {
@@ -503,13 +598,16 @@ impl Inspector {
         let k = self.known.get_mut(uuid).expect("inserted above");
         k.seen = self.cycle;
 
-        // Per-device groups the bulk call does not give.
-        let mut block_fallback: Vec<(
-            Option<virt::domain::BlockStats>,
-            Option<virt::domain::BlockInfo>,
-        )> = Vec::new();
+        // Per-device groups the bulk call does not give (buffers reused between domains).
+        let mut block_fallback = std::mem::take(&mut self.block_fallback);
+        block_fallback.clear();
+        let mut net_fallback = std::mem::take(&mut self.net_fallback);
+        net_fallback.clear();
         if have & group::BLOCK == 0 {
-            self.guard.enter("per-domain stats", Some((&k.name, uuid)));
+            if !entered {
+                self.guard.enter("per-domain stats", Some((&k.name, uuid)));
+                entered = true;
+            }
             for (target, _, _) in &k.disks {
                 let bs = if running {
                     d.block_stats(target).ok()
@@ -523,10 +621,11 @@ impl Inspector {
         } else {
             stats.count(group::BLOCK, Path::Bulk);
         }
-        let mut net_fallback: Vec<Option<virt::domain::InterfaceStats>> = Vec::new();
         if have & group::INTERFACE == 0 {
             if running {
-                self.guard.enter("per-domain stats", Some((&k.name, uuid)));
+                if !entered {
+                    self.guard.enter("per-domain stats", Some((&k.name, uuid)));
+                }
                 for (target, _, _) in &k.nics {
                     net_fallback.push(d.interface_stats(target).ok());
                 }
@@ -542,13 +641,13 @@ impl Inspector {
             mono = monotonic_secs();
         }
 
-        let mut e = Emit {
+        let mut e = Emit::new(
             out,
             ts,
             mono,
-            user: k.xml.user_id.as_deref(),
-            project: k.xml.project_id.as_deref(),
-        };
+            k.xml.user_id.as_deref(),
+            k.xml.project_id.as_deref(),
+        );
         let md = &k.md;
         e.push("power.state", SampleType::Gauge, "", state as f64, uuid, md);
         if vcpus_now.is_some() {
@@ -617,7 +716,7 @@ impl Inspector {
                 block_fallback.get(i).map(|(bs, bi)| {
                     let pos = |v: i64| u64::try_from(v).ok();
                     bulk::BlockStat {
-                        name: target.clone(),
+                        name: String::new(),
                         rd_reqs: bs.as_ref().and_then(|s| pos(s.rd_req)),
                         rd_bytes: bs.as_ref().and_then(|s| pos(s.rd_bytes)),
                         wr_reqs: bs.as_ref().and_then(|s| pos(s.wr_req)),
@@ -688,7 +787,7 @@ impl Inspector {
                     net_fallback.get(i).and_then(|s| s.as_ref()).map(|s| {
                         let pos = |v: i64| u64::try_from(v).ok();
                         bulk::NetStat {
-                            name: target.clone(),
+                            name: String::new(),
                             rx_bytes: pos(s.rx_bytes),
                             rx_pkts: pos(s.rx_packets),
                             rx_errs: pos(s.rx_errs),
@@ -717,6 +816,9 @@ impl Inspector {
                 }
             }
         }
+        drop(e);
+        self.block_fallback = block_fallback;
+        self.net_fallback = net_fallback;
         Ok(())
     }
 
@@ -742,7 +844,7 @@ impl Inspector {
                 (
                     disk.target.clone(),
                     format!("{uuid}-{}", disk.target),
-                    Arc::new(dmd),
+                    MdBlob::new(&dmd),
                 )
             })
             .collect();
@@ -762,7 +864,7 @@ impl Inspector {
                     json!(nic.filterref.clone().unwrap_or_else(|| nic.target.clone())),
                 );
                 nmd.insert("instance_name".into(), json!(name));
-                (nic.target.clone(), rid, Arc::new(nmd))
+                (nic.target.clone(), rid, MdBlob::new(&nmd))
             })
             .collect();
         Known {
@@ -775,7 +877,7 @@ impl Inspector {
             bulk_devices,
             fetched: Instant::now(),
             seen: self.cycle,
-            md: Arc::new(md),
+            md: MdBlob::new(&md),
             disks,
             nics,
         }
@@ -846,39 +948,71 @@ fn fast_v7(ts: DateTime<Utc>) -> Uuid {
     uuid::Builder::from_unix_timestamp_millis(ts.timestamp_millis().max(0) as u64, &r).into_uuid()
 }
 
-/// Builds the samples of one resource group that share timestamp, owner and clock.
-struct Emit<'a, 'o> {
-    out: &'o mut dyn FnMut(Sample),
+/// Builds the samples of one domain (or the host) that share timestamp, owner and clock,
+/// as borrowed parts (nothing is allocated per sample). The fields a resource's samples
+/// share are encoded once per resource ([`Shared`]).
+struct Emit<'a, 'o, 's> {
+    out: &'o mut SampleSink<'s>,
     ts: DateTime<Utc>,
+    ts_us: i64,
     mono: f64,
     user: Option<&'a str>,
     project: Option<&'a str>,
+    shared: Shared,
+    /// The resource `shared` was encoded for (address and length of its id: borrowed for
+    /// `'a`, so it cannot be freed and reused while this `Emit` lives).
+    current: Option<(*const u8, usize)>,
 }
 
-impl Emit<'_, '_> {
+impl<'a, 'o, 's> Emit<'a, 'o, 's> {
+    fn new(
+        out: &'o mut SampleSink<'s>,
+        ts: DateTime<Utc>,
+        mono: f64,
+        user: Option<&'a str>,
+        project: Option<&'a str>,
+    ) -> Self {
+        Emit {
+            out,
+            ts,
+            ts_us: ts.timestamp_micros(),
+            mono,
+            user,
+            project,
+            shared: Shared::default(),
+            current: None,
+        }
+    }
+
     fn push(
         &mut self,
         name: &str,
         kind: SampleType,
         unit: &str,
         volume: f64,
-        rid: &str,
-        md: &Arc<Metadata>,
+        rid: &'a str,
+        md: &MdBlob,
     ) {
-        (self.out)(Sample {
-            name: name.into(),
+        let this = Some((rid.as_ptr(), rid.len()));
+        if self.current != this {
+            self.shared.set(
+                self.user,
+                self.project,
+                rid,
+                self.ts_us,
+                DEFAULT_SOURCE,
+                Some(self.mono),
+            );
+            self.current = this;
+        }
+        let r = Reading {
+            name,
             kind,
-            unit: unit.into(),
+            unit,
             volume,
-            user_id: self.user.map(str::to_string),
-            project_id: self.project.map(str::to_string),
-            resource_id: rid.into(),
-            timestamp: self.ts,
-            resource_metadata: md.clone(),
-            source: DEFAULT_SOURCE.into(),
             message_id: fast_v7(self.ts),
-            monotonic_time: Some(self.mono),
-        })
+        };
+        (self.out)(&r, &self.shared, md)
     }
 }
 
@@ -922,15 +1056,31 @@ mod tests {
             assert_eq!(*prev, t, "{}", s.name);
         }
         assert_eq!(per_domain.len(), 4);
-        // Metadata is shared between cycles, not rebuilt.
-        let md = |v: &[Sample]| {
-            v.iter()
-                .find(|s| s.name == "cpu")
-                .unwrap()
-                .resource_metadata
-                .clone()
+        // Metadata is kept encoded between cycles, not rebuilt: the same blobs again.
+        let blobs = |insp: &mut Inspector| {
+            let mut ids = Vec::new();
+            insp.poll_each(&mut |r, _, md| {
+                if r.name == "cpu" {
+                    ids.push((md.id, md.bytes.as_ptr()));
+                }
+            })
+            .unwrap();
+            ids
         };
-        assert!(Arc::ptr_eq(&md(&first), &md(&second)));
+        let a = blobs(&mut insp);
+        assert_eq!(a.len(), 4);
+        assert_eq!(a, blobs(&mut insp));
+        // ... and it is the metadata the decoded samples carry.
+        let cpu = second
+            .iter()
+            .find(|s| s.name == "cpu" && s.resource_id == "9b3e4f5a-0001-4c2d-8e1f-000000000001")
+            .unwrap();
+        assert_eq!(cpu.resource_metadata["host"], "h1");
+        assert_eq!(cpu.resource_metadata["flavor"]["name"], "m1.small");
+        assert_eq!(
+            cpu.project_id.as_deref(),
+            Some("7e1b6c2a-0000-4000-8000-000000000011")
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use vmeter_core::amqp::{self, Backoff, Publisher};
 use vmeter_core::http::Health;
 use vmeter_core::shutdown::Shutdown;
-use vmeter_core::{Sample, telemetry};
+use vmeter_core::telemetry;
 
 use crate::config::Config;
 use crate::inspector::{CycleStats, Guard, Inspector, Options};
@@ -18,8 +18,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
-/// Which samples a cycle keeps (the meters of the sources due now).
-pub type KeepFn = Box<dyn Fn(&Sample) -> bool + Send>;
+/// Which meters a cycle keeps (those of the sources due now), by meter name.
+pub type KeepFn = Box<dyn Fn(&str) -> bool + Send>;
 
 /// One cycle asked of the libvirt thread. The thread filters and encodes samples batch by
 /// batch as they are built, so a cycle's samples are never all in memory at once (with
@@ -220,24 +220,12 @@ fn spawn_worker(uri: String, opts: Options, guard: Arc<Guard>, stuck: Arc<Atomic
                 }
                 // Samples are filtered and encoded as they are built and handed over batch
                 // by batch: memory stays at a few batches whatever the number of domains.
-                let mut buf: Vec<Sample> = Vec::with_capacity(req.batch_size);
                 let out = req.batches;
-                let result = inspector
-                    .as_mut()
-                    .expect("opened above")
-                    .poll_each(&mut |s| {
-                        if (req.keep)(&s) {
-                            buf.push(s);
-                            if buf.len() >= req.batch_size {
-                                let b = (vmeter_core::wire::encode(&buf), buf.len() as u64);
-                                buf.clear();
-                                hand_over(&out, b);
-                            }
-                        }
-                    });
-                if !buf.is_empty() {
-                    hand_over(&out, (vmeter_core::wire::encode(&buf), buf.len() as u64));
-                }
+                let result = inspector.as_mut().expect("opened above").poll_batches(
+                    &*req.keep,
+                    req.batch_size,
+                    &mut |body, n| hand_over(&out, (body, n)),
+                );
                 drop(out);
                 if result.is_err() {
                     inspector = None;
@@ -597,7 +585,7 @@ fn spool_push(spool: &mut Spool, cfg: &Config, body: &[u8], n: u64) {
 
 /// Keeps the samples of the meters that one of the due sources (`active`) selects.
 fn keep_due(sources: Arc<Vec<PollingSource>>, active: Vec<usize>) -> KeepFn {
-    Box::new(move |s| active.iter().any(|&i| sources[i].filter.matches(&s.name)))
+    Box::new(move |meter| active.iter().any(|&i| sources[i].filter.matches(meter)))
 }
 
 /// Sends the spool oldest first, `WINDOW` batches in flight; a batch leaves the spool only
@@ -650,28 +638,13 @@ mod tests {
             "p.yaml",
         )
         .unwrap();
-        let mk = |name: &str| Sample {
-            name: name.into(),
-            kind: vmeter_core::SampleType::Gauge,
-            unit: "x".into(),
-            volume: 1.0,
-            user_id: None,
-            project_id: None,
-            resource_id: "r".into(),
-            timestamp: chrono::Utc::now(),
-            resource_metadata: Default::default(),
-            source: "openstack".into(),
-            message_id: uuid::Uuid::nil(),
-            monotonic_time: None,
-        };
-        let all = || vec![mk("cpu"), mk("memory"), mk("disk.read.bytes")];
-        let kept = |src: Vec<PollingSource>, active: Vec<usize>| -> Vec<Sample> {
+        let all = || vec!["cpu", "memory", "disk.read.bytes"];
+        let kept = |src: Vec<PollingSource>, active: Vec<usize>| -> Vec<&str> {
             let keep = keep_due(Arc::new(src), active);
             all().into_iter().filter(|s| keep(s)).collect()
         };
         let v = kept(srcs[..1].to_vec(), vec![0]);
-        let names: Vec<_> = v.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["cpu"], "a single source still selects");
+        assert_eq!(v, ["cpu"], "a single source still selects");
         assert_eq!(kept(srcs.clone(), vec![0, 1]).len(), 2);
         assert_eq!(kept(sources::every_meter(60.0), vec![0]).len(), 3);
     }

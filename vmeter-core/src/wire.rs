@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::sample::{Metadata, Sample, SampleType};
@@ -51,43 +51,6 @@ pub enum DecodeError {
     /// A sample refers to a metadata entry the batch does not have, or a blob is not a map.
     #[error("undecodable batch: {0}")]
     Metadata(String),
-}
-
-#[derive(Serialize)]
-struct BatchRef<'a> {
-    metadata: Vec<&'a serde_bytes::Bytes>,
-    samples: Vec<WireRef<'a>>,
-}
-
-/// One sample on the wire (format 2). Keys are short but named, so fields can be added
-/// without breaking old readers; they are a third of a sample's bytes otherwise.
-#[derive(Serialize)]
-struct WireRef<'a> {
-    #[serde(rename = "n")]
-    name: &'a str,
-    #[serde(rename = "t")]
-    kind: SampleType,
-    #[serde(rename = "u")]
-    unit: &'a str,
-    #[serde(rename = "v")]
-    volume: f64,
-    #[serde(rename = "usr")]
-    user_id: Option<&'a str>,
-    #[serde(rename = "prj")]
-    project_id: Option<&'a str>,
-    #[serde(rename = "rid")]
-    resource_id: &'a str,
-    /// Microseconds since the Unix epoch.
-    #[serde(rename = "ts")]
-    timestamp: i64,
-    /// Index into the batch's `metadata`.
-    md: u32,
-    #[serde(rename = "src")]
-    source: &'a str,
-    #[serde(rename = "id")]
-    message_id: &'a Uuid,
-    #[serde(rename = "mono")]
-    monotonic_time: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -140,63 +103,321 @@ pub fn encode_refs(samples: &[&Sample]) -> Vec<u8> {
     encode_iter(samples.iter().copied(), samples.len())
 }
 
-fn encode_iter<'a>(samples: impl Iterator<Item = &'a Sample> + Clone, len: usize) -> Vec<u8> {
-    // Distinct metadata by identity: producers share one Arc per instance (and a
-    // pipeline's outputs keep their input's), so identity finds the repeats cheaply.
-    let mut by_ptr: HashMap<*const Metadata, u32, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(len, Default::default());
-    let mut blobs: Vec<Vec<u8>> = Vec::new();
-    let mut index = Vec::with_capacity(len);
-    for s in samples.clone() {
-        let ptr = Arc::as_ptr(&s.resource_metadata);
-        let i = *by_ptr.entry(ptr).or_insert_with(|| {
-            blobs.push(
-                rmp_serde::to_vec(&*s.resource_metadata)
-                    .expect("metadata always serialises to msgpack"),
-            );
-            (blobs.len() - 1) as u32
+fn encode_iter<'a>(samples: impl Iterator<Item = &'a Sample>, len: usize) -> Vec<u8> {
+    let mut w = BatchWriter::with_capacity(len);
+    for s in samples {
+        // Distinct metadata by identity: producers share one Arc per instance (and a
+        // pipeline's outputs keep their input's), so identity finds the repeats cheaply.
+        let md = &s.resource_metadata;
+        let i = w.metadata(Arc::as_ptr(md) as usize, |out| {
+            rmp_serde::encode::write(out, &**md).expect("metadata always serialises to msgpack")
         });
-        index.push(i);
+        w.push(&s.view(), i);
     }
-    let batch = BatchRef {
-        metadata: blobs.iter().map(|b| serde_bytes::Bytes::new(b)).collect(),
-        samples: samples
-            .zip(index)
-            .map(|(s, md)| WireRef {
-                name: &s.name,
-                kind: s.kind,
-                unit: &s.unit,
-                volume: s.volume,
-                user_id: s.user_id.as_deref(),
-                project_id: s.project_id.as_deref(),
-                resource_id: &s.resource_id,
-                timestamp: s.timestamp.timestamp_micros(),
-                md,
-                source: &s.source,
-                message_id: &s.message_id,
-                monotonic_time: s.monotonic_time,
-            })
-            .collect(),
-    };
-    // Upper estimate of a sample without metadata, so that the buffer never regrows.
-    let per_sample = 96;
-    let strings: usize = batch
-        .samples
-        .iter()
-        .map(|w| {
-            w.name.len()
-                + w.unit.len()
-                + w.resource_id.len()
-                + w.source.len()
-                + w.user_id.map_or(0, str::len)
-                + w.project_id.map_or(0, str::len)
-        })
-        .sum();
-    let mut out = Vec::with_capacity(
-        64 + len * per_sample + strings + blobs.iter().map(|b| b.len() + 5).sum::<usize>(),
-    );
-    rmp_serde::encode::write_named(&mut out, &batch).expect("a batch always serialises");
-    out
+    w.finish()
+}
+
+/// Encodes `md` as a metadata blob (a msgpack map), the form [`BatchWriter::metadata`]
+/// copies into a batch. A producer that sends the same metadata every cycle keeps this
+/// instead of the map.
+pub fn encode_metadata(md: &Metadata) -> Vec<u8> {
+    rmp_serde::to_vec(md).expect("metadata always serialises to msgpack")
+}
+
+/// A sample borrowed from wherever its parts live (everything but the metadata, which a
+/// [`BatchWriter`] takes separately, once per batch).
+#[derive(Debug, Clone, Copy)]
+pub struct SampleView<'a> {
+    pub name: &'a str,
+    pub kind: SampleType,
+    pub unit: &'a str,
+    pub volume: f64,
+    pub user_id: Option<&'a str>,
+    pub project_id: Option<&'a str>,
+    pub resource_id: &'a str,
+    /// Microseconds since the Unix epoch.
+    pub timestamp_us: i64,
+    pub source: &'a str,
+    pub message_id: Uuid,
+    /// Seconds of the producing host's monotonic clock.
+    pub monotonic_time: Option<f64>,
+}
+
+impl Sample {
+    /// This sample as a [`SampleView`].
+    pub fn view(&self) -> SampleView<'_> {
+        SampleView {
+            name: &self.name,
+            kind: self.kind,
+            unit: &self.unit,
+            volume: self.volume,
+            user_id: self.user_id.as_deref(),
+            project_id: self.project_id.as_deref(),
+            resource_id: &self.resource_id,
+            timestamp_us: self.timestamp.timestamp_micros(),
+            source: &self.source,
+            message_id: self.message_id,
+            monotonic_time: self.monotonic_time,
+        }
+    }
+}
+
+/// The fields that the samples of one resource from one reading share (owner, resource
+/// id, time, source, monotonic clock), encoded once for all of them
+/// ([`BatchWriter::push_shared`]). Reusable: [`Shared::set`] overwrites it.
+#[derive(Debug, Default, Clone)]
+pub struct Shared {
+    bytes: Vec<u8>,
+}
+
+impl Shared {
+    /// Encodes the shared fields.
+    pub fn set(
+        &mut self,
+        user_id: Option<&str>,
+        project_id: Option<&str>,
+        resource_id: &str,
+        timestamp_us: i64,
+        source: &str,
+        monotonic_time: Option<f64>,
+    ) {
+        let t = &mut self.bytes;
+        t.clear();
+        key(t, b"usr");
+        put_opt_str(t, user_id);
+        key(t, b"prj");
+        put_opt_str(t, project_id);
+        key(t, b"rid");
+        put_str(t, resource_id);
+        key(t, b"ts");
+        put_int(t, timestamp_us);
+        key(t, b"src");
+        put_str(t, source);
+        key(t, b"mono");
+        match monotonic_time {
+            Some(m) => put_f64(t, m),
+            None => t.push(0xc0),
+        }
+    }
+}
+
+/// What is particular to one sample when the rest is [`Shared`].
+#[derive(Debug, Clone, Copy)]
+pub struct Reading<'a> {
+    pub name: &'a str,
+    pub kind: SampleType,
+    pub unit: &'a str,
+    pub volume: f64,
+    pub message_id: Uuid,
+}
+
+/// Writes one batch (format 2) sample by sample, without building [`Sample`]s: the body
+/// is `{"samples": [WireSample…], "metadata": [bin…]}` (readers take the keys in any
+/// order). Samples are encoded straight into the body; each distinct metadata blob is
+/// copied once per batch. Reusable: [`BatchWriter::finish`] starts the next batch.
+///
+/// Sample keys are short but named, so fields can be added without breaking old readers:
+/// `n` name, `t` type, `u` unit, `v` volume (f64), `id` message id (16-byte bin), `md`
+/// index into `metadata`, `usr`/`prj` owner (str or nil), `rid` resource id, `ts` µs
+/// since the epoch (int), `src` source, `mono` monotonic seconds (f64 or nil).
+pub struct BatchWriter {
+    body: Vec<u8>,
+    count: u32,
+    /// Metadata blobs, each as msgpack bin32, in index order.
+    blobs: Vec<u8>,
+    /// Identity key of each blob already in this batch → its index.
+    seen: HashMap<usize, u32, foldhash::fast::RandomState>,
+    /// The last (key, index) looked up: consecutive samples mostly share metadata.
+    last_md: Option<(usize, u32)>,
+    /// Scratch space of [`BatchWriter::push`].
+    scratch: Shared,
+}
+
+/// `{"samples": ` then an array32 header whose count is patched by `finish`.
+const BODY_HEAD: &[u8] = b"\x82\xa7samples\xdd\0\0\0\0";
+
+impl Default for BatchWriter {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl BatchWriter {
+    /// A writer with room for about `samples` samples before it regrows.
+    pub fn with_capacity(samples: usize) -> Self {
+        let mut body = Vec::with_capacity(BODY_HEAD.len() + samples * 200);
+        body.extend_from_slice(BODY_HEAD);
+        BatchWriter {
+            body,
+            count: 0,
+            blobs: Vec::new(),
+            seen: HashMap::default(),
+            last_md: None,
+            scratch: Shared::default(),
+        }
+    }
+
+    /// Samples written since the last [`BatchWriter::finish`].
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether no sample was written since the last [`BatchWriter::finish`].
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The index in this batch of the metadata identified by `key`. The first time `key`
+    /// is seen in a batch, `write` appends the metadata as one msgpack map (for metadata
+    /// kept encoded, a copy of [`encode_metadata`]'s bytes).
+    ///
+    /// Invariant (the caller's): within one batch, equal keys mean equal metadata. A
+    /// pointer works while every pointee outlives the batch; producers whose metadata is
+    /// replaced mid-batch use a number never reused instead.
+    pub fn metadata(&mut self, key: usize, write: impl FnOnce(&mut Vec<u8>)) -> u32 {
+        if let Some((k, i)) = self.last_md
+            && k == key
+        {
+            return i;
+        }
+        let next = self.seen.len() as u32;
+        let i = *self.seen.entry(key).or_insert_with(|| {
+            let at = self.blobs.len();
+            self.blobs.extend_from_slice(&[0xc6, 0, 0, 0, 0]);
+            write(&mut self.blobs);
+            let n = (self.blobs.len() - at - 5) as u32;
+            self.blobs[at + 1..at + 5].copy_from_slice(&n.to_be_bytes());
+            next
+        });
+        self.last_md = Some((key, i));
+        i
+    }
+
+    /// Appends one sample whose metadata is entry `md` of this batch.
+    pub fn push(&mut self, s: &SampleView<'_>, md: u32) {
+        let mut shared = std::mem::take(&mut self.scratch);
+        shared.set(
+            s.user_id,
+            s.project_id,
+            s.resource_id,
+            s.timestamp_us,
+            s.source,
+            s.monotonic_time,
+        );
+        let r = Reading {
+            name: s.name,
+            kind: s.kind,
+            unit: s.unit,
+            volume: s.volume,
+            message_id: s.message_id,
+        };
+        self.push_shared(&r, &shared, md);
+        self.scratch = shared;
+    }
+
+    /// Appends one sample made of `r` and the fields it shares with other samples; its
+    /// metadata is entry `md` of this batch.
+    pub fn push_shared(&mut self, r: &Reading<'_>, shared: &Shared, md: u32) {
+        let b = &mut self.body;
+        // Room for everything at once: one capacity check instead of one per field.
+        b.reserve(64 + r.name.len() + r.unit.len() + shared.bytes.len());
+        b.push(0x8c); // a map of 12 entries
+        key(b, b"n");
+        put_str(b, r.name);
+        key(b, b"t");
+        put_str(b, r.kind.as_str());
+        key(b, b"u");
+        put_str(b, r.unit);
+        key(b, b"v");
+        put_f64(b, r.volume);
+        key(b, b"id");
+        b.extend_from_slice(&[0xc4, 16]);
+        b.extend_from_slice(r.message_id.as_bytes());
+        key(b, b"md");
+        put_int(b, md as i64);
+        b.extend_from_slice(&shared.bytes);
+        self.count += 1;
+    }
+
+    /// The encoded batch; the writer is empty again afterwards (its buffers keep their
+    /// capacity).
+    pub fn finish(&mut self) -> Vec<u8> {
+        let at = BODY_HEAD.len() - 4;
+        self.body[at..at + 4].copy_from_slice(&self.count.to_be_bytes());
+        let n = self.seen.len() as u32;
+        let mut trailer = [0u8; 14];
+        trailer[0] = 0xa8;
+        trailer[1..9].copy_from_slice(b"metadata");
+        trailer[9] = 0xdd;
+        trailer[10..14].copy_from_slice(&n.to_be_bytes());
+        // The batch is copied out at its exact size: the writer's buffers stay allocated
+        // and warm for the next batch (a fresh buffer per batch costs more in page faults
+        // than the copy).
+        let len = self.body.len() + trailer.len() + self.blobs.len();
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&self.body);
+        out.extend_from_slice(&trailer);
+        out.extend_from_slice(&self.blobs);
+        self.body.truncate(BODY_HEAD.len());
+        self.blobs.clear();
+        self.seen.clear();
+        self.last_md = None;
+        self.count = 0;
+        out
+    }
+}
+
+/// A short key (fixstr, < 32 bytes).
+#[inline(always)]
+fn key(b: &mut Vec<u8>, k: &[u8]) {
+    debug_assert!(k.len() < 32);
+    b.push(0xa0 | k.len() as u8);
+    b.extend_from_slice(k);
+}
+
+#[inline(always)]
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    let n = s.len();
+    if n < 32 {
+        b.push(0xa0 | n as u8);
+    } else if n <= u8::MAX as usize {
+        b.extend_from_slice(&[0xd9, n as u8]);
+    } else if n <= u16::MAX as usize {
+        b.push(0xda);
+        b.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        b.push(0xdb);
+        b.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+    b.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt_str(b: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => put_str(b, s),
+        None => b.push(0xc0),
+    }
+}
+
+#[inline(always)]
+fn put_f64(b: &mut Vec<u8>, v: f64) {
+    b.push(0xcb);
+    b.extend_from_slice(&v.to_be_bytes());
+}
+
+/// An integer in its shortest msgpack form.
+#[inline(always)]
+fn put_int(b: &mut Vec<u8>, v: i64) {
+    if (-32..128).contains(&v) {
+        // Positive and negative fixint: the value's own low byte.
+        b.push(v as u8);
+    } else if v >= 0 {
+        b.push(0xcf);
+        b.extend_from_slice(&(v as u64).to_be_bytes());
+    } else {
+        b.push(0xd3);
+        b.extend_from_slice(&v.to_be_bytes());
+    }
 }
 
 /// Decodes a batch of format 1 or 2 (`version` is the value of [`FORMAT_HEADER`]; absent is
@@ -347,6 +568,71 @@ mod tests {
             Arc::ptr_eq(&one[0].resource_metadata, &two[0].resource_metadata),
             "seen metadata is reused, not parsed again"
         );
+    }
+
+    #[test]
+    fn hand_written_encoding_round_trips_every_length_class() {
+        // String lengths at each msgpack size boundary, integers at each form's edge.
+        let mut all = Vec::new();
+        for (len, ts) in [
+            (0, 0),
+            (31, 127),
+            (32, 128),
+            (255, -1),
+            (256, -32),
+            (65_535, -33),
+            (65_536, i64::MIN / 4),
+        ] {
+            let mut s = sample();
+            s.name = "n".repeat(len);
+            s.resource_id = "é".repeat(len / 2);
+            s.unit = "u".repeat(len.min(40));
+            s.project_id = Some("p".repeat(len));
+            s.monotonic_time = if len % 2 == 0 { None } else { Some(-0.5) };
+            s.timestamp = chrono::DateTime::from_timestamp_micros(ts).unwrap();
+            s.kind = [SampleType::Gauge, SampleType::Delta, SampleType::Cumulative][len % 3];
+            all.push(s);
+        }
+        let body = encode(&all);
+        assert_eq!(decode(&body, Some(FORMAT_VERSION)).unwrap(), all);
+        // A reused writer starts clean after `finish`.
+        let mut w = BatchWriter::default();
+        for round in 0..2 {
+            for s in &all[round..] {
+                let i = w.metadata(round, |o| {
+                    rmp_serde::encode::write(o, &*s.resource_metadata).unwrap()
+                });
+                w.push(&s.view(), i);
+            }
+            assert_eq!(w.len(), all.len() - round);
+            let got = decode(&w.finish(), None).unwrap();
+            assert_eq!(got, all[round..]);
+            assert!(w.is_empty());
+        }
+    }
+
+    #[test]
+    fn shared_fields_are_re_encoded_when_any_one_changes() {
+        let base = sample();
+        let mut v = vec![base.clone(), base.clone()];
+        let variants: [&dyn Fn(&mut Sample); 8] = [
+            &|s| s.user_id = None,
+            &|s| s.project_id = Some("p2".into()),
+            &|s| s.resource_id.push('x'),
+            &|s| s.source = "other".into(),
+            &|s| s.timestamp += chrono::Duration::microseconds(1),
+            &|s| s.monotonic_time = None,
+            &|s| s.monotonic_time = Some(1.0),
+            &|s| s.resource_metadata = Arc::new(crate::Metadata::new()),
+        ];
+        for f in variants {
+            let mut x = base.clone();
+            f(&mut x);
+            v.push(x.clone());
+            v.push(x);
+            v.push(base.clone());
+        }
+        assert_eq!(decode(&encode(&v), None).unwrap(), v);
     }
 
     #[test]
