@@ -259,7 +259,7 @@ pub struct Inspector {
     bulk_flags: u32,
     known: HashMap<String, Known, foldhash::fast::RandomState>,
     cycle: u64,
-    no_balloon_warned: HashSet<String>,
+    no_balloon_warned: HashSet<String, foldhash::fast::RandomState>,
     host_md: MdBlob,
     host_warned: bool,
     /// Per-domain fallback readings of one domain's disks and vNICs (reused buffers).
@@ -268,6 +268,8 @@ pub struct Inspector {
         Option<virt::domain::BlockInfo>,
     )>,
     net_fallback: Vec<Option<virt::domain::InterfaceStats>>,
+    /// The encoding buffer of the fields a resource's samples share (reused).
+    shared: Shared,
 }
 
 impl Inspector {
@@ -303,10 +305,11 @@ impl Inspector {
             bulk_flags,
             known: HashMap::default(),
             cycle: 0,
-            no_balloon_warned: HashSet::new(),
+            no_balloon_warned: HashSet::default(),
             host_warned: false,
             block_fallback: Vec::new(),
             net_fallback: Vec::new(),
+            shared: Shared::default(),
         })
     }
 
@@ -373,13 +376,10 @@ impl Inspector {
         out: &mut SampleSink<'_>,
     ) -> Result<CycleStats, virt::error::Error> {
         self.cycle += 1;
-        let mut stats = CycleStats::default();
-        let mut count = 0usize;
-        let mut out = |r: &Reading<'_>, shared: &Shared, md: &MdBlob| {
-            count += 1;
-            out(r, shared, md)
+        let mut stats = CycleStats {
+            samples: self.poll_host(out),
+            ..Default::default()
         };
-        self.poll_host(&mut out);
 
         self.guard.enter("bulk stats", None);
         let recs = bulk::all_domain_stats(&self.conn, self.bulk_groups, self.bulk_flags);
@@ -400,14 +400,9 @@ impl Inspector {
                 stats.skipped += 1;
                 continue;
             }
-            if let Err(e) = self.poll_domain(
-                &rec.domain,
-                &uuid,
-                rec.stats,
-                answered,
-                &mut out,
-                &mut stats,
-            ) {
+            if let Err(e) =
+                self.poll_domain(&rec.domain, &uuid, rec.stats, answered, out, &mut stats)
+            {
                 stats.skipped += 1;
                 tracing::debug!(domain = %uuid, error = %e, "Domain skipped this cycle (gone or not readable).");
             }
@@ -418,16 +413,17 @@ impl Inspector {
         self.known.retain(|_, k| cycle - k.seen < 10);
         self.no_balloon_warned
             .retain(|u| self.known.contains_key(u));
-        stats.samples = count;
         Ok(stats)
     }
 
-    fn poll_host(&mut self, out: &mut SampleSink<'_>) {
+    /// Returns the number of samples.
+    fn poll_host(&mut self, out: &mut SampleSink<'_>) -> usize {
         self.guard.enter("host stats", None);
         let cpu = bulk::node_cpu_stats(&self.conn);
         let mem = bulk::node_memory_stats(&self.conn);
         self.guard.leave();
-        let mut e = Emit::new(out, Utc::now(), monotonic_secs(), None, None);
+        let shared = std::mem::take(&mut self.shared);
+        let mut e = Emit::new(out, shared, Utc::now(), monotonic_secs(), None, None);
         let host = self.opts.host.clone();
         match cpu {
             Ok(fields) => {
@@ -471,6 +467,9 @@ impl Inspector {
             }
             Err(err) => self.warn_host_once(&err),
         }
+        let n = e.count;
+        self.shared = e.into_shared();
+        n
     }
 
     fn warn_host_once(&mut self, err: &virt::error::Error) {
@@ -504,8 +503,10 @@ impl Inspector {
         // The guard's record of the call in progress, for the log if it hangs: entered
         // once for this domain's per-domain calls (again after the XML read).
         let mut entered = false;
+        // The domain as last seen (one lookup for the whole function until the XML check).
+        let prev = self.known.get(uuid);
         if need_info {
-            match self.known.get(uuid) {
+            match prev {
                 Some(k) => self.guard.enter("per-domain stats", Some((&k.name, uuid))),
                 None => {
                     let name = d.name().unwrap_or_default();
@@ -553,7 +554,6 @@ impl Inspector {
         }
         // A no-wait record of a domain whose job lock is held may lack groups: keep what
         // was known rather than reporting zeros.
-        let prev = self.known.get(uuid);
         let vcpus_now = st.vcpu_current;
         let vcpus = vcpus_now.or(prev.map(|k| k.vcpus)).unwrap_or(0);
         let mem_now = st.balloon_maximum.or(info_max_kib);
@@ -643,6 +643,7 @@ impl Inspector {
 
         let mut e = Emit::new(
             out,
+            std::mem::take(&mut self.shared),
             ts,
             mono,
             k.xml.user_id.as_deref(),
@@ -687,7 +688,8 @@ impl Inspector {
                         md,
                     );
                 }
-            } else if self.no_balloon_warned.insert(uuid.to_string()) {
+            } else if !self.no_balloon_warned.contains(uuid) {
+                self.no_balloon_warned.insert(uuid.to_string());
                 tracing::warn!(domain = %k.name, "No balloon statistics (no virtio balloon driver in the guest?): no memory.usage for this domain; polling goes on. Warned once.");
             }
             if let Some(rss) = mib(st.balloon_rss) {
@@ -816,7 +818,8 @@ impl Inspector {
                 }
             }
         }
-        drop(e);
+        stats.samples += e.count;
+        self.shared = e.into_shared();
         self.block_fallback = block_fallback;
         self.net_fallback = net_fallback;
         Ok(())
@@ -959,6 +962,8 @@ struct Emit<'a, 'o, 's> {
     user: Option<&'a str>,
     project: Option<&'a str>,
     shared: Shared,
+    /// Samples handed to `out`.
+    count: usize,
     /// The resource `shared` was encoded for (address and length of its id: borrowed for
     /// `'a`, so it cannot be freed and reused while this `Emit` lives).
     current: Option<(*const u8, usize)>,
@@ -967,6 +972,7 @@ struct Emit<'a, 'o, 's> {
 impl<'a, 'o, 's> Emit<'a, 'o, 's> {
     fn new(
         out: &'o mut SampleSink<'s>,
+        shared: Shared,
         ts: DateTime<Utc>,
         mono: f64,
         user: Option<&'a str>,
@@ -979,9 +985,15 @@ impl<'a, 'o, 's> Emit<'a, 'o, 's> {
             mono,
             user,
             project,
-            shared: Shared::default(),
+            shared,
+            count: 0,
             current: None,
         }
+    }
+
+    /// The buffer of the shared fields, for the next `Emit`.
+    fn into_shared(self) -> Shared {
+        self.shared
     }
 
     fn push(
@@ -1012,6 +1024,7 @@ impl<'a, 'o, 's> Emit<'a, 'o, 's> {
             volume,
             message_id: fast_v7(self.ts),
         };
+        self.count += 1;
         (self.out)(&r, &self.shared, md)
     }
 }

@@ -48,43 +48,49 @@ pub fn fnmatch(pattern: &str, name: &str) -> bool {
     if pattern == "*" {
         return true;
     }
+    // Meter names and patterns are ASCII in practice: match their bytes without
+    // allocating (the agent filters every sample it builds); anything else by `char`.
+    if pattern.is_ascii() && name.is_ascii() {
+        return go(pattern.as_bytes(), name.as_bytes());
+    }
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
-    fn go(p: &[char], n: &[char]) -> bool {
+    go(&p, &n)
+}
+
+/// The glob match over bytes (ASCII) or `char`s.
+fn go<T: Copy + PartialOrd + From<u8>>(p: &[T], n: &[T]) -> bool {
+    let c = T::from;
+    {
         let (mut pi, mut ni) = (0, 0);
         let mut star: Option<(usize, usize)> = None;
         while ni < n.len() {
             if pi < p.len() {
-                match p[pi] {
-                    '*' => {
-                        star = Some((pi, ni));
-                        pi += 1;
-                        continue;
-                    }
-                    '?' => {
-                        pi += 1;
-                        ni += 1;
-                        continue;
-                    }
-                    '[' => {
-                        if let Some((matched, len)) = class(&p[pi..], n[ni]) {
-                            if matched {
-                                pi += len;
-                                ni += 1;
-                                continue;
-                            }
-                        } else if n[ni] == '[' {
-                            pi += 1;
+                let x = p[pi];
+                if x == c(b'*') {
+                    star = Some((pi, ni));
+                    pi += 1;
+                    continue;
+                } else if x == c(b'?') {
+                    pi += 1;
+                    ni += 1;
+                    continue;
+                } else if x == c(b'[') {
+                    if let Some((matched, len)) = class(&p[pi..], n[ni]) {
+                        if matched {
+                            pi += len;
                             ni += 1;
                             continue;
                         }
-                    }
-                    c if c == n[ni] => {
+                    } else if n[ni] == c(b'[') {
                         pi += 1;
                         ni += 1;
                         continue;
                     }
-                    _ => {}
+                } else if x == n[ni] {
+                    pi += 1;
+                    ni += 1;
+                    continue;
                 }
             }
             match star {
@@ -96,32 +102,32 @@ pub fn fnmatch(pattern: &str, name: &str) -> bool {
                 None => return false,
             }
         }
-        p[pi..].iter().all(|c| *c == '*')
+        p[pi..].iter().all(|x| *x == c(b'*'))
     }
-    go(&p, &n)
 }
 
 /// Matches a `[...]` class at the start of `p`; returns (matched, pattern length) or `None`
 /// when the bracket is not closed (then it is a literal `[`).
-fn class(p: &[char], c: char) -> Option<(bool, usize)> {
+fn class<T: Copy + PartialOrd + From<u8>>(p: &[T], ch: T) -> Option<(bool, usize)> {
+    let c = T::from;
     let mut i = 1;
-    let negate = matches!(p.get(1), Some('!'));
+    let negate = p.get(1) == Some(&c(b'!'));
     if negate {
         i += 1;
     }
     let start = i;
     let mut hit = false;
     while i < p.len() {
-        if p[i] == ']' && i > start {
+        if p[i] == c(b']') && i > start {
             return Some((hit != negate, i + 1));
         }
-        if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
-            if p[i] <= c && c <= p[i + 2] {
+        if i + 2 < p.len() && p[i + 1] == c(b'-') && p[i + 2] != c(b']') {
+            if p[i] <= ch && ch <= p[i + 2] {
                 hit = true;
             }
             i += 3;
         } else {
-            if p[i] == c {
+            if p[i] == ch {
                 hit = true;
             }
             i += 1;
@@ -150,6 +156,11 @@ mod tests {
         assert!(!fnmatch("a*b*c", "aXXbYY"));
         assert!(!fnmatch("CPU", "cpu"));
         assert!(fnmatch("x[", "x["));
+        // Non-ASCII goes through chars: `?` is one character, not one byte.
+        assert!(fnmatch("?", "é"));
+        assert!(fnmatch("d?sk.*", "dïsk.read"));
+        assert!(fnmatch("[à-ü]x", "éx"));
+        assert!(!fnmatch("??", "é"));
     }
 
     #[test]

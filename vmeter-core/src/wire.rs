@@ -1,6 +1,6 @@
 //! The wire format: one AMQP message carries one msgpack batch of samples.
 //!
-//! Body (format 2, written by this build): msgpack map with named fields
+//! Body (format 3, written by this build): msgpack map with named fields
 //! `{"metadata": [bin…], "samples": [WireSample…]}` where each distinct `resource_metadata`
 //! map is written once, as a msgpack-encoded binary blob in `metadata`, and every sample
 //! refers to it by index (`md`). Samples of one instance share one metadata map (the agent
@@ -9,8 +9,13 @@
 //! recognise metadata it has seen before (the same VM every polling cycle) and reuse the
 //! parsed map instead of parsing it again.
 //!
-//! Format 1 (one `resource_metadata` map inline per sample) is still read, so that agents
-//! can be upgraded after the services.
+//! Format 3 adds `groups`: the fields that the samples of one resource from one reading
+//! share (owner, resource id, time, source, monotonic clock, metadata index) written once
+//! per batch; such a sample carries only its own fields and `g`, the index of its group.
+//! Samples with their fields inline (format 2's) may sit in the same batch.
+//!
+//! Formats 1 (one `resource_metadata` map inline per sample) and 2 are still read, so that
+//! agents can be upgraded after the services.
 //!
 //! Headers: [`FORMAT_HEADER`] (integer format version) and, when signing is on,
 //! [`SIGNATURE_HEADER`] (hex HMAC-SHA256 of the body).
@@ -35,9 +40,9 @@ pub const SAMPLES_HEADER: &str = "x-vmeter-samples";
 /// Header set on dead-lettered messages: why the message could never be processed.
 pub const DEAD_REASON_HEADER: &str = "x-vmeter-dead-reason";
 /// The format version this build writes.
-pub const FORMAT_VERSION: i64 = 2;
+pub const FORMAT_VERSION: i64 = 3;
 /// Format versions this build reads.
-pub const READS: [i64; 2] = [1, 2];
+pub const READS: [i64; 3] = [1, 2, 3];
 
 /// Why a body could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +63,30 @@ struct BatchIn<'a> {
     #[serde(default, borrow)]
     metadata: Vec<&'a serde_bytes::Bytes>,
     samples: Vec<WireIn>,
+    #[serde(default)]
+    groups: Vec<GroupIn>,
 }
 
-/// A sample of either format: short keys and `md` (format 2) or Ceilometer's names and
-/// inline `resource_metadata` (format 1).
+/// The shared fields of a group of samples (format 3).
+#[derive(Deserialize)]
+struct GroupIn {
+    #[serde(rename = "usr")]
+    user_id: Option<String>,
+    #[serde(rename = "prj")]
+    project_id: Option<String>,
+    #[serde(rename = "rid")]
+    resource_id: String,
+    #[serde(rename = "ts")]
+    timestamp: i64,
+    md: u32,
+    #[serde(rename = "src")]
+    source: String,
+    #[serde(default, rename = "mono")]
+    monotonic_time: Option<f64>,
+}
+
+/// A sample of any format: short keys and `md` (format 2), short keys and a group `g`
+/// (format 3), or Ceilometer's names and inline `resource_metadata` (format 1).
 #[derive(Deserialize)]
 struct WireIn {
     #[serde(rename = "n", alias = "name")]
@@ -72,20 +97,22 @@ struct WireIn {
     unit: String,
     #[serde(rename = "v", alias = "volume")]
     volume: f64,
-    #[serde(rename = "usr", alias = "user_id")]
+    #[serde(default, rename = "usr", alias = "user_id")]
     user_id: Option<String>,
-    #[serde(rename = "prj", alias = "project_id")]
+    #[serde(default, rename = "prj", alias = "project_id")]
     project_id: Option<String>,
-    #[serde(rename = "rid", alias = "resource_id")]
-    resource_id: String,
-    #[serde(rename = "ts", alias = "timestamp")]
-    timestamp: i64,
+    #[serde(default, rename = "rid", alias = "resource_id")]
+    resource_id: Option<String>,
+    #[serde(default, rename = "ts", alias = "timestamp")]
+    timestamp: Option<i64>,
     #[serde(default)]
     md: Option<u32>,
     #[serde(default)]
+    g: Option<u32>,
+    #[serde(default)]
     resource_metadata: Option<Metadata>,
-    #[serde(rename = "src", alias = "source")]
-    source: String,
+    #[serde(default, rename = "src", alias = "source")]
+    source: Option<String>,
     #[serde(rename = "id", alias = "message_id")]
     message_id: Uuid,
     #[serde(default, rename = "mono", alias = "monotonic_time")]
@@ -163,10 +190,12 @@ impl Sample {
 }
 
 /// The fields that the samples of one resource from one reading share (owner, resource
-/// id, time, source, monotonic clock), encoded once for all of them
+/// id, time, source, monotonic clock), encoded once and written once per batch as a group
 /// ([`BatchWriter::push_shared`]). Reusable: [`Shared::set`] overwrites it.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Shared {
+    /// Unique in this process for each value set (never reused): the group's identity.
+    id: u64,
     bytes: Vec<u8>,
 }
 
@@ -181,6 +210,8 @@ impl Shared {
         source: &str,
         monotonic_time: Option<f64>,
     ) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = &mut self.bytes;
         t.clear();
         key(t, b"usr");
@@ -211,15 +242,17 @@ pub struct Reading<'a> {
     pub message_id: Uuid,
 }
 
-/// Writes one batch (format 2) sample by sample, without building [`Sample`]s: the body
-/// is `{"samples": [WireSample…], "metadata": [bin…]}` (readers take the keys in any
-/// order). Samples are encoded straight into the body; each distinct metadata blob is
-/// copied once per batch. Reusable: [`BatchWriter::finish`] starts the next batch.
+/// Writes one batch (format 3) sample by sample, without building [`Sample`]s: the body
+/// is `{"samples": [WireSample…], "metadata": [bin…], "groups": [Group…]}` (readers take
+/// the keys in any order). Samples are encoded straight into the body; each distinct
+/// metadata blob is copied once per batch, each [`Shared`] once per run of samples.
+/// Reusable: [`BatchWriter::finish`] starts the next batch.
 ///
-/// Sample keys are short but named, so fields can be added without breaking old readers:
-/// `n` name, `t` type, `u` unit, `v` volume (f64), `id` message id (16-byte bin), `md`
-/// index into `metadata`, `usr`/`prj` owner (str or nil), `rid` resource id, `ts` µs
-/// since the epoch (int), `src` source, `mono` monotonic seconds (f64 or nil).
+/// Keys are short but named, so fields can be added without breaking old readers. A
+/// sample: `n` name, `t` type, `u` unit, `v` volume (f64), `id` message id (16-byte bin),
+/// then either `g` (index into `groups`) or its own `md` (index into `metadata`),
+/// `usr`/`prj` owner (str or nil), `rid` resource id, `ts` µs since the epoch (int), `src`
+/// source, `mono` monotonic seconds (f64 or nil). A group has the latter seven.
 pub struct BatchWriter {
     body: Vec<u8>,
     count: u32,
@@ -231,10 +264,15 @@ pub struct BatchWriter {
     last_md: Option<(usize, u32)>,
     /// Scratch space of [`BatchWriter::push`].
     scratch: Shared,
+    /// Groups of this batch, encoded, and how many.
+    groups: Vec<u8>,
+    group_count: u32,
+    /// (shared id, metadata index) of the last group written.
+    last_group: Option<(u64, u32)>,
 }
 
 /// `{"samples": ` then an array32 header whose count is patched by `finish`.
-const BODY_HEAD: &[u8] = b"\x82\xa7samples\xdd\0\0\0\0";
+const BODY_HEAD: &[u8] = b"\x83\xa7samples\xdd\0\0\0\0";
 
 impl Default for BatchWriter {
     fn default() -> Self {
@@ -254,6 +292,9 @@ impl BatchWriter {
             seen: HashMap::default(),
             last_md: None,
             scratch: Shared::default(),
+            groups: Vec::new(),
+            group_count: 0,
+            last_group: None,
         }
     }
 
@@ -293,10 +334,11 @@ impl BatchWriter {
         i
     }
 
-    /// Appends one sample whose metadata is entry `md` of this batch.
+    /// Appends one sample with all its fields inline; its metadata is entry `md` of this
+    /// batch. (For samples that come one per resource, as a pipeline's outputs do.)
     pub fn push(&mut self, s: &SampleView<'_>, md: u32) {
-        let mut shared = std::mem::take(&mut self.scratch);
-        shared.set(
+        let sh = &mut self.scratch;
+        sh.set(
             s.user_id,
             s.project_id,
             s.resource_id,
@@ -311,31 +353,36 @@ impl BatchWriter {
             volume: s.volume,
             message_id: s.message_id,
         };
-        self.push_shared(&r, &shared, md);
-        self.scratch = shared;
-    }
-
-    /// Appends one sample made of `r` and the fields it shares with other samples; its
-    /// metadata is entry `md` of this batch.
-    pub fn push_shared(&mut self, r: &Reading<'_>, shared: &Shared, md: u32) {
         let b = &mut self.body;
         // Room for everything at once: one capacity check instead of one per field.
-        b.reserve(64 + r.name.len() + r.unit.len() + shared.bytes.len());
+        b.reserve(64 + r.name.len() + r.unit.len() + sh.bytes.len());
         b.push(0x8c); // a map of 12 entries
-        key(b, b"n");
-        put_str(b, r.name);
-        key(b, b"t");
-        put_str(b, r.kind.as_str());
-        key(b, b"u");
-        put_str(b, r.unit);
-        key(b, b"v");
-        put_f64(b, r.volume);
-        key(b, b"id");
-        b.extend_from_slice(&[0xc4, 16]);
-        b.extend_from_slice(r.message_id.as_bytes());
+        put_reading(b, &r);
         key(b, b"md");
         put_int(b, md as i64);
-        b.extend_from_slice(&shared.bytes);
+        b.extend_from_slice(&sh.bytes);
+        self.count += 1;
+    }
+
+    /// Appends one sample made of `r` and the fields it shares with the samples around
+    /// it; its metadata is entry `md` of this batch. The shared fields go into a group of
+    /// the batch, written when `shared` or `md` differ from the previous sample's.
+    pub fn push_shared(&mut self, r: &Reading<'_>, shared: &Shared, md: u32) {
+        if self.last_group != Some((shared.id, md)) {
+            let g = &mut self.groups;
+            g.push(0x87); // a map of 7 entries
+            g.extend_from_slice(&shared.bytes);
+            key(g, b"md");
+            put_int(g, md as i64);
+            self.group_count += 1;
+            self.last_group = Some((shared.id, md));
+        }
+        let b = &mut self.body;
+        b.reserve(64 + r.name.len() + r.unit.len());
+        b.push(0x86); // a map of 6 entries
+        put_reading(b, r);
+        key(b, b"g");
+        put_int(b, self.group_count as i64 - 1);
         self.count += 1;
     }
 
@@ -344,27 +391,52 @@ impl BatchWriter {
     pub fn finish(&mut self) -> Vec<u8> {
         let at = BODY_HEAD.len() - 4;
         self.body[at..at + 4].copy_from_slice(&self.count.to_be_bytes());
-        let n = self.seen.len() as u32;
-        let mut trailer = [0u8; 14];
-        trailer[0] = 0xa8;
-        trailer[1..9].copy_from_slice(b"metadata");
-        trailer[9] = 0xdd;
-        trailer[10..14].copy_from_slice(&n.to_be_bytes());
+        let mut md_head = [0u8; 14];
+        md_head[0] = 0xa8;
+        md_head[1..9].copy_from_slice(b"metadata");
+        md_head[9] = 0xdd;
+        md_head[10..14].copy_from_slice(&(self.seen.len() as u32).to_be_bytes());
+        let mut groups_head = [0u8; 12];
+        groups_head[0] = 0xa6;
+        groups_head[1..7].copy_from_slice(b"groups");
+        groups_head[7] = 0xdd;
+        groups_head[8..12].copy_from_slice(&self.group_count.to_be_bytes());
         // The batch is copied out at its exact size: the writer's buffers stay allocated
         // and warm for the next batch (a fresh buffer per batch costs more in page faults
         // than the copy).
-        let len = self.body.len() + trailer.len() + self.blobs.len();
+        let len = self.body.len() + 26 + self.blobs.len() + self.groups.len();
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&self.body);
-        out.extend_from_slice(&trailer);
+        out.extend_from_slice(&md_head);
         out.extend_from_slice(&self.blobs);
+        out.extend_from_slice(&groups_head);
+        out.extend_from_slice(&self.groups);
         self.body.truncate(BODY_HEAD.len());
         self.blobs.clear();
         self.seen.clear();
         self.last_md = None;
+        self.groups.clear();
+        self.group_count = 0;
+        self.last_group = None;
         self.count = 0;
         out
     }
+}
+
+/// A sample's own fields: `n`, `t`, `u`, `v`, `id` (5 map entries).
+#[inline(always)]
+fn put_reading(b: &mut Vec<u8>, r: &Reading<'_>) {
+    key(b, b"n");
+    put_str(b, r.name);
+    key(b, b"t");
+    put_str(b, r.kind.as_str());
+    key(b, b"u");
+    put_str(b, r.unit);
+    key(b, b"v");
+    put_f64(b, r.volume);
+    key(b, b"id");
+    b.extend_from_slice(&[0xc4, 16]);
+    b.extend_from_slice(r.message_id.as_bytes());
 }
 
 /// A short key (fixstr, < 32 bytes).
@@ -455,31 +527,61 @@ impl Decoder {
             table.push(self.metadata(blob)?);
         }
         let mut out = Vec::with_capacity(b.samples.len());
+        let bad = |what: String| DecodeError::Metadata(what);
         for w in b.samples {
-            let resource_metadata = match (w.md, w.resource_metadata) {
-                (Some(i), _) => table.get(i as usize).cloned().ok_or_else(|| {
-                    DecodeError::Metadata(format!("metadata index {i} out of range"))
-                })?,
+            // The fields a group shares, or the sample's own.
+            let (user_id, project_id, resource_id, ts, md, source, monotonic_time) = match w.g {
+                Some(g) => {
+                    let g = b
+                        .groups
+                        .get(g as usize)
+                        .ok_or_else(|| bad(format!("group index {g} out of range")))?;
+                    (
+                        g.user_id.clone(),
+                        g.project_id.clone(),
+                        g.resource_id.clone(),
+                        g.timestamp,
+                        Some(g.md),
+                        g.source.clone(),
+                        g.monotonic_time,
+                    )
+                }
+                None => (
+                    w.user_id,
+                    w.project_id,
+                    w.resource_id
+                        .ok_or_else(|| bad("a sample without resource id".into()))?,
+                    w.timestamp
+                        .ok_or_else(|| bad("a sample without timestamp".into()))?,
+                    w.md,
+                    w.source
+                        .ok_or_else(|| bad("a sample without source".into()))?,
+                    w.monotonic_time,
+                ),
+            };
+            let resource_metadata = match (md, w.resource_metadata) {
+                (Some(i), _) => table
+                    .get(i as usize)
+                    .cloned()
+                    .ok_or_else(|| bad(format!("metadata index {i} out of range")))?,
                 (None, Some(m)) => Arc::new(m),
                 (None, None) => Arc::default(),
             };
-            let timestamp =
-                chrono::DateTime::from_timestamp_micros(w.timestamp).ok_or_else(|| {
-                    DecodeError::Metadata(format!("timestamp {} out of range", w.timestamp))
-                })?;
+            let timestamp = chrono::DateTime::from_timestamp_micros(ts)
+                .ok_or_else(|| bad(format!("timestamp {ts} out of range")))?;
             out.push(Sample {
                 name: w.name,
                 kind: w.kind,
                 unit: w.unit,
                 volume: w.volume,
-                user_id: w.user_id,
-                project_id: w.project_id,
-                resource_id: w.resource_id,
+                user_id,
+                project_id,
+                resource_id,
                 timestamp,
                 resource_metadata,
-                source: w.source,
+                source,
                 message_id: w.message_id,
-                monotonic_time: w.monotonic_time,
+                monotonic_time,
             });
         }
         Ok(out)
@@ -633,6 +735,125 @@ mod tests {
             v.push(base.clone());
         }
         assert_eq!(decode(&encode(&v), None).unwrap(), v);
+    }
+
+    /// Writes `samples` through groups the way the agent does (a new `Shared` whenever the
+    /// shared fields change), with an inline sample in between, across two batches.
+    #[test]
+    fn grouped_samples_decode_to_what_was_written() {
+        let base = sample();
+        let mut other_md = base.clone();
+        other_md.resource_metadata = Arc::new(crate::Metadata::new());
+        let mut other_rid = base.clone();
+        other_rid.resource_id = "disk-1".into();
+        other_rid.user_id = None;
+        let mut all = vec![
+            base.clone(),
+            base.clone(),
+            other_md.clone(),
+            other_rid.clone(),
+        ];
+        all.push(other_rid.clone());
+        all.push(base.clone());
+        for (i, s) in all.iter_mut().enumerate() {
+            s.name = format!("m{i}");
+            s.message_id = Uuid::from_u128(i as u128);
+        }
+        let mut w = BatchWriter::default();
+        let mut shared = Shared::default();
+        let mut last: Option<(String, Option<String>)> = None;
+        let mut bodies = Vec::new();
+        for (i, s) in all.iter().enumerate() {
+            let md = &s.resource_metadata;
+            let m = w.metadata(Arc::as_ptr(md) as usize, |o| {
+                rmp_serde::encode::write(o, &**md).unwrap()
+            });
+            if i == 4 {
+                // An inline sample between grouped ones.
+                w.push(&s.view(), m);
+                continue;
+            }
+            let now = Some((s.resource_id.clone(), s.user_id.clone()));
+            if last != now {
+                let v = s.view();
+                shared.set(
+                    v.user_id,
+                    v.project_id,
+                    v.resource_id,
+                    v.timestamp_us,
+                    v.source,
+                    v.monotonic_time,
+                );
+                last = now;
+            }
+            let r = Reading {
+                name: &s.name,
+                kind: s.kind,
+                unit: &s.unit,
+                volume: s.volume,
+                message_id: s.message_id,
+            };
+            w.push_shared(&r, &shared, m);
+            if i == 2 {
+                // A batch boundary inside a run of one resource's samples.
+                bodies.push(w.finish());
+            }
+        }
+        bodies.push(w.finish());
+        let mut got = Vec::new();
+        for b in &bodies {
+            got.extend(decode(b, Some(FORMAT_VERSION)).unwrap());
+        }
+        assert_eq!(got, all);
+    }
+
+    #[test]
+    fn rejects_bad_group_index_and_samples_missing_fields() {
+        let mut w = BatchWriter::default();
+        let mut sh = Shared::default();
+        sh.set(None, None, "r", 0, "openstack", None);
+        let m = w.metadata(0, |o| o.push(0x80));
+        let r = Reading {
+            name: "cpu",
+            kind: SampleType::Gauge,
+            unit: "ns",
+            volume: 1.0,
+            message_id: Uuid::nil(),
+        };
+        w.push_shared(&r, &sh, m);
+        let mut body = w.finish();
+        assert_eq!(decode(&body, None).unwrap().len(), 1);
+        let pos = body.windows(2).position(|w| w == b"g\x00").unwrap();
+        body[pos + 1] = 0x07;
+        assert!(matches!(decode(&body, None), Err(DecodeError::Metadata(_))));
+        // A sample with neither a group nor its own resource id.
+        #[derive(serde::Serialize)]
+        struct Bare<'a> {
+            samples: [std::collections::BTreeMap<&'a str, rmpv_like::V>; 1],
+        }
+        mod rmpv_like {
+            #[derive(serde::Serialize)]
+            #[serde(untagged)]
+            pub enum V {
+                S(&'static str),
+                F(f64),
+                B(serde_bytes::ByteBuf),
+            }
+        }
+        use rmpv_like::V;
+        let one = [
+            ("n", V::S("cpu")),
+            ("t", V::S("gauge")),
+            ("u", V::S("ns")),
+            ("v", V::F(1.0)),
+            ("src", V::S("openstack")),
+            ("id", V::B(serde_bytes::ByteBuf::from(vec![0u8; 16]))),
+        ]
+        .into_iter()
+        .collect();
+        let body = rmp_serde::to_vec_named(&Bare { samples: [one] }).unwrap();
+        let err = decode(&body, None).unwrap_err().to_string();
+        assert!(err.contains("without resource id"), "{err}");
     }
 
     #[test]
