@@ -212,7 +212,9 @@ struct Known {
     vcpus: u64,
     mem_kib: u64,
     name: String,
-    xml: DomainXml,
+    /// Owner from the Nova metadata (the rest of the parsed XML lives on in the metadata).
+    user_id: Option<Box<str>>,
+    project_id: Option<Box<str>>,
     /// Device names the bulk call reported when the XML was read (hot-plug detection).
     bulk_devices: Vec<String>,
     fetched: Instant,
@@ -646,8 +648,8 @@ impl Inspector {
             std::mem::take(&mut self.shared),
             ts,
             mono,
-            k.xml.user_id.as_deref(),
-            k.xml.project_id.as_deref(),
+            k.user_id.as_deref(),
+            k.project_id.as_deref(),
         );
         let md = &k.md;
         e.push("power.state", SampleType::Gauge, "", state as f64, uuid, md);
@@ -876,7 +878,8 @@ impl Inspector {
             vcpus,
             mem_kib,
             name,
-            xml,
+            user_id: xml.user_id.map(String::into_boxed_str),
+            project_id: xml.project_id.map(String::into_boxed_str),
             bulk_devices,
             fetched: Instant::now(),
             seen: self.cycle,
