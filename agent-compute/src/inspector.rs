@@ -22,11 +22,12 @@ use uuid::Uuid;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use vmeter_core::sample::DEFAULT_SOURCE;
-use vmeter_core::wire::{self, BatchWriter, Reading, Shared};
-use vmeter_core::{Metadata, Sample, SampleType};
+use vmeter_core::wire::{self, BatchWriter, MeterHead, Reading, Shared};
+use vmeter_core::{Metadata, Sample};
 
 use crate::bulk::{self, DomStats, group};
 use crate::domain_xml::{self, DomainXml};
+use crate::meter::Meter;
 
 /// The embedded demo node (libvirt test driver), selected with `libvirt.uri: demo`.
 pub const DEMO_NODE_XML: &str = include_str!("../../deploy/demo-node.xml");
@@ -272,6 +273,10 @@ pub struct Inspector {
     net_fallback: Vec<Option<virt::domain::InterfaceStats>>,
     /// The encoding buffer of the fields a resource's samples share (reused).
     shared: Shared,
+    /// Per [`Meter`] (its index): name, type and unit encoded once.
+    heads: Vec<MeterHead>,
+    /// Per [`Meter`]: whether the cycle in progress keeps it (the polling sources due).
+    kept: Vec<bool>,
 }
 
 impl Inspector {
@@ -312,6 +317,14 @@ impl Inspector {
             block_fallback: Vec::new(),
             net_fallback: Vec::new(),
             shared: Shared::default(),
+            heads: Meter::ALL
+                .iter()
+                .map(|m| {
+                    let (name, kind, unit) = m.def();
+                    MeterHead::new(name, kind, unit)
+                })
+                .collect(),
+            kept: vec![true; Meter::ALL.len()],
         })
     }
 
@@ -353,14 +366,14 @@ impl Inspector {
     ) -> Result<CycleStats, virt::error::Error> {
         let batch_size = batch_size.max(1);
         let mut w = BatchWriter::with_capacity(batch_size);
-        let stats = self.poll_each(&mut |r, shared, md| {
-            if keep(r.name) {
-                let i = w.metadata(md.id as usize, |o| o.extend_from_slice(&md.bytes));
-                w.push_shared(r, shared, i);
-                if w.len() >= batch_size {
-                    let n = w.len() as u64;
-                    out(w.finish(), n);
-                }
+        // The sources' selection, once per meter (not per sample).
+        let kept = Meter::ALL.iter().map(|m| keep(m.def().0)).collect();
+        let stats = self.poll_cycle(kept, &mut |r, shared, md| {
+            let i = w.metadata(md.id as usize, |o| o.extend_from_slice(&md.bytes));
+            w.push_shared(r, shared, i);
+            if w.len() >= batch_size {
+                let n = w.len() as u64;
+                out(w.finish(), n);
             }
         });
         if !w.is_empty() {
@@ -377,6 +390,16 @@ impl Inspector {
         &mut self,
         out: &mut SampleSink<'_>,
     ) -> Result<CycleStats, virt::error::Error> {
+        self.poll_cycle(vec![true; Meter::ALL.len()], out)
+    }
+
+    /// One cycle of the meters `kept` selects (indexed by [`Meter`]).
+    fn poll_cycle(
+        &mut self,
+        kept: Vec<bool>,
+        out: &mut SampleSink<'_>,
+    ) -> Result<CycleStats, virt::error::Error> {
+        self.kept = kept;
         self.cycle += 1;
         let mut stats = CycleStats {
             samples: self.poll_host(out),
@@ -425,58 +448,53 @@ impl Inspector {
         let mem = bulk::node_memory_stats(&self.conn);
         self.guard.leave();
         let shared = std::mem::take(&mut self.shared);
-        let mut e = Emit::new(out, shared, Utc::now(), monotonic_secs(), None, None);
+        let mut e = Emit::new(
+            out,
+            &self.heads,
+            &self.kept,
+            shared,
+            Utc::now(),
+            monotonic_secs(),
+            None,
+            None,
+        );
         let host = self.opts.host.clone();
         match cpu {
             Ok(fields) => {
                 for (f, v) in fields {
                     let meter = match f.as_str() {
-                        "kernel" => "compute.node.cpu.kernel.time",
-                        "idle" => "compute.node.cpu.idle.time",
-                        "user" => "compute.node.cpu.user.time",
-                        "iowait" => "compute.node.cpu.iowait.time",
+                        "kernel" => Meter::NodeCpuKernel,
+                        "idle" => Meter::NodeCpuIdle,
+                        "user" => Meter::NodeCpuUser,
+                        "iowait" => Meter::NodeCpuIowait,
                         _ => continue,
                     };
-                    e.push(
-                        meter,
-                        SampleType::Cumulative,
-                        "ns",
-                        v as f64,
-                        &host,
-                        &self.host_md,
-                    );
+                    e.push(meter, v as f64, &host, &self.host_md);
                 }
             }
-            Err(err) => self.warn_host_once(&err),
+            Err(err) => Self::warn_host_once(&mut self.host_warned, &err),
         }
         match mem {
             Ok(fields) => {
                 for (f, v) in fields {
                     let meter = match f.as_str() {
-                        "total" => "compute.node.memory.total",
-                        "free" => "compute.node.memory.free",
+                        "total" => Meter::NodeMemoryTotal,
+                        "free" => Meter::NodeMemoryFree,
                         _ => continue,
                     };
-                    e.push(
-                        meter,
-                        SampleType::Gauge,
-                        "MiB",
-                        v as f64 / 1024.0,
-                        &host,
-                        &self.host_md,
-                    );
+                    e.push(meter, v as f64 / 1024.0, &host, &self.host_md);
                 }
             }
-            Err(err) => self.warn_host_once(&err),
+            Err(err) => Self::warn_host_once(&mut self.host_warned, &err),
         }
         let n = e.count;
         self.shared = e.into_shared();
         n
     }
 
-    fn warn_host_once(&mut self, err: &virt::error::Error) {
-        if !self.host_warned {
-            self.host_warned = true;
+    fn warn_host_once(warned: &mut bool, err: &virt::error::Error) {
+        if !*warned {
+            *warned = true;
             tracing::warn!(error = %err, "Host statistics unavailable from this libvirt driver; no compute.node.* samples (warned once).");
         }
     }
@@ -645,6 +663,8 @@ impl Inspector {
 
         let mut e = Emit::new(
             out,
+            &self.heads,
+            &self.kept,
             std::mem::take(&mut self.shared),
             ts,
             mono,
@@ -652,61 +672,33 @@ impl Inspector {
             k.project_id.as_deref(),
         );
         let md = &k.md;
-        e.push("power.state", SampleType::Gauge, "", state as f64, uuid, md);
+        e.push(Meter::PowerState, state as f64, uuid, md);
         if vcpus_now.is_some() {
-            e.push("vcpus", SampleType::Gauge, "vcpu", vcpus as f64, uuid, md);
+            e.push(Meter::Vcpus, vcpus as f64, uuid, md);
         }
         if let Some(kib) = st.balloon_current.or(info_mem_kib) {
-            e.push(
-                "memory",
-                SampleType::Gauge,
-                "MiB",
-                kib as f64 / 1024.0,
-                uuid,
-                md,
-            );
+            e.push(Meter::Memory, kib as f64 / 1024.0, uuid, md);
         }
         if running {
             if let Some(ns) = st.cpu_ns() {
-                e.push("cpu", SampleType::Cumulative, "ns", ns as f64, uuid, md);
+                e.push(Meter::Cpu, ns as f64, uuid, md);
             }
             let mib = |v: Option<u64>| v.map(|k| k as f64 / 1024.0);
             if let Some(avail) = mib(st.balloon_available) {
-                e.push(
-                    "memory.available",
-                    SampleType::Gauge,
-                    "MiB",
-                    avail,
-                    uuid,
-                    md,
-                );
+                e.push(Meter::MemoryAvailable, avail, uuid, md);
                 if let Some(free) = mib(st.balloon_usable).or(mib(st.balloon_unused)) {
-                    e.push(
-                        "memory.usage",
-                        SampleType::Gauge,
-                        "MiB",
-                        avail - free,
-                        uuid,
-                        md,
-                    );
+                    e.push(Meter::MemoryUsage, avail - free, uuid, md);
                 }
             } else if !self.no_balloon_warned.contains(uuid) {
                 self.no_balloon_warned.insert(uuid.to_string());
                 tracing::warn!(domain = %k.name, "No balloon statistics (no virtio balloon driver in the guest?): no memory.usage for this domain; polling goes on. Warned once.");
             }
             if let Some(rss) = mib(st.balloon_rss) {
-                e.push("memory.resident", SampleType::Gauge, "MiB", rss, uuid, md);
+                e.push(Meter::MemoryResident, rss, uuid, md);
             }
             if let (Some(i), Some(o)) = (mib(st.balloon_swap_in), mib(st.balloon_swap_out)) {
-                e.push("memory.swap.in", SampleType::Cumulative, "MiB", i, uuid, md);
-                e.push(
-                    "memory.swap.out",
-                    SampleType::Cumulative,
-                    "MiB",
-                    o,
-                    uuid,
-                    md,
-                );
+                e.push(Meter::MemorySwapIn, i, uuid, md);
+                e.push(Meter::MemorySwapOut, o, uuid, md);
             }
         }
 
@@ -734,49 +726,28 @@ impl Inspector {
             };
             let Some(b) = b else { continue };
             if running {
-                for (meter, unit, v) in [
-                    ("disk.device.read.bytes", "B", b.rd_bytes),
-                    ("disk.device.write.bytes", "B", b.wr_bytes),
-                    ("disk.device.read.requests", "request", b.rd_reqs),
-                    ("disk.device.write.requests", "request", b.wr_reqs),
-                    ("disk.device.read.latency", "ns", b.rd_times),
-                    ("disk.device.write.latency", "ns", b.wr_times),
+                for (meter, v) in [
+                    (Meter::DiskReadBytes, b.rd_bytes),
+                    (Meter::DiskWriteBytes, b.wr_bytes),
+                    (Meter::DiskReadRequests, b.rd_reqs),
+                    (Meter::DiskWriteRequests, b.wr_reqs),
+                    (Meter::DiskReadLatency, b.rd_times),
+                    (Meter::DiskWriteLatency, b.wr_times),
                 ] {
                     if let Some(v) = v {
-                        e.push(meter, SampleType::Cumulative, unit, v as f64, rid, dmd);
+                        e.push(meter, v as f64, rid, dmd);
                     }
                 }
             }
             if let Some(cap) = b.capacity.or(b.physical) {
                 let cap = cap.max(b.physical.unwrap_or(0));
-                e.push(
-                    "disk.device.capacity",
-                    SampleType::Gauge,
-                    "B",
-                    cap as f64,
-                    rid,
-                    dmd,
-                );
+                e.push(Meter::DiskCapacity, cap as f64, rid, dmd);
             }
             if let Some(a) = b.allocation {
-                e.push(
-                    "disk.device.allocation",
-                    SampleType::Gauge,
-                    "B",
-                    a as f64,
-                    rid,
-                    dmd,
-                );
+                e.push(Meter::DiskAllocation, a as f64, rid, dmd);
             }
             if let Some(p) = b.physical {
-                e.push(
-                    "disk.device.usage",
-                    SampleType::Gauge,
-                    "B",
-                    p as f64,
-                    rid,
-                    dmd,
-                );
+                e.push(Meter::DiskUsage, p as f64, rid, dmd);
             }
         }
 
@@ -804,18 +775,18 @@ impl Inspector {
                     })
                 };
                 let Some(n) = n else { continue };
-                for (meter, unit, v) in [
-                    ("network.incoming.bytes", "B", n.rx_bytes),
-                    ("network.outgoing.bytes", "B", n.tx_bytes),
-                    ("network.incoming.packets", "packet", n.rx_pkts),
-                    ("network.outgoing.packets", "packet", n.tx_pkts),
-                    ("network.incoming.packets.drop", "packet", n.rx_drop),
-                    ("network.outgoing.packets.drop", "packet", n.tx_drop),
-                    ("network.incoming.packets.error", "packet", n.rx_errs),
-                    ("network.outgoing.packets.error", "packet", n.tx_errs),
+                for (meter, v) in [
+                    (Meter::NetInBytes, n.rx_bytes),
+                    (Meter::NetOutBytes, n.tx_bytes),
+                    (Meter::NetInPackets, n.rx_pkts),
+                    (Meter::NetOutPackets, n.tx_pkts),
+                    (Meter::NetInDrop, n.rx_drop),
+                    (Meter::NetOutDrop, n.tx_drop),
+                    (Meter::NetInError, n.rx_errs),
+                    (Meter::NetOutError, n.tx_errs),
                 ] {
                     if let Some(v) = v {
-                        e.push(meter, SampleType::Cumulative, unit, v as f64, rid, nmd);
+                        e.push(meter, v as f64, rid, nmd);
                     }
                 }
             }
@@ -959,6 +930,9 @@ fn fast_v7(ts: DateTime<Utc>) -> Uuid {
 /// share are encoded once per resource ([`Shared`]).
 struct Emit<'a, 'o, 's> {
     out: &'o mut SampleSink<'s>,
+    /// Per [`Meter`]: its encoded head, and whether this cycle keeps it.
+    heads: &'a [MeterHead],
+    kept: &'a [bool],
     ts: DateTime<Utc>,
     ts_us: i64,
     mono: f64,
@@ -973,8 +947,11 @@ struct Emit<'a, 'o, 's> {
 }
 
 impl<'a, 'o, 's> Emit<'a, 'o, 's> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         out: &'o mut SampleSink<'s>,
+        heads: &'a [MeterHead],
+        kept: &'a [bool],
         shared: Shared,
         ts: DateTime<Utc>,
         mono: f64,
@@ -983,6 +960,8 @@ impl<'a, 'o, 's> Emit<'a, 'o, 's> {
     ) -> Self {
         Emit {
             out,
+            heads,
+            kept,
             ts,
             ts_us: ts.timestamp_micros(),
             mono,
@@ -999,15 +978,12 @@ impl<'a, 'o, 's> Emit<'a, 'o, 's> {
         self.shared
     }
 
-    fn push(
-        &mut self,
-        name: &str,
-        kind: SampleType,
-        unit: &str,
-        volume: f64,
-        rid: &'a str,
-        md: &MdBlob,
-    ) {
+    /// One sample of `meter`, unless this cycle does not keep the meter.
+    fn push(&mut self, meter: Meter, volume: f64, rid: &'a str, md: &MdBlob) {
+        let m = meter as usize;
+        if !self.kept[m] {
+            return;
+        }
         let this = Some((rid.as_ptr(), rid.len()));
         if self.current != this {
             self.shared.set(
@@ -1021,9 +997,7 @@ impl<'a, 'o, 's> Emit<'a, 'o, 's> {
             self.current = this;
         }
         let r = Reading {
-            name,
-            kind,
-            unit,
+            meter: &self.heads[m],
             volume,
             message_id: fast_v7(self.ts),
         };
@@ -1076,7 +1050,7 @@ mod tests {
         let blobs = |insp: &mut Inspector| {
             let mut ids = Vec::new();
             insp.poll_each(&mut |r, _, md| {
-                if r.name == "cpu" {
+                if r.meter.name() == "cpu" {
                     ids.push((md.id, md.bytes.as_ptr()));
                 }
             })
@@ -1117,6 +1091,31 @@ mod tests {
             n
         };
         assert_eq!(names(&a), names(&b));
+    }
+
+    #[test]
+    fn a_cycle_keeps_only_the_selected_meters() {
+        let mut insp = demo();
+        let mut bodies = Vec::new();
+        let keep = |m: &str| m == "cpu" || m.starts_with("disk.device.read.");
+        let st = insp
+            .poll_batches(&keep, 5, &mut |b, n| bodies.push((b, n)))
+            .unwrap();
+        let mut names = std::collections::BTreeMap::new();
+        let mut n_sum = 0;
+        for (b, n) in &bodies {
+            let v = wire::decode(b, Some(wire::FORMAT_VERSION)).unwrap();
+            assert_eq!(v.len() as u64, *n);
+            assert!(v.len() <= 5, "batches of at most batch_size");
+            n_sum += n;
+            for s in v {
+                *names.entry(s.name).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(n_sum as usize, st.samples);
+        assert_eq!(names.get("cpu"), Some(&4));
+        assert!(names.contains_key("disk.device.read.bytes"));
+        assert!(names.keys().all(|n| keep(n)), "{names:?}");
     }
 
     #[test]

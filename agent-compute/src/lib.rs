@@ -6,6 +6,7 @@ pub mod bulk;
 pub mod config;
 pub mod domain_xml;
 pub mod inspector;
+pub mod meter;
 pub mod poller;
 pub mod sources;
 pub mod spool;

@@ -5,6 +5,8 @@
 pub struct MeterFilter {
     includes: Vec<String>,
     excludes: Vec<String>,
+    /// `["*"]`: every meter, answered without matching.
+    all: bool,
 }
 
 impl MeterFilter {
@@ -23,12 +25,20 @@ impl MeterFilter {
         if plain && includes.iter().any(|m| m == "*") {
             return Err("Included meters specified with wildcard".into());
         }
-        let excludes = excludes.into_iter().map(|m| m[1..].to_string()).collect();
-        Ok(MeterFilter { includes, excludes })
+        let excludes: Vec<String> = excludes.into_iter().map(|m| m[1..].to_string()).collect();
+        let all = excludes.is_empty() && includes.iter().any(|m| m == "*");
+        Ok(MeterFilter {
+            includes,
+            excludes,
+            all,
+        })
     }
 
     /// Whether meter `name` passes this filter.
     pub fn matches(&self, name: &str) -> bool {
+        if self.all {
+            return true;
+        }
         if self.excludes.iter().any(|p| fnmatch(p, name)) {
             return false;
         }

@@ -232,12 +232,34 @@ impl Shared {
     }
 }
 
+/// A meter's name, type and unit, encoded once for all its samples (a producer that
+/// reports the same meters every cycle keeps one per meter).
+#[derive(Debug, Clone)]
+pub struct MeterHead {
+    name: Box<str>,
+    bytes: Box<[u8]>,
+}
+
+impl MeterHead {
+    pub fn new(name: &str, kind: SampleType, unit: &str) -> MeterHead {
+        let mut b = Vec::new();
+        put_head(&mut b, name, kind, unit);
+        MeterHead {
+            name: name.into(),
+            bytes: b.into_boxed_slice(),
+        }
+    }
+
+    /// The meter's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// What is particular to one sample when the rest is [`Shared`].
 #[derive(Debug, Clone, Copy)]
 pub struct Reading<'a> {
-    pub name: &'a str,
-    pub kind: SampleType,
-    pub unit: &'a str,
+    pub meter: &'a MeterHead,
     pub volume: f64,
     pub message_id: Uuid,
 }
@@ -346,18 +368,12 @@ impl BatchWriter {
             s.source,
             s.monotonic_time,
         );
-        let r = Reading {
-            name: s.name,
-            kind: s.kind,
-            unit: s.unit,
-            volume: s.volume,
-            message_id: s.message_id,
-        };
         let b = &mut self.body;
         // Room for everything at once: one capacity check instead of one per field.
-        b.reserve(64 + r.name.len() + r.unit.len() + sh.bytes.len());
+        b.reserve(64 + s.name.len() + s.unit.len() + sh.bytes.len());
         b.push(0x8c); // a map of 12 entries
-        put_reading(b, &r);
+        put_head(b, s.name, s.kind, s.unit);
+        put_value(b, s.volume, &s.message_id);
         key(b, b"md");
         put_int(b, md as i64);
         b.extend_from_slice(&sh.bytes);
@@ -378,9 +394,10 @@ impl BatchWriter {
             self.last_group = Some((shared.id, md));
         }
         let b = &mut self.body;
-        b.reserve(64 + r.name.len() + r.unit.len());
+        b.reserve(48 + r.meter.bytes.len());
         b.push(0x86); // a map of 6 entries
-        put_reading(b, r);
+        b.extend_from_slice(&r.meter.bytes);
+        put_value(b, r.volume, &r.message_id);
         key(b, b"g");
         put_int(b, self.group_count as i64 - 1);
         self.count += 1;
@@ -423,20 +440,25 @@ impl BatchWriter {
     }
 }
 
-/// A sample's own fields: `n`, `t`, `u`, `v`, `id` (5 map entries).
+/// A sample's meter: `n`, `t`, `u` (3 map entries).
 #[inline(always)]
-fn put_reading(b: &mut Vec<u8>, r: &Reading<'_>) {
+fn put_head(b: &mut Vec<u8>, name: &str, kind: SampleType, unit: &str) {
     key(b, b"n");
-    put_str(b, r.name);
+    put_str(b, name);
     key(b, b"t");
-    put_str(b, r.kind.as_str());
+    put_str(b, kind.as_str());
     key(b, b"u");
-    put_str(b, r.unit);
+    put_str(b, unit);
+}
+
+/// A sample's own value and id: `v`, `id` (2 map entries).
+#[inline(always)]
+fn put_value(b: &mut Vec<u8>, volume: f64, id: &Uuid) {
     key(b, b"v");
-    put_f64(b, r.volume);
+    put_f64(b, volume);
     key(b, b"id");
     b.extend_from_slice(&[0xc4, 16]);
-    b.extend_from_slice(r.message_id.as_bytes());
+    b.extend_from_slice(id.as_bytes());
 }
 
 /// A short key (fixstr, < 32 bytes).
@@ -786,10 +808,9 @@ mod tests {
                 );
                 last = now;
             }
+            let head = MeterHead::new(&s.name, s.kind, &s.unit);
             let r = Reading {
-                name: &s.name,
-                kind: s.kind,
-                unit: &s.unit,
+                meter: &head,
                 volume: s.volume,
                 message_id: s.message_id,
             };
@@ -813,10 +834,9 @@ mod tests {
         let mut sh = Shared::default();
         sh.set(None, None, "r", 0, "openstack", None);
         let m = w.metadata(0, |o| o.push(0x80));
+        let head = MeterHead::new("cpu", SampleType::Gauge, "ns");
         let r = Reading {
-            name: "cpu",
-            kind: SampleType::Gauge,
-            unit: "ns",
+            meter: &head,
             volume: 1.0,
             message_id: Uuid::nil(),
         };
