@@ -548,58 +548,81 @@ impl Fetched {
             .filter_map(|s| Some((s, self.meters.get(&s.meter_id)?, self.res.get(&s.rint)?)))
     }
 
-    /// The rows as a JSON array of Ceilometer's OldSample (`GET /v2/meters/{meter}`).
-    fn old_json(&self) -> Vec<u8> {
-        self.write(OLD_SAMPLE, false).unwrap_or_default()
+    /// The rows as a JSON array of Ceilometer's OldSample (`GET /v2/meters/{meter}`),
+    /// streamed (see [`Fetched::stream`]).
+    fn old_json(self) -> Response {
+        self.stream(OLD_SAMPLE)
     }
 
-    /// The rows in the v2 Sample shape (`GET /v2/samples`): a JSON array, or with `one`
-    /// the first row alone (`None` when there is none).
-    fn new_json(&self, one: bool) -> Option<Vec<u8>> {
-        self.write(NEW_SAMPLE, one)
+    /// The rows in the v2 Sample shape (`GET /v2/samples`), streamed.
+    fn new_json(self) -> Response {
+        self.stream(NEW_SAMPLE)
     }
 
-    fn write(&self, shape: &[(&str, Field)], one: bool) -> Option<Vec<u8>> {
-        let rows: Vec<(&SampleRow, &MeterInfo, &ResInfo)> = self
-            .joined()
-            .take(if one { 1 } else { usize::MAX })
-            .collect();
-        let item = |j: &mut JsonBuf, (s, m, r): &(&SampleRow, &MeterInfo, &ResInfo)| {
-            for (i, (key, field)) in shape.iter().enumerate() {
-                j.raw(if i == 0 { "{\"" } else { ",\"" });
-                j.raw(key);
-                j.raw("\":");
-                match field {
-                    Field::Id => {
-                        j.raw("\"");
-                        write_sample_id(&mut j.buf, s.meter_id, s.rint, s.ts);
-                        j.raw("\"");
-                    }
-                    Field::Meter => j.str(&m.name),
-                    Field::Kind => j.str(&m.kind),
-                    Field::Unit => j.str(&m.unit),
-                    Field::Volume => j.f64(s.volume),
-                    Field::User => j.opt_str(r.user.as_deref()),
-                    Field::Project => j.opt_str(r.project.as_deref()),
-                    Field::Resource => j.str(&r.rid),
-                    Field::Source => j.opt_str(r.source.as_deref()),
-                    // Storage keeps one time per sample: recorded_at is the sample's time.
-                    Field::Time => j.ts(s.ts),
-                    Field::Metadata => j.raw(r.md.get()),
-                }
+    /// The first row alone in the v2 Sample shape (`GET /v2/samples/{id}`), if any.
+    fn first_new_json(&self) -> Option<Vec<u8>> {
+        let row = self.joined().next()?;
+        let mut j = JsonBuf::with_capacity(1024);
+        write_row(&mut j, NEW_SAMPLE, &row);
+        Some(j.buf)
+    }
+
+    /// The rows as a JSON array in `shape`, written on a blocking thread in chunks of
+    /// 256 KiB that are sent as they are written: sending 10,000 samples (~7 MB) overlaps
+    /// writing them instead of following it.
+    fn stream(self, shape: &'static [(&'static str, Field)]) -> Response {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        tokio::task::spawn_blocking(move || {
+            let rows: Vec<_> = self.joined().collect();
+            jsonw::array_chunks(
+                &rows,
+                256 * 1024,
+                |j, r| write_row(j, shape, r),
+                |chunk| tx.blocking_send(chunk).is_ok(),
+            );
+        });
+        let body = futures::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(chunk), rx))
+        });
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            axum::body::Body::from_stream(body),
+        )
+            .into_response()
+    }
+}
+
+/// One sample as a JSON object with the keys of `shape`, in its order.
+fn write_row(
+    j: &mut JsonBuf,
+    shape: &[(&str, Field)],
+    (s, m, r): &(&SampleRow, &MeterInfo, &ResInfo),
+) {
+    for (i, (key, field)) in shape.iter().enumerate() {
+        j.raw(if i == 0 { "{\"" } else { ",\"" });
+        j.raw(key);
+        j.raw("\":");
+        match field {
+            Field::Id => {
+                j.raw("\"");
+                write_sample_id(&mut j.buf, s.meter_id, s.rint, s.ts);
+                j.raw("\"");
             }
-            j.raw("}");
-        };
-        if one {
-            let mut j = JsonBuf::with_capacity(1024);
-            item(&mut j, rows.first()?);
-            return Some(j.buf);
+            Field::Meter => j.str(&m.name),
+            Field::Kind => j.str(&m.kind),
+            Field::Unit => j.str(&m.unit),
+            Field::Volume => j.f64(s.volume),
+            Field::User => j.opt_str(r.user.as_deref()),
+            Field::Project => j.opt_str(r.project.as_deref()),
+            Field::Resource => j.str(&r.rid),
+            Field::Source => j.opt_str(r.source.as_deref()),
+            // Storage keeps one time per sample: recorded_at is the sample's time.
+            Field::Time => j.ts(s.ts),
+            Field::Metadata => j.raw(r.md.get()),
         }
-        // ~700 B per sample; one writer thread: 10,000 samples take ~4 ms, and a second
-        // thread measured no faster on the 2-core bench machine (it competes with
-        // PostgreSQL and the client).
-        Some(jsonw::array(&rows, 700, usize::MAX, item))
     }
+    j.raw("}");
 }
 
 /// A sample field in the API's answers.
@@ -738,8 +761,9 @@ fn push_ids(qb: &mut QueryBuilder<Postgres>, col: &str, ids: &[i32]) {
 /// integer ids first, so the sample query reads the narrow table alone: for one meter of
 /// one resource that is an index-only scan of the primary key, already in time order.
 async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiError> {
-    let meters = meters_named(api, c.meter.as_deref()).await?;
-    let res_ids = resource_ids(api, c).await?;
+    // The two lookups are independent: one round trip's wait instead of two.
+    let (meters, res_ids) =
+        tokio::try_join!(meters_named(api, c.meter.as_deref()), resource_ids(api, c))?;
     if meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty) {
         return Ok(Fetched::default());
     }
@@ -757,7 +781,18 @@ async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiEr
     push_cond(&mut qb, &sample_level(c), true);
     qb.push(" order by s.ts desc limit ");
     qb.push_bind(limit);
-    let rows = qb.build().fetch_all(&api.pool).await?;
+    // With few resources named by the query, their rows are read while the samples are:
+    // otherwise only those the samples refer to, afterwards.
+    let early = res_ids.as_ref().filter(|ids| ids.len() <= 64);
+    let (rows, early_res) = tokio::try_join!(
+        async { Ok::<_, ApiError>(qb.build().fetch_all(&api.pool).await?) },
+        async {
+            match early {
+                Some(ids) => resources_by_id(api, ids).await.map(Some),
+                None => Ok(None),
+            }
+        }
+    )?;
     let rows: Vec<SampleRow> = rows
         .iter()
         .map(|r| {
@@ -769,10 +804,15 @@ async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiEr
             })
         })
         .collect::<Result<_, sqlx::Error>>()?;
-    let mut ids: Vec<i32> = rows.iter().map(|r| r.rint).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let res = resources_by_id(api, &ids).await?;
+    let res = match early_res {
+        Some(res) => res,
+        None => {
+            let mut ids: Vec<i32> = rows.iter().map(|r| r.rint).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            resources_by_id(api, &ids).await?
+        }
+    };
     Ok(Fetched { rows, meters, res })
 }
 
@@ -819,7 +859,7 @@ async fn meter_samples(
     let (q, mut c) = request(&api, &headers, raw.as_deref(), &[], SAMPLES)?;
     c.meter = Some(meter);
     let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    Ok(json_bytes(f.old_json()))
+    Ok(f.old_json())
 }
 
 /// `GET /v2/samples`: samples of any meter (`q.field=meter`), newest first.
@@ -834,7 +874,7 @@ async fn list_samples(
     };
     let (q, c) = request(&api, &headers, raw.as_deref(), &[], fields)?;
     let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    Ok(json_bytes(f.new_json(false).unwrap_or_default()))
+    Ok(f.new_json())
 }
 
 /// `GET /v2/samples/{id}`.
@@ -848,7 +888,7 @@ async fn one_sample(
     let key = parse_sample_id(&id).ok_or_else(not_found)?;
     c.sample = Some(key);
     let f = fetch_samples(&api, &c, 1).await?;
-    Ok(json_bytes(f.new_json(true).ok_or_else(not_found)?))
+    Ok(json_bytes(f.first_new_json().ok_or_else(not_found)?))
 }
 
 /// Standard base64 (for Ceilometer's `meter_id`).

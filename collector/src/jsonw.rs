@@ -191,6 +191,33 @@ pub fn array<T: Sync>(
     j.buf
 }
 
+/// The JSON array of `items` as [`array`] writes it on one thread, handed to `emit` in
+/// chunks of about `chunk_bytes` as it is written, so that sending can start before the
+/// last item is written. Stops early when `emit` returns `false` (the reader is gone).
+pub fn array_chunks<T>(
+    items: &[T],
+    chunk_bytes: usize,
+    item: impl Fn(&mut JsonBuf, &T),
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) {
+    let mut j = JsonBuf::with_capacity(chunk_bytes + chunk_bytes / 4);
+    j.raw("[");
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            j.raw(",");
+        }
+        item(&mut j, x);
+        if j.buf.len() >= chunk_bytes {
+            let next = JsonBuf::with_capacity(chunk_bytes + chunk_bytes / 4);
+            if !emit(std::mem::replace(&mut j, next).buf) {
+                return;
+            }
+        }
+    }
+    j.raw("]");
+    emit(j.buf);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +315,41 @@ mod tests {
         assert_eq!(one, serde_json::to_vec(&items).unwrap());
         assert_eq!(array::<i64>(&[], 4, 2, |j, v| j.i64(*v)), b"[]");
         assert_eq!(array(&[5i64], 4, 2, |j, v| j.i64(*v)), b"[5]");
+    }
+
+    #[test]
+    fn chunked_arrays_join_to_the_whole_array() {
+        let items: Vec<i64> = (0..1001).map(|i| i * 7 - 300).collect();
+        for (n, chunk) in [(0, 16), (1, 16), (1001, 1), (1001, 64), (1001, 1 << 20)] {
+            let mut parts = Vec::new();
+            array_chunks(
+                &items[..n],
+                chunk,
+                |j, v| j.i64(*v),
+                |c| {
+                    parts.push(c);
+                    true
+                },
+            );
+            assert_eq!(
+                parts.concat(),
+                array(&items[..n], 4, usize::MAX, |j, v| j.i64(*v))
+            );
+            if n > 100 && chunk < 100 {
+                assert!(parts.len() > 10, "written in chunks");
+            }
+        }
+        // A reader that leaves stops the writer.
+        let mut calls = 0;
+        array_chunks(
+            &items,
+            8,
+            |j, v| j.i64(*v),
+            |_| {
+                calls += 1;
+                false
+            },
+        );
+        assert_eq!(calls, 1);
     }
 }
