@@ -1,0 +1,225 @@
+//! Late samples folded into an hour that is already rolled up, by several collectors at
+//! once (each its own connection pool, as separate processes would be), with redeliveries
+//! and the rollup job running alongside: afterwards the hour's per-minute rollup must equal
+//! what its samples say, exactly, and every sample must be stored once.
+//!
+//! What keeps it exact (docs/storage.md, "Rollups"): a write transaction first upserts the
+//! rows of its resources, which serialises writers of the same resource until they commit;
+//! the hour's rollup row is then locked before it is recomputed from a snapshot taken after
+//! the lock. The first guard alone already orders these writers: removing the second (the
+//! `for update`) does not make this test fail, removing the fold does.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use collector::rollup::{self, Minute};
+use collector::store::Store;
+use vmeter_core::{Sample, SampleType};
+use vmeter_e2e::{Names, create_database, drop_database};
+
+/// Rounds of concurrent late writes (the more, the likelier an unsafe interleaving shows).
+const ROUNDS: i64 = 40;
+
+fn sample(v: f64, ts: DateTime<Utc>) -> Sample {
+    let mut md = vmeter_core::Metadata::new();
+    md.insert("host".into(), "h1".into());
+    Sample {
+        name: "cpu_util".into(),
+        kind: SampleType::Gauge,
+        unit: "%".into(),
+        volume: v,
+        user_id: Some("u".into()),
+        project_id: Some("p".into()),
+        resource_id: "vm-1".into(),
+        timestamp: ts,
+        resource_metadata: Arc::new(md),
+        source: "openstack".into(),
+        message_id: uuid::Uuid::new_v4(),
+        monotonic_time: None,
+    }
+}
+
+/// Per-minute aggregates of `(ts, volume)` in the hour starting at `hour`, computed here
+/// from the stored samples (not by the collector's code).
+fn expected(hour: DateTime<Utc>, rows: &[(DateTime<Utc>, f64)]) -> Vec<Minute> {
+    let mut out: Vec<Minute> = Vec::new();
+    let mut rows = rows.to_vec();
+    rows.sort_by_key(|r| r.0);
+    for (ts, v) in rows {
+        let us = (ts - hour).num_microseconds().unwrap();
+        let minute = (us / 60_000_000) as i16;
+        let within = (us % 60_000_000) as i32;
+        match out.last_mut() {
+            Some(m) if m.minute == minute => {
+                m.n += 1;
+                m.last_us = within;
+                m.sum += v;
+                m.min = m.min.min(v);
+                m.max = m.max.max(v);
+                m.sumsq += v * v;
+            }
+            _ => out.push(Minute {
+                minute,
+                n: 1,
+                first_us: within,
+                last_us: within,
+                sum: v,
+                min: v,
+                max: v,
+                sumsq: v * v,
+            }),
+        }
+    }
+    out
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_samples_from_several_collectors_at_once_stay_exact() {
+    let names = Names::new("rollconc");
+    let admin = create_database(&names).await;
+    let pool = collector::store::pool(&names.db_url(), 4).unwrap();
+    let mut first = Store::new(pool.clone());
+    first.migrate().await.unwrap();
+
+    // Hour H, three hours ago: two samples a minute; a sample now closes H for the job.
+    let now = Utc::now();
+    let hour = (now - Duration::hours(3))
+        .duration_trunc(Duration::hours(1))
+        .unwrap();
+    let mut base = Vec::new();
+    for m in 0..60 {
+        for k in 0..2 {
+            let ts = hour + Duration::seconds(m * 60 + 10 + k * 30);
+            base.push(sample((m * 2 + k) as f64 * 0.5, ts));
+        }
+    }
+    base.push(sample(1.0, now));
+    first.write(&base).await.unwrap();
+    let run = first
+        .roll_up(now, Duration::minutes(10), 10_000)
+        .await
+        .unwrap();
+    assert!(run.hours >= 1, "{run:?}");
+    let mut conn = pool.acquire().await.unwrap();
+    let watermark = rollup::watermark(&mut conn)
+        .await
+        .unwrap()
+        .expect("rolled up");
+    drop(conn);
+    assert!(watermark > hour + Duration::hours(1));
+
+    // Four collectors, each with its own pool, write late samples into H at once, in
+    // several rounds; the second resends the first's batch (a redelivery); the rollup job
+    // runs alongside.
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        let p = collector::store::pool(&names.db_url(), 2).unwrap();
+        stores.push(Store::new(p));
+    }
+    for round in 0..ROUNDS {
+        let batch = |w: i64| -> Vec<Sample> {
+            (0..5)
+                .map(|i| {
+                    // Minutes shared between writers, so they fold the same minutes; seconds
+                    // 11..30, distinct from the base samples' (a series keeps one sample
+                    // per timestamp) and from each other's.
+                    let sec = ((round * 7 + w * 3 + i * 11) % 60) * 60 + 11 + w * 5 + i;
+                    sample(
+                        1000.0 + (round * 100 + w * 10 + i) as f64,
+                        hour + Duration::seconds(sec),
+                    )
+                })
+                .collect()
+        };
+        let batches: Vec<Vec<Sample>> = (0..4).map(batch).collect();
+        let redelivered = batches[0].clone();
+        let mut tasks = Vec::new();
+        for (w, (mut store, b)) in stores.drain(..).zip(batches).enumerate() {
+            let again = (w == 1).then(|| redelivered.clone());
+            tasks.push(tokio::spawn(async move {
+                let own = store.write(&b).await.unwrap();
+                let again = match again {
+                    Some(a) => Some(store.write(&a).await.unwrap()),
+                    None => None,
+                };
+                (store, own, again)
+            }));
+        }
+        let job = {
+            let s = Store::new(pool.clone());
+            tokio::spawn(async move { s.roll_up(Utc::now(), Duration::minutes(10), 100).await })
+        };
+        let mut first_batch = 0;
+        for t in tasks {
+            let (store, own, again) = t.await.unwrap();
+            if stores.is_empty() {
+                // Writer 0's batch, which writer 1 also sends.
+                first_batch += own.inserted;
+            } else {
+                assert_eq!(own.inserted, 5, "writer {}", stores.len());
+            }
+            if let Some(a) = again {
+                first_batch += a.inserted;
+                assert_eq!(a.inserted + a.duplicates, 5);
+            }
+            stores.push(store);
+        }
+        assert_eq!(
+            first_batch, 5,
+            "the first batch and its redelivery: stored once"
+        );
+        job.await.unwrap().unwrap();
+    }
+
+    // The rollup of H against the samples of H.
+    let (packed,): (Option<Vec<u8>>,) = sqlx::query_as(
+        "select ro.minutes from sample_rollup ro
+           join meter m on m.id = ro.meter_id join resource r on r.id = ro.resource_id
+          where m.name = 'cpu_util' and r.resource_id = 'vm-1' and ro.hour = $1",
+    )
+    .bind(hour)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let got: Vec<Minute> = rollup::unpack(&packed.expect("a dense hour is packed")).collect();
+    let rows: Vec<(DateTime<Utc>, f64)> = sqlx::query_as(
+        "select s.ts, s.volume from sample s
+           join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id
+          where m.name = 'cpu_util' and r.resource_id = 'vm-1'
+            and s.ts >= $1 and s.ts < $1 + interval '1 hour'",
+    )
+    .bind(hour)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows.len() as i64,
+        120 + ROUNDS * 4 * 5,
+        "every late sample stored once"
+    );
+    let want = expected(hour, &rows);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(
+            (g.minute, g.n, g.first_us, g.last_us),
+            (w.minute, w.n, w.first_us, w.last_us),
+            "minute {}",
+            w.minute
+        );
+        assert!(
+            close(g.sum, w.sum) && close(g.sumsq, w.sumsq) && g.min == w.min && g.max == w.max,
+            "minute {}: {g:?} vs {w:?}",
+            w.minute
+        );
+    }
+
+    for s in stores {
+        s.pool().close().await;
+    }
+    pool.close().await;
+    drop_database(&admin, &names).await;
+}
