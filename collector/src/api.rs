@@ -11,6 +11,7 @@
 //! ids with small lookups first, then samples and statistics are read from the narrow sample
 //! table in one statement.
 
+use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -548,17 +549,6 @@ impl Fetched {
             .filter_map(|s| Some((s, self.meters.get(&s.meter_id)?, self.res.get(&s.rint)?)))
     }
 
-    /// The rows as a JSON array of Ceilometer's OldSample (`GET /v2/meters/{meter}`),
-    /// streamed (see [`Fetched::stream`]).
-    fn old_json(self) -> Response {
-        self.stream(OLD_SAMPLE)
-    }
-
-    /// The rows in the v2 Sample shape (`GET /v2/samples`), streamed.
-    fn new_json(self) -> Response {
-        self.stream(NEW_SAMPLE)
-    }
-
     /// The first row alone in the v2 Sample shape (`GET /v2/samples/{id}`), if any.
     fn first_new_json(&self) -> Option<Vec<u8>> {
         let row = self.joined().next()?;
@@ -757,6 +747,40 @@ fn push_ids(qb: &mut QueryBuilder<Postgres>, col: &str, ids: &[i32]) {
     }
 }
 
+/// The sample query of `c`: the narrow table alone, meters and resources as integer ids,
+/// newest first.
+fn sample_query(
+    c: &Cond,
+    meters: &HashMap<i32, MeterInfo>,
+    res_ids: Option<&[i32]>,
+    limit: i64,
+) -> QueryBuilder<Postgres> {
+    let mut qb = QueryBuilder::new(
+        "select s.ts, s.volume, s.meter_id, s.resource_id from sample s where true",
+    );
+    if c.meter.is_some() {
+        let mut ids: Vec<i32> = meters.keys().copied().collect();
+        ids.sort_unstable();
+        push_ids(&mut qb, "s.meter_id", &ids);
+    }
+    if let Some(ids) = res_ids {
+        push_ids(&mut qb, "s.resource_id", ids);
+    }
+    push_cond(&mut qb, &sample_level(c), true);
+    qb.push(" order by s.ts desc limit ");
+    qb.push_bind(limit);
+    qb
+}
+
+fn sample_row(r: &sqlx::postgres::PgRow) -> Result<SampleRow, sqlx::Error> {
+    Ok(SampleRow {
+        ts: r.try_get(0)?,
+        volume: r.try_get(1)?,
+        meter_id: r.try_get(2)?,
+        rint: r.try_get(3)?,
+    })
+}
+
 /// Samples matching `c`, newest first. Meter and resource conditions are resolved to
 /// integer ids first, so the sample query reads the narrow table alone: for one meter of
 /// one resource that is an index-only scan of the primary key, already in time order.
@@ -767,53 +791,106 @@ async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiEr
     if meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty) {
         return Ok(Fetched::default());
     }
-    let mut qb = QueryBuilder::new(
-        "select s.ts, s.volume, s.meter_id, s.resource_id from sample s where true",
-    );
-    if c.meter.is_some() {
-        let mut ids: Vec<i32> = meters.keys().copied().collect();
-        ids.sort_unstable();
-        push_ids(&mut qb, "s.meter_id", &ids);
-    }
-    if let Some(ids) = &res_ids {
-        push_ids(&mut qb, "s.resource_id", ids);
-    }
-    push_cond(&mut qb, &sample_level(c), true);
-    qb.push(" order by s.ts desc limit ");
-    qb.push_bind(limit);
-    // With few resources named by the query, their rows are read while the samples are:
-    // otherwise only those the samples refer to, afterwards.
-    let early = res_ids.as_ref().filter(|ids| ids.len() <= 64);
-    let (rows, early_res) = tokio::try_join!(
-        async { Ok::<_, ApiError>(qb.build().fetch_all(&api.pool).await?) },
-        async {
-            match early {
-                Some(ids) => resources_by_id(api, ids).await.map(Some),
-                None => Ok(None),
-            }
-        }
-    )?;
+    let rows = sample_query(c, &meters, res_ids.as_deref(), limit)
+        .build()
+        .fetch_all(&api.pool)
+        .await?;
     let rows: Vec<SampleRow> = rows
         .iter()
-        .map(|r| {
-            Ok(SampleRow {
-                ts: r.try_get(0)?,
-                volume: r.try_get(1)?,
-                meter_id: r.try_get(2)?,
-                rint: r.try_get(3)?,
-            })
-        })
+        .map(sample_row)
         .collect::<Result<_, sqlx::Error>>()?;
-    let res = match early_res {
-        Some(res) => res,
-        None => {
-            let mut ids: Vec<i32> = rows.iter().map(|r| r.rint).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            resources_by_id(api, &ids).await?
-        }
-    };
+    let mut ids: Vec<i32> = rows.iter().map(|r| r.rint).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let res = resources_by_id(api, &ids).await?;
     Ok(Fetched { rows, meters, res })
+}
+
+/// Bytes of JSON per chunk of a streamed answer.
+const CHUNK: usize = 256 * 1024;
+
+/// A list of samples matching `c` in `shape`, streamed. When the query names few
+/// resources (a resource id, a project's handful), their rows are read first and each
+/// sample is written as PostgreSQL sends it, each 256 KiB chunk sent as it fills: reading,
+/// writing and sending overlap. Otherwise the rows are read whole first (the resources
+/// to join are those the rows name), then written and sent in chunks.
+///
+/// Errors before the first chunk are answered with their status; a database error
+/// after it (rare: the statement is already running) aborts the body, so the client
+/// sees a cut answer, never a short valid one.
+async fn sample_list(
+    api: &Api,
+    c: Cond,
+    limit: i64,
+    shape: &'static [(&'static str, Field)],
+) -> Result<Response, ApiError> {
+    let (meters, res_ids) =
+        tokio::try_join!(meters_named(api, c.meter.as_deref()), resource_ids(api, &c))?;
+    if meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(json_bytes(b"[]".to_vec()));
+    }
+    let Some(ids) = res_ids.filter(|ids| ids.len() <= 64) else {
+        return Ok(fetch_samples(api, &c, limit).await?.stream(shape));
+    };
+    let res = resources_by_id(api, &ids).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, ApiError>>(4);
+    let pool = api.pool.clone();
+    tokio::spawn(async move {
+        let mut qb = sample_query(&c, &meters, Some(&ids), limit);
+        let mut rows = qb.build().fetch(&pool);
+        let mut j = JsonBuf::with_capacity(CHUNK + CHUNK / 4);
+        j.raw("[");
+        let mut first = true;
+        while let Some(row) = rows.next().await {
+            let row = match row.and_then(|r| sample_row(&r)) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            // A resource pruned meanwhile (retention) is left out, as in `Fetched::joined`.
+            let (Some(m), Some(r)) = (meters.get(&row.meter_id), res.get(&row.rint)) else {
+                continue;
+            };
+            if !first {
+                j.raw(",");
+            }
+            first = false;
+            write_row(&mut j, shape, &(&row, m, r));
+            if j.buf.len() >= CHUNK {
+                let next = JsonBuf::with_capacity(CHUNK + CHUNK / 4);
+                if tx
+                    .send(Ok(std::mem::replace(&mut j, next).buf))
+                    .await
+                    .is_err()
+                {
+                    return; // the client left
+                }
+            }
+        }
+        j.raw("]");
+        let _ = tx.send(Ok(j.buf)).await;
+    });
+    let first = rx
+        .recv()
+        .await
+        .ok_or_else(|| ApiError::Internal("the sample writer stopped".into()))??;
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await? {
+            Ok(chunk) => Some((Ok(chunk), rx)),
+            Err(e) => {
+                tracing::error!(error = ?e, "Sample answer cut short by a database error.");
+                Some((Err(std::io::Error::other(format!("{e:?}"))), rx))
+            }
+        }
+    });
+    let body = futures::stream::once(async move { Ok(first) }).chain(rest);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// The resources with these ids, metadata flattened (Ceilometer's OldSample form) and
@@ -858,8 +935,8 @@ async fn meter_samples(
 ) -> Result<Response, ApiError> {
     let (q, mut c) = request(&api, &headers, raw.as_deref(), &[], SAMPLES)?;
     c.meter = Some(meter);
-    let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    Ok(f.old_json())
+    let limit = limit(&api, &q);
+    sample_list(&api, c, limit, OLD_SAMPLE).await
 }
 
 /// `GET /v2/samples`: samples of any meter (`q.field=meter`), newest first.
@@ -873,8 +950,8 @@ async fn list_samples(
         ..SAMPLES
     };
     let (q, c) = request(&api, &headers, raw.as_deref(), &[], fields)?;
-    let f = fetch_samples(&api, &c, limit(&api, &q)).await?;
-    Ok(f.new_json())
+    let limit = limit(&api, &q);
+    sample_list(&api, c, limit, NEW_SAMPLE).await
 }
 
 /// `GET /v2/samples/{id}`.
