@@ -335,6 +335,61 @@ async fn v2_api_reads_statistics_auth_and_errors() {
         "dotted keys nested again"
     );
 
+    // A long answer (~3 MB: several 256 KiB chunks written as the rows arrive) is one
+    // valid JSON array with every sample, newest first, in both shapes.
+    let long_name = "x".repeat(600);
+    for part in 0..3 {
+        let batch: Vec<Value> = (0..1000)
+            .map(|i| {
+                let k = part * 1000 + i;
+                let ts = chrono::DateTime::from_timestamp(1_772_000_000 + k * 10, 0).unwrap();
+                let mut s = sample(
+                    "vm-big",
+                    "project-1",
+                    &ts.format("%Y-%m-%dT%H:%M:%S").to_string(),
+                    k as f64,
+                    "m1.small",
+                );
+                s["resource_metadata"]["display_name"] = json!(long_name);
+                s
+            })
+            .collect();
+        let (code, body) = post(
+            &addr,
+            "/v2/meters/cpu_util?direct=true",
+            ADMIN,
+            &json!(batch),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    for (path, volume_key) in [
+        (
+            "/v2/meters/cpu_util?q.field=resource_id&q.value=vm-big&limit=5000",
+            "counter_volume",
+        ),
+        (
+            "/v2/samples?q.field=resource_id&q.value=vm-big&limit=5000",
+            "volume",
+        ),
+    ] {
+        let (code, text) = request(
+            &addr,
+            "GET",
+            path,
+            &[("Authorization", &format!("Bearer {ADMIN}"))],
+            None,
+        )
+        .await;
+        assert_eq!(code, 200);
+        assert!(text.len() > 2_000_000, "{} bytes", text.len());
+        let v: Vec<Value> = serde_json::from_str(&text).expect("one valid JSON array");
+        assert_eq!(v.len(), 3000, "{path}");
+        let vols: Vec<f64> = v.iter().map(|s| s[volume_key].as_f64().unwrap()).collect();
+        let want: Vec<f64> = (0..3000).rev().map(|k| k as f64).collect();
+        assert_eq!(vols, want, "{path}: every sample, newest first");
+    }
+
     // Health and metrics.
     assert_eq!(request(&addr, "GET", "/health", &[], None).await.0, 200);
     let (_, metrics) = request(&addr, "GET", "/metrics", &[], None).await;
