@@ -506,8 +506,26 @@ fn put_int(b: &mut Vec<u8>, v: i64) {
         // Positive and negative fixint: the value's own low byte.
         b.push(v as u8);
     } else if v >= 0 {
-        b.push(0xcf);
-        b.extend_from_slice(&(v as u64).to_be_bytes());
+        if v <= u8::MAX as i64 {
+            b.extend_from_slice(&[0xcc, v as u8]);
+        } else if v <= u16::MAX as i64 {
+            b.push(0xcd);
+            b.extend_from_slice(&(v as u16).to_be_bytes());
+        } else if v <= u32::MAX as i64 {
+            b.push(0xce);
+            b.extend_from_slice(&(v as u32).to_be_bytes());
+        } else {
+            b.push(0xcf);
+            b.extend_from_slice(&(v as u64).to_be_bytes());
+        }
+    } else if v >= i8::MIN as i64 {
+        b.extend_from_slice(&[0xd0, v as i8 as u8]);
+    } else if v >= i16::MIN as i64 {
+        b.push(0xd1);
+        b.extend_from_slice(&(v as i16).to_be_bytes());
+    } else if v >= i32::MIN as i64 {
+        b.push(0xd2);
+        b.extend_from_slice(&(v as i32).to_be_bytes());
     } else {
         b.push(0xd3);
         b.extend_from_slice(&v.to_be_bytes());
@@ -706,6 +724,18 @@ mod tests {
             (256, -32),
             (65_535, -33),
             (65_536, i64::MIN / 4),
+            (3, 255),
+            (4, 256),
+            (5, 65_535),
+            (6, 65_536),
+            (7, u32::MAX as i64),
+            (8, u32::MAX as i64 + 1),
+            (9, -128),
+            (10, -129),
+            (11, -32_768),
+            (12, -32_769),
+            (13, i32::MIN as i64),
+            (14, i32::MIN as i64 - 1),
         ] {
             let mut s = sample();
             s.name = "n".repeat(len);
@@ -733,6 +763,26 @@ mod tests {
             assert_eq!(got, all[round..]);
             assert!(w.is_empty());
         }
+    }
+
+    #[test]
+    fn many_metadata_entries_keep_their_indexes() {
+        // Indexes past every fixint/uint8/uint16 boundary.
+        let all: Vec<Sample> = (0..70_000)
+            .map(|i| {
+                let mut s = sample();
+                let mut md = crate::Metadata::new();
+                md.insert("i".into(), i.into());
+                s.resource_metadata = Arc::new(md);
+                s
+            })
+            .collect();
+        let got = decode(&encode(&all), None).unwrap();
+        assert_eq!(got.len(), all.len());
+        for (g, a) in got.iter().zip(&all).step_by(997) {
+            assert_eq!(g, a);
+        }
+        assert_eq!(got[69_999].resource_metadata["i"], 69_999);
     }
 
     #[test]
