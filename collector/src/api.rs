@@ -557,30 +557,53 @@ impl Fetched {
         Some(j.buf)
     }
 
-    /// The rows as a JSON array in `shape`, written on a blocking thread in chunks of
-    /// 256 KiB that are sent as they are written: sending 10,000 samples (~7 MB) overlaps
-    /// writing them instead of following it.
-    fn stream(self, shape: &'static [(&'static str, Field)]) -> Response {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    /// The rows as a JSON array in `shape`, written on a blocking thread in chunks that
+    /// are sent as they are written: sending 10,000 samples (~7 MB) overlaps writing them
+    /// instead of following it.
+    async fn stream(self, shape: &'static [(&'static str, Field)]) -> Result<Response, ApiError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
         tokio::task::spawn_blocking(move || {
-            let rows: Vec<_> = self.joined().collect();
-            jsonw::array_chunks(
-                &rows,
-                256 * 1024,
-                |j, r| write_row(j, shape, r),
-                |chunk| tx.blocking_send(chunk).is_ok(),
-            );
+            let mut a = jsonw::ArrayChunks::new(CHUNK);
+            for row in self.joined() {
+                if let Some(c) = a.item(|j| write_row(j, shape, &row))
+                    && tx.blocking_send(Ok((c, false))).is_err()
+                {
+                    return; // the client left
+                }
+            }
+            let _ = tx.blocking_send(Ok((a.finish(), true)));
         });
-        let body = futures::stream::unfold(rx, |mut rx| async move {
-            let chunk = rx.recv().await?;
-            Some((Ok::<_, std::convert::Infallible>(chunk), rx))
-        });
-        (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            axum::body::Body::from_stream(body),
-        )
-            .into_response()
+        chunked(rx).await
     }
+}
+
+/// A piece of a streamed answer: bytes and whether they are the last, or why it stopped.
+type Chunk = Result<(Vec<u8>, bool), ApiError>;
+
+/// The answer made of the chunks `rx` brings. An error (or the writer stopping) before the
+/// first chunk is answered with its status; after it, the body is aborted, so the client
+/// sees a cut answer, never a short valid one.
+async fn chunked(mut rx: tokio::sync::mpsc::Receiver<Chunk>) -> Result<Response, ApiError> {
+    let stopped = || ApiError::Internal("the answer's writer stopped".into());
+    let (first, last) = rx.recv().await.ok_or_else(stopped)??;
+    let rest = futures::stream::unfold((rx, last), |(mut rx, done)| async move {
+        if done {
+            return None;
+        }
+        let next = match rx.recv().await {
+            Some(Ok((chunk, last))) => return Some((Ok(chunk), (rx, last))),
+            Some(Err(e)) => format!("{e:?}"),
+            None => "the answer's writer stopped".to_string(),
+        };
+        tracing::error!(error = %next, "Answer cut short.");
+        Some((Err(std::io::Error::other(next)), (rx, true)))
+    });
+    let body = futures::stream::once(async move { Ok(first) }).chain(rest);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// One sample as a JSON object with the keys of `shape`, in its order.
@@ -785,13 +808,33 @@ fn sample_row(r: &sqlx::postgres::PgRow) -> Result<SampleRow, sqlx::Error> {
 /// integer ids first, so the sample query reads the narrow table alone: for one meter of
 /// one resource that is an index-only scan of the primary key, already in time order.
 async fn fetch_samples(api: &Api, c: &Cond, limit: i64) -> Result<Fetched, ApiError> {
-    // The two lookups are independent: one round trip's wait instead of two.
+    match lookups(api, c).await? {
+        Some((meters, res_ids)) => read_samples(api, c, limit, meters, res_ids.as_deref()).await,
+        None => Ok(Fetched::default()),
+    }
+}
+
+/// The meters and (when `c` filters on them) the resources `c` names, as integer ids;
+/// `None` when nothing can match. The two lookups run concurrently.
+async fn lookups(
+    api: &Api,
+    c: &Cond,
+) -> Result<Option<(HashMap<i32, MeterInfo>, Option<Vec<i32>>)>, ApiError> {
     let (meters, res_ids) =
         tokio::try_join!(meters_named(api, c.meter.as_deref()), resource_ids(api, c))?;
-    if meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty) {
-        return Ok(Fetched::default());
-    }
-    let rows = sample_query(c, &meters, res_ids.as_deref(), limit)
+    let none = meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty);
+    Ok((!none).then_some((meters, res_ids)))
+}
+
+/// The samples of `c` read whole, then the resources they name.
+async fn read_samples(
+    api: &Api,
+    c: &Cond,
+    limit: i64,
+    meters: HashMap<i32, MeterInfo>,
+    res_ids: Option<&[i32]>,
+) -> Result<Fetched, ApiError> {
+    let rows = sample_query(c, &meters, res_ids, limit)
         .build()
         .fetch_all(&api.pool)
         .await?;
@@ -824,23 +867,23 @@ async fn sample_list(
     limit: i64,
     shape: &'static [(&'static str, Field)],
 ) -> Result<Response, ApiError> {
-    let (meters, res_ids) =
-        tokio::try_join!(meters_named(api, c.meter.as_deref()), resource_ids(api, &c))?;
-    if meters.is_empty() || res_ids.as_ref().is_some_and(Vec::is_empty) {
+    let Some((meters, res_ids)) = lookups(api, &c).await? else {
         return Ok(json_bytes(b"[]".to_vec()));
-    }
-    let Some(ids) = res_ids.filter(|ids| ids.len() <= 64) else {
-        return Ok(fetch_samples(api, &c, limit).await?.stream(shape));
+    };
+    let ids = match res_ids {
+        Some(ids) if ids.len() <= 64 => ids,
+        other => {
+            let f = read_samples(api, &c, limit, meters, other.as_deref()).await?;
+            return f.stream(shape).await;
+        }
     };
     let res = resources_by_id(api, &ids).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, ApiError>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
     let pool = api.pool.clone();
     tokio::spawn(async move {
         let mut qb = sample_query(&c, &meters, Some(&ids), limit);
         let mut rows = qb.build().fetch(&pool);
-        let mut j = JsonBuf::with_capacity(CHUNK + CHUNK / 4);
-        j.raw("[");
-        let mut first = true;
+        let mut a = jsonw::ArrayChunks::new(CHUNK);
         while let Some(row) = rows.next().await {
             let row = match row.and_then(|r| sample_row(&r)) {
                 Ok(r) => r,
@@ -853,44 +896,15 @@ async fn sample_list(
             let (Some(m), Some(r)) = (meters.get(&row.meter_id), res.get(&row.rint)) else {
                 continue;
             };
-            if !first {
-                j.raw(",");
-            }
-            first = false;
-            write_row(&mut j, shape, &(&row, m, r));
-            if j.buf.len() >= CHUNK {
-                let next = JsonBuf::with_capacity(CHUNK + CHUNK / 4);
-                if tx
-                    .send(Ok(std::mem::replace(&mut j, next).buf))
-                    .await
-                    .is_err()
-                {
-                    return; // the client left
-                }
+            if let Some(chunk) = a.item(|j| write_row(j, shape, &(&row, m, r)))
+                && tx.send(Ok((chunk, false))).await.is_err()
+            {
+                return; // the client left
             }
         }
-        j.raw("]");
-        let _ = tx.send(Ok(j.buf)).await;
+        let _ = tx.send(Ok((a.finish(), true))).await;
     });
-    let first = rx
-        .recv()
-        .await
-        .ok_or_else(|| ApiError::Internal("the sample writer stopped".into()))??;
-    let rest = futures::stream::unfold(rx, |mut rx| async move {
-        match rx.recv().await? {
-            Ok(chunk) => Some((Ok(chunk), rx)),
-            Err(e) => {
-                tracing::error!(error = ?e, "Sample answer cut short by a database error.");
-                Some((Err(std::io::Error::other(format!("{e:?}"))), rx))
-            }
-        }
-    });
-    let body = futures::stream::once(async move { Ok(first) }).chain(rest);
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        axum::body::Body::from_stream(body),
-    )
-        .into_response())
+    chunked(rx).await
 }
 
 /// The resources with these ids, metadata flattened (Ceilometer's OldSample form) and

@@ -212,23 +212,43 @@ impl Shared {
     ) {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         self.id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let t = &mut self.bytes;
-        t.clear();
-        key(t, b"usr");
-        put_opt_str(t, user_id);
-        key(t, b"prj");
-        put_opt_str(t, project_id);
-        key(t, b"rid");
-        put_str(t, resource_id);
-        key(t, b"ts");
-        put_int(t, timestamp_us);
-        key(t, b"src");
-        put_str(t, source);
-        key(t, b"mono");
-        match monotonic_time {
-            Some(m) => put_f64(t, m),
-            None => t.push(0xc0),
-        }
+        self.bytes.clear();
+        put_shared(
+            &mut self.bytes,
+            user_id,
+            project_id,
+            resource_id,
+            timestamp_us,
+            source,
+            monotonic_time,
+        );
+    }
+}
+
+/// The six fields a resource's samples share: `usr`, `prj`, `rid`, `ts`, `src`, `mono`.
+fn put_shared(
+    t: &mut Vec<u8>,
+    user_id: Option<&str>,
+    project_id: Option<&str>,
+    resource_id: &str,
+    timestamp_us: i64,
+    source: &str,
+    monotonic_time: Option<f64>,
+) {
+    put_str(t, "usr");
+    put_opt_str(t, user_id);
+    put_str(t, "prj");
+    put_opt_str(t, project_id);
+    put_str(t, "rid");
+    put_str(t, resource_id);
+    put_str(t, "ts");
+    put_int(t, timestamp_us);
+    put_str(t, "src");
+    put_str(t, source);
+    put_str(t, "mono");
+    match monotonic_time {
+        Some(m) => put_f64(t, m),
+        None => put_nil(t),
     }
 }
 
@@ -284,8 +304,6 @@ pub struct BatchWriter {
     seen: HashMap<usize, u32, foldhash::fast::RandomState>,
     /// The last (key, index) looked up: consecutive samples mostly share metadata.
     last_md: Option<(usize, u32)>,
-    /// Scratch space of [`BatchWriter::push`].
-    scratch: Shared,
     /// Groups of this batch, encoded, and how many.
     groups: Vec<u8>,
     group_count: u32,
@@ -313,7 +331,6 @@ impl BatchWriter {
             blobs: Vec::new(),
             seen: HashMap::default(),
             last_md: None,
-            scratch: Shared::default(),
             groups: Vec::new(),
             group_count: 0,
             last_group: None,
@@ -359,8 +376,14 @@ impl BatchWriter {
     /// Appends one sample with all its fields inline; its metadata is entry `md` of this
     /// batch. (For samples that come one per resource, as a pipeline's outputs do.)
     pub fn push(&mut self, s: &SampleView<'_>, md: u32) {
-        let sh = &mut self.scratch;
-        sh.set(
+        let b = &mut self.body;
+        b.push(0x8c); // a map of 12 entries
+        put_head(b, s.name, s.kind, s.unit);
+        put_value(b, s.volume, &s.message_id);
+        put_str(b, "md");
+        put_int(b, md as i64);
+        put_shared(
+            b,
             s.user_id,
             s.project_id,
             s.resource_id,
@@ -368,15 +391,6 @@ impl BatchWriter {
             s.source,
             s.monotonic_time,
         );
-        let b = &mut self.body;
-        // Room for everything at once: one capacity check instead of one per field.
-        b.reserve(64 + s.name.len() + s.unit.len() + sh.bytes.len());
-        b.push(0x8c); // a map of 12 entries
-        put_head(b, s.name, s.kind, s.unit);
-        put_value(b, s.volume, &s.message_id);
-        key(b, b"md");
-        put_int(b, md as i64);
-        b.extend_from_slice(&sh.bytes);
         self.count += 1;
     }
 
@@ -388,7 +402,7 @@ impl BatchWriter {
             let g = &mut self.groups;
             g.push(0x87); // a map of 7 entries
             g.extend_from_slice(&shared.bytes);
-            key(g, b"md");
+            put_str(g, "md");
             put_int(g, md as i64);
             self.group_count += 1;
             self.last_group = Some((shared.id, md));
@@ -398,7 +412,7 @@ impl BatchWriter {
         b.push(0x86); // a map of 6 entries
         b.extend_from_slice(&r.meter.bytes);
         put_value(b, r.volume, &r.message_id);
-        key(b, b"g");
+        put_str(b, "g");
         put_int(b, self.group_count as i64 - 1);
         self.count += 1;
     }
@@ -408,25 +422,17 @@ impl BatchWriter {
     pub fn finish(&mut self) -> Vec<u8> {
         let at = BODY_HEAD.len() - 4;
         self.body[at..at + 4].copy_from_slice(&self.count.to_be_bytes());
-        let mut md_head = [0u8; 14];
-        md_head[0] = 0xa8;
-        md_head[1..9].copy_from_slice(b"metadata");
-        md_head[9] = 0xdd;
-        md_head[10..14].copy_from_slice(&(self.seen.len() as u32).to_be_bytes());
-        let mut groups_head = [0u8; 12];
-        groups_head[0] = 0xa6;
-        groups_head[1..7].copy_from_slice(b"groups");
-        groups_head[7] = 0xdd;
-        groups_head[8..12].copy_from_slice(&self.group_count.to_be_bytes());
         // The batch is copied out at its exact size: the writer's buffers stay allocated
         // and warm for the next batch (a fresh buffer per batch costs more in page faults
         // than the copy).
-        let len = self.body.len() + 26 + self.blobs.len() + self.groups.len();
+        let len = self.body.len() + 32 + self.blobs.len() + self.groups.len();
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&self.body);
-        out.extend_from_slice(&md_head);
+        put_str(&mut out, "metadata");
+        rmp::encode::write_array_len(&mut out, self.seen.len() as u32).expect(VEC_WRITE);
         out.extend_from_slice(&self.blobs);
-        out.extend_from_slice(&groups_head);
+        put_str(&mut out, "groups");
+        rmp::encode::write_array_len(&mut out, self.group_count).expect(VEC_WRITE);
         out.extend_from_slice(&self.groups);
         self.body.truncate(BODY_HEAD.len());
         self.blobs.clear();
@@ -443,96 +449,57 @@ impl BatchWriter {
 /// A sample's meter: `n`, `t`, `u` (3 map entries).
 #[inline(always)]
 fn put_head(b: &mut Vec<u8>, name: &str, kind: SampleType, unit: &str) {
-    key(b, b"n");
+    put_str(b, "n");
     put_str(b, name);
-    key(b, b"t");
+    put_str(b, "t");
     put_str(b, kind.as_str());
-    key(b, b"u");
+    put_str(b, "u");
     put_str(b, unit);
 }
 
 /// A sample's own value and id: `v`, `id` (2 map entries).
 #[inline(always)]
 fn put_value(b: &mut Vec<u8>, volume: f64, id: &Uuid) {
-    key(b, b"v");
+    put_str(b, "v");
     put_f64(b, volume);
-    key(b, b"id");
-    b.extend_from_slice(&[0xc4, 16]);
-    b.extend_from_slice(id.as_bytes());
+    put_str(b, "id");
+    rmp::encode::write_bin(b, id.as_bytes()).expect(VEC_WRITE);
 }
 
-/// A short key (fixstr, < 32 bytes).
-#[inline(always)]
-fn key(b: &mut Vec<u8>, k: &[u8]) {
-    debug_assert!(k.len() < 32);
-    b.push(0xa0 | k.len() as u8);
-    b.extend_from_slice(k);
-}
+// msgpack values through `rmp` (what rmp-serde writes with). Writing into a `Vec` cannot
+// fail: it grows.
+const VEC_WRITE: &str = "writing msgpack into a Vec cannot fail";
 
 #[inline(always)]
 fn put_str(b: &mut Vec<u8>, s: &str) {
-    let n = s.len();
-    if n < 32 {
-        b.push(0xa0 | n as u8);
-    } else if n <= u8::MAX as usize {
-        b.extend_from_slice(&[0xd9, n as u8]);
-    } else if n <= u16::MAX as usize {
-        b.push(0xda);
-        b.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        b.push(0xdb);
-        b.extend_from_slice(&(n as u32).to_be_bytes());
-    }
-    b.extend_from_slice(s.as_bytes());
+    rmp::encode::write_str(b, s).expect(VEC_WRITE);
 }
 
+#[inline(always)]
 fn put_opt_str(b: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => put_str(b, s),
-        None => b.push(0xc0),
+        None => put_nil(b),
     }
+}
+
+#[inline(always)]
+fn put_nil(b: &mut Vec<u8>) {
+    rmp::encode::write_nil(b).expect(VEC_WRITE);
 }
 
 #[inline(always)]
 fn put_f64(b: &mut Vec<u8>, v: f64) {
-    b.push(0xcb);
-    b.extend_from_slice(&v.to_be_bytes());
+    rmp::encode::write_f64(b, v).expect(VEC_WRITE);
 }
 
 /// An integer in its shortest msgpack form.
 #[inline(always)]
 fn put_int(b: &mut Vec<u8>, v: i64) {
-    if (-32..128).contains(&v) {
-        // Positive and negative fixint: the value's own low byte.
-        b.push(v as u8);
-    } else if v >= 0 {
-        if v <= u8::MAX as i64 {
-            b.extend_from_slice(&[0xcc, v as u8]);
-        } else if v <= u16::MAX as i64 {
-            b.push(0xcd);
-            b.extend_from_slice(&(v as u16).to_be_bytes());
-        } else if v <= u32::MAX as i64 {
-            b.push(0xce);
-            b.extend_from_slice(&(v as u32).to_be_bytes());
-        } else {
-            b.push(0xcf);
-            b.extend_from_slice(&(v as u64).to_be_bytes());
-        }
-    } else if v >= i8::MIN as i64 {
-        b.extend_from_slice(&[0xd0, v as i8 as u8]);
-    } else if v >= i16::MIN as i64 {
-        b.push(0xd1);
-        b.extend_from_slice(&(v as i16).to_be_bytes());
-    } else if v >= i32::MIN as i64 {
-        b.push(0xd2);
-        b.extend_from_slice(&(v as i32).to_be_bytes());
-    } else {
-        b.push(0xd3);
-        b.extend_from_slice(&v.to_be_bytes());
-    }
+    rmp::encode::write_sint(b, v).expect(VEC_WRITE);
 }
 
-/// Decodes a batch of format 1 or 2 (`version` is the value of [`FORMAT_HEADER`]; absent is
+/// Decodes a batch of format 1, 2 or 3 (`version` is the value of [`FORMAT_HEADER`]; absent is
 /// accepted, the body says which). Uses a throw-away [`Decoder`]; services keep one.
 pub fn decode(body: &[u8], version: Option<i64>) -> Result<Vec<Sample>, DecodeError> {
     Decoder::default().decode(body, version)
