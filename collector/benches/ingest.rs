@@ -17,7 +17,8 @@
 //! timed by rolling up all 1,000,000 samples again from scratch.
 //!
 //! Run: `cargo bench -p collector --bench ingest` (`VMETER_BENCH_KEEP_DB=1` keeps the
-//! database for inspection).
+//! database for inspection; `VMETER_BENCH_COLLECTOR=/path/to/collector` runs another build
+//! of the collector, to compare against a baseline).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -111,7 +112,10 @@ async fn counters(addr: &str) -> (u64, u64) {
 }
 
 fn start_collector(cfg: &BrokerConfig, db: &str, http: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_collector"))
+    // `VMETER_BENCH_COLLECTOR`: another build of the collector (A/B against a baseline).
+    let bin = std::env::var("VMETER_BENCH_COLLECTOR")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_collector").to_string());
+    Command::new(bin)
         .env_remove("VMETER_CONFIG")
         .env("VMETER_BROKER__URL", &cfg.url)
         .env("VMETER_BROKER__EXCHANGE", &cfg.exchange)

@@ -1,69 +1,119 @@
 //! Consume `vmeter.samples.processed`, write to PostgreSQL, ack after commit.
 //!
-//! A batch of deliveries (by count, sample count and time: `database.batch_max_*`) is
-//! verified and decoded; what can never be stored (bad
-//! signature, undecodable) is dead-lettered; the rest is written in one transaction and the
-//! chunk is acked (multiple) after the commit. If PostgreSQL is down the same chunk is
-//! retried with back-off and nothing is acked: the queue holds the backlog. If the database
-//! rejects the data itself, the chunk is retried message by message so only the offending
-//! message is dead-lettered.
+//! A reader task gathers deliveries into batches (by count, sample count and time:
+//! `database.batch_max_*`), verifies and decodes them. What can never be stored (bad
+//! signature, undecodable) is dead-lettered; the rest of a batch is written in one
+//! transaction. Up to [`IN_FLIGHT`] batches are written at once, each on its own
+//! connection: their sample inserts take turns (in batch order, which keeps the primary
+//! key's pages full), while the lookups and upserts, late folds and commit of one overlap
+//! the other's insert, and the next batch is decoded meanwhile. Batches are acked
+//! (multiple) in delivery order, each after its own commit and every earlier batch's. A
+//! batch that shares a sample key with one in flight waits for it (no two transactions of
+//! one collector insert the same row).
+//!
+//! If PostgreSQL is down the same batch is retried with back-off and nothing is acked: the
+//! queue holds the backlog. If the database rejects the data itself, the batch is retried
+//! message by message so only the offending message is dead-lettered.
 
-use std::sync::atomic::Ordering;
+use std::collections::{HashSet, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use vmeter_core::Sample;
 use vmeter_core::amqp::{self, Backoff, Publisher};
 use vmeter_core::http::Health;
 use vmeter_core::shutdown::Shutdown;
-use vmeter_core::telemetry;
+use vmeter_core::telemetry::{self, Counter};
 
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 
+/// Batches written at once: two keep PostgreSQL inserting one batch while the other's
+/// lookups, upserts and commit run (docs/storage.md, "Ingest").
+pub const IN_FLIGHT: usize = 2;
+
 const SERVICE: &str = "collector";
+
+/// Counters and health flags of the ingest loop.
+#[derive(Clone)]
+struct Counters {
+    stored: Counter,
+    dups: Counter,
+    batches: Counter,
+    db_up: Arc<AtomicBool>,
+}
+
+/// A batch read from the queue and decoded.
+struct Batch {
+    deliveries: Vec<Delivery>,
+    /// Samples of the good deliveries, in delivery order.
+    samples: Vec<Sample>,
+    /// Good deliveries: index in `deliveries`, and their range in `samples`.
+    good: Vec<(usize, std::ops::Range<usize>)>,
+    /// Deliveries that can never be stored: index, reason.
+    bad: Vec<(usize, &'static str)>,
+    /// Hashes of the samples' keys (meter, resource, timestamp); a collision only makes a
+    /// batch wait for another needlessly.
+    keys: HashSet<u64>,
+}
 
 /// Runs the ingest loop until shutdown.
 pub async fn run(
     cfg: Config,
-    mut store: Store,
+    store: Store,
     health: Health,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let signer = cfg.signing.signer(SERVICE);
     let broker_up = health.part("broker");
-    let db_up = health.part("database");
+    let counters = Counters {
+        stored: telemetry::counter(
+            "vmeter_collector_samples_stored_total",
+            "Samples written to PostgreSQL.",
+            &[],
+        ),
+        dups: telemetry::counter(
+            "vmeter_collector_duplicates_total",
+            "Samples already stored (redeliveries), ignored.",
+            &[],
+        ),
+        batches: telemetry::counter(
+            "vmeter_collector_batches_total",
+            "Transactions committed.",
+            &[],
+        ),
+        db_up: health.part("database"),
+    };
     // The caller applied the migrations: the database answered a moment ago.
-    db_up.store(true, Ordering::Relaxed);
-    let stored = telemetry::counter(
-        "vmeter_collector_samples_stored_total",
-        "Samples written to PostgreSQL.",
-        &[],
-    );
-    let dups = telemetry::counter(
-        "vmeter_collector_duplicates_total",
-        "Samples already stored (redeliveries), ignored.",
-        &[],
-    );
-    let batches = telemetry::counter(
-        "vmeter_collector_batches_total",
-        "Transactions committed.",
-        &[],
-    );
+    counters.db_up.store(true, Ordering::Relaxed);
+    let pool = store.pool().clone();
+    drop(store);
+    let mut free: Vec<Store> = Vec::with_capacity(IN_FLIGHT);
 
-    let mut decoder = vmeter_core::wire::Decoder::default();
     while !*shutdown.borrow() {
+        // One store (its own caches) per batch in flight, inserting samples in turns.
+        free.clear();
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        for _ in 0..IN_FLIGHT {
+            free.push(Store::new(pool.clone()).insert_turn(turn.clone()));
+        }
         let Some(conn) =
             amqp::connect_retrying(&cfg.broker, "vmeter-collector", &mut shutdown).await
         else {
             break;
         };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(1);
+        let mut reader: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
         let session = async {
             let publisher = Publisher::open(&conn, signer.clone()).await?;
             amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
-            let mut consumer = amqp::consume(
+            let consumer = amqp::consume(
                 &conn,
                 &cfg.broker,
                 &cfg.broker.processed_queue,
@@ -72,84 +122,69 @@ pub async fn run(
             .await?;
             broker_up.store(true, Ordering::Relaxed);
             tracing::info!(queue = %cfg.broker.processed_queue, "Consuming.");
+            reader = Some(tokio::spawn(read_batches(
+                consumer,
+                cfg.database.clone(),
+                signer.clone(),
+                tx,
+            )));
+            let publisher = &publisher;
+            let mut inflight = FuturesOrdered::new();
+            let mut inflight_keys: VecDeque<HashSet<u64>> = VecDeque::new();
             loop {
-                let deliveries = tokio::select! {
+                tokio::select! {
                     biased;
-                    _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok::<_, anyhow::Error>(()),
-                    b = next_batch(&mut consumer, &cfg.database) => b?,
-                };
-                // Decoded samples of all good messages, and which range belongs to which.
-                let mut all: Vec<Sample> = Vec::new();
-                let mut good: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
-                for (i, d) in deliveries.iter().enumerate() {
-                    match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
-                        Ok(s) => {
-                            let start = all.len();
-                            all.extend(s);
-                            good.push((i, start..all.len()));
+                    _ = vmeter_core::shutdown::wait(&mut shutdown) => {
+                        // Batches in flight finish (or give up at their next retry) and are
+                        // acked; the reader's batch that waits is redelivered.
+                        while let Some(done) = inflight.next().await {
+                            finish(done, &mut free).await?;
                         }
-                        Err(e) => {
-                            tracing::warn!(reason = e.reason(), error = %e, "Message can never be stored; dead-lettering it.");
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    Some(done) = inflight.next(), if !inflight.is_empty() => {
+                        inflight_keys.pop_front();
+                        finish(done, &mut free).await?;
+                    }
+                    batch = rx.recv(), if !free.is_empty() => {
+                        let Some(mut batch) = batch else {
+                            // The reader stopped: its error ends the session.
+                            match reader.take().expect("reader started").await {
+                                Ok(Err(e)) => return Err(e),
+                                Ok(Ok(())) => anyhow::bail!("batch reader stopped"),
+                                Err(e) => anyhow::bail!("batch reader failed: {e}"),
+                            }
+                        };
+                        for &(i, reason) in &batch.bad {
                             publisher
-                                .dead_letter_delivery(&cfg.broker, d, SERVICE, e.reason())
+                                .dead_letter_delivery(&cfg.broker, &batch.deliveries[i], SERVICE, reason)
                                 .await?;
                         }
-                    }
-                }
-                let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-                loop {
-                    match store.write(&all).await {
-                        Ok(w) => {
-                            db_up.store(true, Ordering::Relaxed);
-                            stored.add(w.inserted);
-                            dups.add(w.duplicates);
-                            batches.inc();
-                            break;
-                        }
-                        Err(StoreError::Transient(e)) => {
-                            db_up.store(false, Ordering::Relaxed);
-                            let wait = backoff.next_delay();
-                            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "PostgreSQL unavailable; nothing acked, retrying.");
-                            tokio::select! {
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok(()),
+                        if inflight_keys.iter().any(|k| !k.is_disjoint(&batch.keys)) {
+                            // Redeliveries of samples still being written: after them.
+                            while let Some(done) = inflight.next().await {
+                                inflight_keys.pop_front();
+                                finish(done, &mut free).await?;
                             }
                         }
-                        Err(StoreError::Permanent(e)) => {
-                            tracing::warn!(error = %e, "Batch rejected by PostgreSQL; writing message by message to isolate it.");
-                            for (i, range) in &good {
-                                match store.write(&all[range.clone()]).await {
-                                    Ok(w) => {
-                                        stored.add(w.inserted);
-                                        dups.add(w.duplicates);
-                                    }
-                                    Err(StoreError::Permanent(e)) => {
-                                        let d = &deliveries[*i];
-                                        tracing::warn!(error = %e, "Message violates the schema; dead-lettering it.");
-                                        publisher
-                                            .dead_letter_delivery(
-                                                &cfg.broker,
-                                                d,
-                                                SERVICE,
-                                                "rejected_by_database",
-                                            )
-                                            .await?;
-                                    }
-                                    Err(StoreError::Transient(e)) => anyhow::bail!(
-                                        "database failed while isolating a bad message: {e}"
-                                    ),
-                                }
-                            }
-                            break;
-                        }
+                        let store = free.pop().expect("a free store");
+                        inflight_keys.push_back(std::mem::take(&mut batch.keys));
+                        inflight.push_back(write_batch(
+                            store,
+                            batch,
+                            publisher,
+                            &cfg,
+                            counters.clone(),
+                            shutdown.clone(),
+                        ));
                     }
-                }
-                if let Some(last) = deliveries.last() {
-                    last.acker.ack(BasicAckOptions { multiple: true }).await?;
                 }
             }
         };
         let result = session.await;
+        if let Some(r) = reader {
+            r.abort();
+        }
         broker_up.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => {
@@ -163,6 +198,127 @@ pub async fn run(
     }
     tracing::info!("Collector ingest stopped.");
     Ok(())
+}
+
+/// A written batch: its store back to the free list, then the ack (multiple) of its
+/// deliveries, and of every earlier one, all stored or dead-lettered by now.
+async fn finish(
+    (store, last, result): (Store, Option<Delivery>, anyhow::Result<bool>),
+    free: &mut Vec<Store>,
+) -> anyhow::Result<()> {
+    free.push(store);
+    if result? && let Some(last) = last {
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+    }
+    Ok(())
+}
+
+/// Writes a batch, retrying while PostgreSQL is unavailable, isolating messages it rejects.
+/// Returns the store, the batch's last delivery (to ack) and whether the batch is done
+/// (`false`: shutdown came first; nothing may be acked).
+async fn write_batch(
+    mut store: Store,
+    batch: Batch,
+    publisher: &Publisher,
+    cfg: &Config,
+    m: Counters,
+    mut shutdown: Shutdown,
+) -> (Store, Option<Delivery>, anyhow::Result<bool>) {
+    let result = async {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match store.write(&batch.samples).await {
+                Ok(w) => {
+                    m.db_up.store(true, Ordering::Relaxed);
+                    m.stored.add(w.inserted);
+                    m.dups.add(w.duplicates);
+                    m.batches.inc();
+                    return Ok(true);
+                }
+                Err(StoreError::Transient(e)) => {
+                    m.db_up.store(false, Ordering::Relaxed);
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "PostgreSQL unavailable; nothing acked, retrying.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok(false),
+                    }
+                }
+                Err(StoreError::Permanent(e)) => {
+                    tracing::warn!(error = %e, "Batch rejected by PostgreSQL; writing message by message to isolate it.");
+                    for (i, range) in &batch.good {
+                        match store.write(&batch.samples[range.clone()]).await {
+                            Ok(w) => {
+                                m.stored.add(w.inserted);
+                                m.dups.add(w.duplicates);
+                            }
+                            Err(StoreError::Permanent(e)) => {
+                                tracing::warn!(error = %e, "Message violates the schema; dead-lettering it.");
+                                publisher
+                                    .dead_letter_delivery(
+                                        &cfg.broker,
+                                        &batch.deliveries[*i],
+                                        SERVICE,
+                                        "rejected_by_database",
+                                    )
+                                    .await?;
+                            }
+                            Err(StoreError::Transient(e)) => anyhow::bail!(
+                                "database failed while isolating a bad message: {e}"
+                            ),
+                        }
+                    }
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    .await;
+    let mut deliveries = batch.deliveries;
+    (store, deliveries.pop(), result)
+}
+
+/// The reader task: gathers and decodes batches until the consumer fails or `tx` closes.
+async fn read_batches(
+    mut consumer: lapin::Consumer,
+    cfg: crate::config::DatabaseConfig,
+    signer: vmeter_core::signing::Signer,
+    tx: tokio::sync::mpsc::Sender<Batch>,
+) -> anyhow::Result<()> {
+    let mut decoder = vmeter_core::wire::Decoder::default();
+    let hasher = std::collections::hash_map::RandomState::new();
+    loop {
+        let deliveries = next_batch(&mut consumer, &cfg).await?;
+        let mut batch = Batch {
+            deliveries,
+            samples: Vec::new(),
+            good: Vec::new(),
+            bad: Vec::new(),
+            keys: HashSet::new(),
+        };
+        for (i, d) in batch.deliveries.iter().enumerate() {
+            match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
+                Ok(s) => {
+                    let start = batch.samples.len();
+                    batch.samples.extend(s);
+                    batch.good.push((i, start..batch.samples.len()));
+                }
+                Err(e) => {
+                    tracing::warn!(reason = e.reason(), error = %e, "Message can never be stored; dead-lettering it.");
+                    batch.bad.push((i, e.reason()));
+                }
+            }
+        }
+        batch.keys.reserve(batch.samples.len());
+        for s in &batch.samples {
+            batch
+                .keys
+                .insert(hasher.hash_one((&s.name, &s.resource_id, s.timestamp)));
+        }
+        if tx.send(batch).await.is_err() {
+            return Ok(());
+        }
+    }
 }
 
 /// Waits for the first delivery, then collects more until `batch_max_messages` messages or
