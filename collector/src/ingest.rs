@@ -4,8 +4,8 @@
 //! `database.batch_max_*`), verifies and decodes them. What can never be stored (bad
 //! signature, undecodable) is dead-lettered; the rest of a batch is written in one
 //! transaction. Up to [`IN_FLIGHT`] batches are written at once, each on its own
-//! connection: their sample inserts take turns (in batch order, which keeps the primary
-//! key's pages full), while the lookups and upserts, late folds and commit of one overlap
+//! connection: their sample inserts take turns in batch order ([`InsertTurn`], which keeps
+//! the primary key's pages full), while the lookups and upserts, late folds and commit of one overlap
 //! the other's insert, and the next batch is decoded meanwhile. Batches are acked
 //! (multiple) in delivery order, each after its own commit and every earlier batch's. A
 //! batch that shares a sample key with one in flight waits for it (no two transactions of
@@ -32,7 +32,7 @@ use vmeter_core::shutdown::Shutdown;
 use vmeter_core::telemetry::{self, Counter};
 
 use crate::config::Config;
-use crate::store::{Store, StoreError};
+use crate::store::{InsertTurn, Store, StoreError};
 
 /// Batches written at once: two keep PostgreSQL inserting one batch while the other's
 /// lookups, upserts and commit run (docs/storage.md, "Ingest").
@@ -97,11 +97,10 @@ pub async fn run(
     let mut free: Vec<Store> = Vec::with_capacity(IN_FLIGHT);
 
     while !*shutdown.borrow() {
-        // One store (its own caches) per batch in flight, inserting samples in turns.
+        // One store (its own caches) per batch in flight.
         free.clear();
-        let turn = Arc::new(tokio::sync::Mutex::new(()));
         for _ in 0..IN_FLIGHT {
-            free.push(Store::new(pool.clone()).insert_turn(turn.clone()));
+            free.push(Store::new(pool.clone()));
         }
         let Some(conn) =
             amqp::connect_retrying(&cfg.broker, "vmeter-collector", &mut shutdown).await
@@ -131,6 +130,8 @@ pub async fn run(
             let publisher = &publisher;
             let mut inflight = FuturesOrdered::new();
             let mut inflight_keys: VecDeque<HashSet<u64>> = VecDeque::new();
+            // Sample inserts take turns in batch order (store::InsertTurn).
+            let mut last_turn = None;
             loop {
                 tokio::select! {
                     biased;
@@ -171,6 +172,7 @@ pub async fn run(
                         inflight_keys.push_back(std::mem::take(&mut batch.keys));
                         inflight.push_back(write_batch(
                             store,
+                            InsertTurn::next(&mut last_turn),
                             batch,
                             publisher,
                             &cfg,
@@ -218,6 +220,7 @@ async fn finish(
 /// (`false`: shutdown came first; nothing may be acked).
 async fn write_batch(
     mut store: Store,
+    mut turn: InsertTurn,
     batch: Batch,
     publisher: &Publisher,
     cfg: &Config,
@@ -227,7 +230,7 @@ async fn write_batch(
     let result = async {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
-            match store.write(&batch.samples).await {
+            match store.write_in_turn(&batch.samples, &mut turn).await {
                 Ok(w) => {
                     m.db_up.store(true, Ordering::Relaxed);
                     m.stored.add(w.inserted);
@@ -247,7 +250,10 @@ async fn write_batch(
                 Err(StoreError::Permanent(e)) => {
                     tracing::warn!(error = %e, "Batch rejected by PostgreSQL; writing message by message to isolate it.");
                     for (i, range) in &batch.good {
-                        match store.write(&batch.samples[range.clone()]).await {
+                        match store
+                            .write_in_turn(&batch.samples[range.clone()], &mut turn)
+                            .await
+                        {
                             Ok(w) => {
                                 m.stored.add(w.inserted);
                                 m.dups.add(w.duplicates);

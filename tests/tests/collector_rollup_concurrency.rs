@@ -186,7 +186,10 @@ async fn late_samples_from_several_collectors_at_once_stay_exact() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    let got: Vec<Minute> = rollup::unpack(&packed.expect("a dense hour is packed")).collect();
+    let packed = packed.expect("a dense hour is packed");
+    // Every minute has samples: the full-hour layout, without minute numbers.
+    assert_eq!(packed.len(), 60 * rollup::DENSE_RECORD);
+    let got: Vec<Minute> = rollup::unpack(&packed).collect();
     let rows: Vec<(DateTime<Utc>, f64)> = sqlx::query_as(
         "select s.ts, s.volume from sample s
            join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id

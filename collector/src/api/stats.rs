@@ -799,7 +799,7 @@ async fn from_rollups(api: &Api, p: &Plan<'_>) -> Result<Option<(Vec<StatRow>, G
     };
     let mut expected = raw.len();
     for r in &rolled {
-        expected += r.try_get_unchecked::<&[u8], _>(3)?.len() / rollup::RECORD;
+        expected += rollup::minutes_in(r.try_get_unchecked::<&[u8], _>(3)?);
     }
     let mut sink = Sink::new(buckets, units, groups.len(), expected);
     for r in &rolled {
