@@ -390,6 +390,53 @@ async fn v2_api_reads_statistics_auth_and_errors() {
         assert_eq!(vols, want, "{path}: every sample, newest first");
     }
 
+    // A filter that selects more than 64 resources (a project of 70 VMs) takes the other
+    // path (rows read whole, then written): every sample, with its own resource's fields,
+    // newest first.
+    let many: Vec<Value> = (0..70)
+        .flat_map(|r| {
+            (0..3).map(move |k| {
+                let ts = chrono::DateTime::from_timestamp(1_773_000_000 + k * 60 + r, 0).unwrap();
+                sample(
+                    &format!("vm-many-{r:02}"),
+                    "project-many",
+                    &ts.format("%Y-%m-%dT%H:%M:%S").to_string(),
+                    (r * 10 + k) as f64,
+                    "m1.tiny",
+                )
+            })
+        })
+        .collect();
+    let (code, body) = post(
+        &addr,
+        "/v2/meters/cpu_util?direct=true",
+        ADMIN,
+        &json!(many),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, v) = get_json(
+        &addr,
+        "/v2/samples?q.field=project_id&q.value=project-many&limit=1000",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let v = v.as_array().expect("an array");
+    assert_eq!(v.len(), 210);
+    let mut prev = String::from("9999");
+    for s in v {
+        let rid = s["resource_id"].as_str().unwrap();
+        let r: i64 = rid.strip_prefix("vm-many-").unwrap().parse().unwrap();
+        let ts = s["timestamp"].as_str().unwrap().to_string();
+        assert!(ts <= prev, "newest first: {ts} after {prev}");
+        prev = ts;
+        let k = (s["volume"].as_f64().unwrap() as i64) - r * 10;
+        assert!((0..3).contains(&k), "{s}");
+        assert_eq!(s["project_id"], "project-many");
+        assert_eq!(s["metadata"]["display_name"], rid, "{s}");
+    }
+
     // Health and metrics.
     assert_eq!(request(&addr, "GET", "/health", &[], None).await.0, 200);
     let (_, metrics) = request(&addr, "GET", "/metrics", &[], None).await;
