@@ -137,15 +137,20 @@ pub async fn run(
                     biased;
                     _ = vmeter_core::shutdown::wait(&mut shutdown) => {
                         // Batches in flight finish (or give up at their next retry) and are
-                        // acked; the reader's batch that waits is redelivered.
+                        // acked, up to the first that gave up: an ack (multiple) after it
+                        // would cover its deliveries too. The rest is redelivered.
+                        let mut ack = true;
                         while let Some(done) = inflight.next().await {
-                            finish(done, &mut free).await?;
+                            ack = finish(done, &mut free, ack).await? && ack;
                         }
                         return Ok::<_, anyhow::Error>(());
                     }
                     Some(done) = inflight.next(), if !inflight.is_empty() => {
                         inflight_keys.pop_front();
-                        finish(done, &mut free).await?;
+                        if !finish(done, &mut free, true).await? {
+                            // Shutdown came first: nothing after this batch may be acked.
+                            return Ok(());
+                        }
                     }
                     batch = rx.recv(), if !free.is_empty() => {
                         let Some(mut batch) = batch else {
@@ -165,7 +170,9 @@ pub async fn run(
                             // Redeliveries of samples still being written: after them.
                             while let Some(done) = inflight.next().await {
                                 inflight_keys.pop_front();
-                                finish(done, &mut free).await?;
+                                if !finish(done, &mut free, true).await? {
+                                    return Ok(());
+                                }
                             }
                         }
                         let store = free.pop().expect("a free store");
@@ -202,17 +209,24 @@ pub async fn run(
     Ok(())
 }
 
-/// A written batch: its store back to the free list, then the ack (multiple) of its
-/// deliveries, and of every earlier one, all stored or dead-lettered by now.
+/// A written batch: its store back to the free list, then, if `ack` and the batch is
+/// stored, the ack (multiple) of its deliveries and of every earlier one (all stored or
+/// dead-lettered by now). Returns whether the batch is stored; `false` (shutdown came
+/// first) means no later batch may be acked either.
 async fn finish(
     (store, last, result): (Store, Option<Delivery>, anyhow::Result<bool>),
     free: &mut Vec<Store>,
-) -> anyhow::Result<()> {
+    ack: bool,
+) -> anyhow::Result<bool> {
     free.push(store);
-    if result? && let Some(last) = last {
+    let stored = result?;
+    if ack
+        && stored
+        && let Some(last) = last
+    {
         last.acker.ack(BasicAckOptions { multiple: true }).await?;
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// Writes a batch, retrying while PostgreSQL is unavailable, isolating messages it rejects.
