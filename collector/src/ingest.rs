@@ -66,7 +66,7 @@ struct Batch {
 /// Runs the ingest loop until shutdown.
 pub async fn run(
     cfg: Config,
-    store: Store,
+    pool: sqlx::PgPool,
     health: Health,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
@@ -92,16 +92,9 @@ pub async fn run(
     };
     // The caller applied the migrations: the database answered a moment ago.
     counters.db_up.store(true, Ordering::Relaxed);
-    let pool = store.pool().clone();
-    drop(store);
-    let mut free: Vec<Store> = Vec::with_capacity(IN_FLIGHT);
-
     while !*shutdown.borrow() {
         // One store (its own caches) per batch in flight.
-        free.clear();
-        for _ in 0..IN_FLIGHT {
-            free.push(Store::new(pool.clone()));
-        }
+        let mut free: Vec<Store> = (0..IN_FLIGHT).map(|_| Store::new(pool.clone())).collect();
         let Some(conn) =
             amqp::connect_retrying(&cfg.broker, "vmeter-collector", &mut shutdown).await
         else {
@@ -137,18 +130,13 @@ pub async fn run(
                     biased;
                     _ = vmeter_core::shutdown::wait(&mut shutdown) => {
                         // Batches in flight finish (or give up at their next retry) and are
-                        // acked, up to the first that gave up: an ack (multiple) after it
-                        // would cover its deliveries too. The rest is redelivered.
-                        let mut ack = true;
-                        while let Some(done) = inflight.next().await {
-                            ack = finish(done, &mut free, ack).await? && ack;
-                        }
+                        // acked; the reader's batch is redelivered.
+                        drain(&mut inflight, &mut inflight_keys, &mut free).await?;
                         return Ok::<_, anyhow::Error>(());
                     }
                     Some(done) = inflight.next(), if !inflight.is_empty() => {
                         inflight_keys.pop_front();
-                        if !finish(done, &mut free, true).await? {
-                            // Shutdown came first: nothing after this batch may be acked.
+                        if !finish(done, &mut free).await? {
                             return Ok(());
                         }
                     }
@@ -166,14 +154,12 @@ pub async fn run(
                                 .dead_letter_delivery(&cfg.broker, &batch.deliveries[i], SERVICE, reason)
                                 .await?;
                         }
-                        if inflight_keys.iter().any(|k| !k.is_disjoint(&batch.keys)) {
-                            // Redeliveries of samples still being written: after them.
-                            while let Some(done) = inflight.next().await {
-                                inflight_keys.pop_front();
-                                if !finish(done, &mut free, true).await? {
-                                    return Ok(());
-                                }
-                            }
+                        if inflight_keys.iter().any(|k| !k.is_disjoint(&batch.keys))
+                            && !drain(&mut inflight, &mut inflight_keys, &mut free).await?
+                        {
+                            // Redeliveries of samples still being written go after them;
+                            // shutdown came first.
+                            return Ok(());
                         }
                         let store = free.pop().expect("a free store");
                         inflight_keys.push_back(std::mem::take(&mut batch.keys));
@@ -209,24 +195,37 @@ pub async fn run(
     Ok(())
 }
 
-/// A written batch: its store back to the free list, then, if `ack` and the batch is
-/// stored, the ack (multiple) of its deliveries and of every earlier one (all stored or
-/// dead-lettered by now). Returns whether the batch is stored; `false` (shutdown came
-/// first) means no later batch may be acked either.
-async fn finish(
-    (store, last, result): (Store, Option<Delivery>, anyhow::Result<bool>),
-    free: &mut Vec<Store>,
-    ack: bool,
-) -> anyhow::Result<bool> {
+/// What a batch write returns: its store, its last delivery, whether it is stored.
+type Done = (Store, Option<Delivery>, anyhow::Result<bool>);
+
+/// A written batch: its store back to the free list, then, if the batch is stored, the ack
+/// (multiple) of its deliveries and of every earlier one (all stored or dead-lettered by
+/// now). Returns whether the batch is stored; `false` (shutdown came first) means no later
+/// batch may be acked either, since its ack would cover this batch's deliveries: the
+/// caller ends the session, and what is in flight is dropped and redelivered.
+async fn finish((store, last, result): Done, free: &mut Vec<Store>) -> anyhow::Result<bool> {
     free.push(store);
     let stored = result?;
-    if ack
-        && stored
-        && let Some(last) = last
-    {
+    if stored && let Some(last) = last {
         last.acker.ack(BasicAckOptions { multiple: true }).await?;
     }
     Ok(stored)
+}
+
+/// Waits for every batch in flight, in order, acking each ([`finish`]); stops at the first
+/// that is not stored and returns `false`.
+async fn drain(
+    inflight: &mut FuturesOrdered<impl std::future::Future<Output = Done>>,
+    keys: &mut VecDeque<HashSet<u64>>,
+    free: &mut Vec<Store>,
+) -> anyhow::Result<bool> {
+    while let Some(done) = inflight.next().await {
+        keys.pop_front();
+        if !finish(done, free).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Writes a batch, retrying while PostgreSQL is unavailable, isolating messages it rejects.
@@ -240,7 +239,7 @@ async fn write_batch(
     cfg: &Config,
     m: Counters,
     mut shutdown: Shutdown,
-) -> (Store, Option<Delivery>, anyhow::Result<bool>) {
+) -> Done {
     let result = async {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {

@@ -114,7 +114,7 @@ fn main() -> ExitCode {
         let mut web = tokio::spawn(http::serve(listen, app, stop.clone()));
         // A web server that cannot bind must stop the collector, not be noticed at exit.
         let stopping = stop.clone();
-        let ingest = ingest::run(cfg, store, health, stop);
+        let ingest = ingest::run(cfg, store.pool().clone(), health, stop);
         tokio::pin!(ingest);
         let result = tokio::select! {
             r = &mut ingest => r,

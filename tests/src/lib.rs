@@ -8,6 +8,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// A `cpu_util` gauge sample (%, owner `u`/`p`, source `openstack`, metadata
+/// `{"host": "h1"}`) of resource `rid` at `ts`, as the notification service publishes them.
+pub fn cpu_util_sample(
+    rid: &str,
+    volume: f64,
+    ts: chrono::DateTime<chrono::Utc>,
+) -> vmeter_core::Sample {
+    let mut md = vmeter_core::Metadata::new();
+    md.insert("host".into(), "h1".into());
+    vmeter_core::Sample {
+        name: "cpu_util".into(),
+        kind: vmeter_core::SampleType::Gauge,
+        unit: "%".into(),
+        volume,
+        user_id: Some("u".into()),
+        project_id: Some("p".into()),
+        resource_id: rid.into(),
+        timestamp: ts,
+        resource_metadata: std::sync::Arc::new(md),
+        source: "openstack".into(),
+        message_id: uuid::Uuid::new_v4(),
+        monotonic_time: None,
+    }
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

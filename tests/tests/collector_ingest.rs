@@ -8,33 +8,17 @@
 //!    originals (so they fall into the next batch, which must wait for the one in flight)
 //!    are stored once, every message is acked, and the counters add up.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use collector::store::Store;
-use vmeter_core::{Sample, SampleType};
+use vmeter_core::Sample;
 use vmeter_e2e::http::request;
-use vmeter_e2e::{Names, Service, broker, create_database, drop_database, free_port};
+use vmeter_e2e::{
+    Names, Service, broker, cpu_util_sample, create_database, drop_database, free_port,
+};
 
 const SECRET: &str = "e2e-ingest-secret";
-
-fn sample(rid: &str, v: f64, ts: DateTime<Utc>) -> Sample {
-    Sample {
-        name: "cpu_util".into(),
-        kind: SampleType::Gauge,
-        unit: "%".into(),
-        volume: v,
-        user_id: Some("u".into()),
-        project_id: Some("p".into()),
-        resource_id: rid.into(),
-        timestamp: ts,
-        resource_metadata: Arc::new(vmeter_core::Metadata::new()),
-        source: "openstack".into(),
-        message_id: uuid::Uuid::new_v4(),
-        monotonic_time: None,
-    }
-}
 
 fn t(sec: i64) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap() + chrono::Duration::seconds(sec)
@@ -61,9 +45,9 @@ async fn repeated_stored_and_concurrently_inserted_keys_are_stored_once() {
     // Repeated within one batch: the first wins.
     let w = store
         .write(&[
-            sample("vm-a", 1.0, t(0)),
-            sample("vm-a", 2.0, t(10)),
-            sample("vm-a", 9.0, t(0)),
+            cpu_util_sample("vm-a", 1.0, t(0)),
+            cpu_util_sample("vm-a", 2.0, t(10)),
+            cpu_util_sample("vm-a", 9.0, t(0)),
         ])
         .await
         .unwrap();
@@ -75,7 +59,10 @@ async fn repeated_stored_and_concurrently_inserted_keys_are_stored_once() {
 
     // Already stored (a redelivery), mixed with a new one.
     let w = store
-        .write(&[sample("vm-a", 5.0, t(10)), sample("vm-a", 3.0, t(20))])
+        .write(&[
+            cpu_util_sample("vm-a", 5.0, t(10)),
+            cpu_util_sample("vm-a", 3.0, t(20)),
+        ])
         .await
         .unwrap();
     assert_eq!((w.inserted, w.duplicates), (1, 1));
@@ -97,7 +84,10 @@ async fn repeated_stored_and_concurrently_inserted_keys_are_stored_once() {
         .unwrap();
     let writer = tokio::spawn(async move {
         let w = store
-            .write(&[sample("vm-a", 4.0, t(30)), sample("vm-a", 6.0, t(40))])
+            .write(&[
+                cpu_util_sample("vm-a", 4.0, t(30)),
+                cpu_util_sample("vm-a", 6.0, t(40)),
+            ])
             .await;
         (store, w)
     });
@@ -166,7 +156,11 @@ async fn batches_in_flight_store_redeliveries_once_and_ack_everything() {
         for r in 0..5 {
             for p in 0..20 {
                 let sec = (k * 20 + p) * 10;
-                b.push(sample(&format!("vm-{r}"), (sec % 97) as f64, t(sec)));
+                b.push(cpu_util_sample(
+                    &format!("vm-{r}"),
+                    (sec % 97) as f64,
+                    t(sec),
+                ));
             }
         }
         bodies.push(b);

@@ -9,34 +9,17 @@
 //! in short transactions of their own), so this lock is the guard: without the `for update`
 //! this test failed in 4 runs of 5, without the fold in every run.
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use collector::rollup::{self, Minute};
 use collector::store::Store;
-use vmeter_core::{Sample, SampleType};
-use vmeter_e2e::{Names, create_database, drop_database};
+use vmeter_core::Sample;
+use vmeter_e2e::{Names, cpu_util_sample, create_database, drop_database};
 
 /// Rounds of concurrent late writes (the more, the likelier an unsafe interleaving shows).
 const ROUNDS: i64 = 180;
 
 fn sample(v: f64, ts: DateTime<Utc>) -> Sample {
-    let mut md = vmeter_core::Metadata::new();
-    md.insert("host".into(), "h1".into());
-    Sample {
-        name: "cpu_util".into(),
-        kind: SampleType::Gauge,
-        unit: "%".into(),
-        volume: v,
-        user_id: Some("u".into()),
-        project_id: Some("p".into()),
-        resource_id: "vm-1".into(),
-        timestamp: ts,
-        resource_metadata: Arc::new(md),
-        source: "openstack".into(),
-        message_id: uuid::Uuid::new_v4(),
-        monotonic_time: None,
-    }
+    cpu_util_sample("vm-1", v, ts)
 }
 
 /// Per-minute aggregates of `(ts, volume)` in the hour starting at `hour`, computed here
