@@ -55,6 +55,10 @@ pub enum Caller {
 pub struct Api {
     pub pool: PgPool,
     pub default_limit: i64,
+    /// Largest `limit` a request may ask for (larger: 400).
+    pub max_limit: i64,
+    /// The sample contract every posted sample must keep (else 400).
+    pub contract: vmeter_core::contract::Contract,
     pub auth: Arc<Auth>,
     /// Publishes posted samples to the raw queue (`None`: only `direct=true` is accepted).
     pub raw: Option<Arc<dyn RawPublish>>,
@@ -88,6 +92,8 @@ pub fn router(api: Api) -> Router {
 pub enum ApiError {
     BadRequest(String),
     Unauthorized(String),
+    /// Authenticated, but the data belongs to another project.
+    Forbidden(String),
     NotFound(String),
     Internal(String),
 }
@@ -97,6 +103,7 @@ impl IntoResponse for ApiError {
         let (code, msg) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "API request failed.");
@@ -489,8 +496,15 @@ fn push_cond(qb: &mut QueryBuilder<Postgres>, c: &Cond, samples: bool) {
     }
 }
 
-fn limit(api: &Api, q: &Query) -> i64 {
-    q.limit.unwrap_or(api.default_limit)
+fn limit(api: &Api, q: &Query) -> Result<i64, ApiError> {
+    match q.limit {
+        Some(n) if n > api.max_limit => Err(ApiError::BadRequest(format!(
+            "limit {n} is larger than this API answers at once ({}); page with timestamp filters",
+            api.max_limit
+        ))),
+        Some(n) => Ok(n),
+        None => Ok(api.default_limit.min(api.max_limit)),
+    }
 }
 
 /// Ceilometer's timestamp format (naive UTC, microseconds), as [`JsonBuf::ts_bare`] writes it.
@@ -949,7 +963,7 @@ async fn meter_samples(
 ) -> Result<Response, ApiError> {
     let (q, mut c) = request(&api, &headers, raw.as_deref(), &[], SAMPLES)?;
     c.meter = Some(meter);
-    let limit = limit(&api, &q);
+    let limit = limit(&api, &q)?;
     sample_list(&api, c, limit, OLD_SAMPLE).await
 }
 
@@ -964,7 +978,7 @@ async fn list_samples(
         ..SAMPLES
     };
     let (q, c) = request(&api, &headers, raw.as_deref(), &[], fields)?;
-    let limit = limit(&api, &q);
+    let limit = limit(&api, &q)?;
     sample_list(&api, c, limit, NEW_SAMPLE).await
 }
 
@@ -1030,7 +1044,7 @@ async fn list_meters(
     } else {
         " order by m.name, r.resource_id limit "
     });
-    qb.push_bind(limit(&api, &q));
+    qb.push_bind(limit(&api, &q)?);
     let rows = qb.build().fetch_all(&api.pool).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -1064,7 +1078,7 @@ async fn list_resources(
     };
     let (q, c) = request(&api, &headers, raw.as_deref(), &["meter_links"], fields)?;
     let links = !matches!(q.param("meter_links"), Some("0" | "false" | "False"));
-    let rows = fetch_resources(&api, &c, limit(&api, &q)).await?;
+    let rows = fetch_resources(&api, &c, limit(&api, &q)?).await?;
     Ok(Json(
         rows.into_iter()
             .map(|r| resource_json(r, &headers, links))
@@ -1214,19 +1228,26 @@ async fn post_samples(
             .map(str::to_string)
     };
     let mut samples = Vec::with_capacity(list.len());
+    let now = Utc::now();
     for (i, v) in list.iter().enumerate() {
-        samples.push(
-            posted_sample(&meter, v, &who, &header)
-                .map_err(|m| ApiError::BadRequest(format!("sample {i}: {m}")))?,
-        );
+        let s = posted_sample(&meter, v, &who, &header, &api.contract)
+            .map_err(|m| ApiError::BadRequest(format!("sample {i}: {m}")))?;
+        api.contract
+            .check(&s, now)
+            .map_err(|v| ApiError::BadRequest(format!("sample {i}: {v}")))?;
+        samples.push(s);
+    }
+    if let Caller::Project(p) = &who {
+        owned_by(&api, p, &samples).await?;
     }
     if direct {
         let mut store = crate::store::Store::new(api.pool.clone());
-        store.write(&samples).await.map_err(|e| match e {
-            crate::store::StoreError::Permanent(e) => {
-                ApiError::BadRequest(format!("rejected by the database: {e}"))
+        store.write(&samples).await.map_err(|e| {
+            if e.is_data() {
+                ApiError::BadRequest(e.to_string())
+            } else {
+                ApiError::Internal(e.to_string())
             }
-            crate::store::StoreError::Transient(e) => ApiError::Internal(e.to_string()),
         })?;
     } else {
         let Some(raw) = &api.raw else {
@@ -1259,6 +1280,29 @@ async fn post_samples(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+/// Refuses (403) samples for resources that exist and belong to another project than
+/// `project`: a project token must not write into another project's resource (the newest
+/// sample decides a resource's owner).
+async fn owned_by(api: &Api, project: &str, samples: &[Sample]) -> Result<(), ApiError> {
+    let mut rids: Vec<&str> = samples.iter().map(|s| s.resource_id.as_str()).collect();
+    rids.sort_unstable();
+    rids.dedup();
+    let other: Option<String> = sqlx::query_scalar(
+        "select resource_id from resource
+         where resource_id = any($1::text[]) and project_id is distinct from $2 limit 1",
+    )
+    .bind(&rids)
+    .bind(project)
+    .fetch_optional(&api.pool)
+    .await?;
+    match other {
+        Some(r) => Err(ApiError::Forbidden(format!(
+            "resource {r} belongs to another project"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// One posted OldSample → a Sample, with Ceilometer's rules: `counter_name` must be the
 /// path's meter, no `message_id`, user/project default from `X-User-Id`/`X-Project-Id`,
 /// a project token may only post for its project, `source` becomes `<project>:<source>`,
@@ -1268,6 +1312,7 @@ fn posted_sample(
     v: &Value,
     who: &Caller,
     header: &dyn Fn(&str) -> Option<String>,
+    contract: &vmeter_core::contract::Contract,
 ) -> Result<Sample, String> {
     let o = v.as_object().ok_or("not an object")?;
     let text = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
@@ -1320,6 +1365,14 @@ fn posted_sample(
     if let Some(m) = o.get("resource_metadata").and_then(Value::as_object) {
         for (k, v) in m {
             let mut cur = &mut md;
+            // Each dot is a level of nesting: refuse before building what the contract
+            // would refuse anyway (10,000 dots would be 10,000 nested maps).
+            if k.split('.').count() > contract.max_metadata_depth {
+                return Err(format!(
+                    "resource_metadata key has more than {} dotted parts",
+                    contract.max_metadata_depth
+                ));
+            }
             let parts: Vec<&str> = k.split('.').collect();
             for p in &parts[..parts.len() - 1] {
                 let e = cur

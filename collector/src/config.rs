@@ -15,6 +15,8 @@ pub struct Config {
     pub log: LogConfig,
     pub http: HttpConfig,
     pub database: DatabaseConfig,
+    /// The sample contract, checked on every sample consumed and posted.
+    pub contract: vmeter_core::contract::Contract,
 }
 
 /// `http:` section.
@@ -25,6 +27,9 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Page size when a request gives no `limit` (Ceilometer's `default_api_return_limit`).
     pub default_limit: i64,
+    /// Largest `limit` a request may ask for; larger is a 400 (answers are built from that
+    /// many rows).
+    pub max_limit: i64,
     /// Bearer tokens that see every project. With no token at all configured, the API is
     /// open (said at start-up): bind it to loopback or put it behind a proxy that
     /// authenticates.
@@ -38,6 +43,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:8777".parse().expect("valid"),
             default_limit: 100,
+            max_limit: 100_000,
             admin_tokens: Vec::new(),
             project_tokens: Default::default(),
         }

@@ -11,9 +11,16 @@
 //! batch that shares a sample key with one in flight waits for it (no two transactions of
 //! one collector insert the same row).
 //!
+//! Samples that break the sample contract ([`vmeter_core::contract`]) are dead-lettered one
+//! by one before the write; the rest of their message is written.
+//!
 //! If PostgreSQL is down the same batch is retried with back-off and nothing is acked: the
-//! queue holds the backlog. If the database rejects the data itself, the batch is retried
-//! message by message so only the offending message is dead-lettered.
+//! queue holds the backlog. If PostgreSQL refuses the data itself (a data error, or a
+//! conflict that repeats on the same samples while it answers other queries), the batch is
+//! bisected down to the refused *samples*: every other sample is stored, each refused one is
+//! dead-lettered with its SQLSTATE and counted as dropped. `/health` has two parts here:
+//! `database` (PostgreSQL answers, checked every 2 s) and `ingest` (no batch held up by an
+//! outage); refused data turns neither down.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::BuildHasher;
@@ -46,7 +53,11 @@ struct Counters {
     stored: Counter,
     dups: Counter,
     batches: Counter,
+    /// PostgreSQL answers (a trivial query, checked by [`watch_database`] and after
+    /// every failed write).
     db_up: Arc<AtomicBool>,
+    /// The last write was not held up by an outage (false while a batch is retried).
+    ingest_up: Arc<AtomicBool>,
 }
 
 /// A batch read from the queue and decoded.
@@ -58,6 +69,9 @@ struct Batch {
     good: Vec<(usize, std::ops::Range<usize>)>,
     /// Deliveries that can never be stored: index, reason.
     bad: Vec<(usize, &'static str)>,
+    /// Samples of good deliveries that break the sample contract: delivery index, sample,
+    /// the rule (dead-lettered before the batch is written).
+    violations: Vec<(usize, Vec<(Sample, vmeter_core::contract::Violation)>)>,
     /// Hashes of the samples' keys (meter, resource, timestamp); a collision only makes a
     /// batch wait for another needlessly.
     keys: HashSet<u64>,
@@ -89,9 +103,16 @@ pub async fn run(
             &[],
         ),
         db_up: health.part("database"),
+        ingest_up: health.part("ingest"),
     };
     // The caller applied the migrations: the database answered a moment ago.
     counters.db_up.store(true, Ordering::Relaxed);
+    counters.ingest_up.store(true, Ordering::Relaxed);
+    let watcher = tokio::spawn(watch_database(
+        pool.clone(),
+        counters.db_up.clone(),
+        shutdown.clone(),
+    ));
     while !*shutdown.borrow() {
         // One store (its own caches) per batch in flight.
         let mut free: Vec<Store> = (0..IN_FLIGHT).map(|_| Store::new(pool.clone())).collect();
@@ -117,6 +138,7 @@ pub async fn run(
             reader = Some(tokio::spawn(read_batches(
                 consumer,
                 cfg.database.clone(),
+                cfg.contract.clone(),
                 signer.clone(),
                 tx,
             )));
@@ -153,6 +175,10 @@ pub async fn run(
                             publisher
                                 .dead_letter_delivery(&cfg.broker, &batch.deliveries[i], SERVICE, reason)
                                 .await?;
+                        }
+                        for (i, bad) in std::mem::take(&mut batch.violations) {
+                            let rk = batch.deliveries[i].routing_key.as_str();
+                            publisher.dead_letter_violations(&cfg.broker, rk, &bad, SERVICE).await?;
                         }
                         if inflight_keys.iter().any(|k| !k.is_disjoint(&batch.keys))
                             && !drain(&mut inflight, &mut inflight_keys, &mut free).await?
@@ -191,8 +217,33 @@ pub async fn run(
             }
         }
     }
+    watcher.abort();
     tracing::info!("Collector ingest stopped.");
     Ok(())
+}
+
+/// How often [`watch_database`] asks PostgreSQL whether it answers.
+const DB_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps the `database` health flag true to whether PostgreSQL answers, with or without
+/// traffic (a restart between two batches shows in `/health` too).
+async fn watch_database(pool: sqlx::PgPool, up: Arc<AtomicBool>, mut shutdown: Shutdown) {
+    let mut every = tokio::time::interval(DB_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = vmeter_core::shutdown::wait(&mut shutdown) => return,
+        }
+        let answers = crate::store::ping(&pool, DB_CHECK_EVERY).await;
+        if up.swap(answers, Ordering::Relaxed) != answers {
+            if answers {
+                tracing::info!("PostgreSQL answers again.");
+            } else {
+                tracing::warn!("PostgreSQL does not answer.");
+            }
+        }
+    }
 }
 
 /// What a batch write returns: its store, its last delivery, whether it is stored.
@@ -228,9 +279,9 @@ async fn drain(
     Ok(true)
 }
 
-/// Writes a batch, retrying while PostgreSQL is unavailable, isolating messages it rejects.
-/// Returns the store, the batch's last delivery (to ack) and whether the batch is done
-/// (`false`: shutdown came first; nothing may be acked).
+/// Writes a batch, retrying while PostgreSQL is unavailable, isolating the samples it
+/// rejects. Returns the store, the batch's last delivery (to ack) and whether the batch is
+/// done (`false`: shutdown came first; nothing may be acked).
 async fn write_batch(
     mut store: Store,
     mut turn: InsertTurn,
@@ -241,66 +292,148 @@ async fn write_batch(
     mut shutdown: Shutdown,
 ) -> Done {
     let result = async {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            match store.write_in_turn(&batch.samples, &mut turn).await {
-                Ok(w) => {
-                    m.db_up.store(true, Ordering::Relaxed);
-                    m.stored.add(w.inserted);
-                    m.dups.add(w.duplicates);
-                    m.batches.inc();
-                    return Ok(true);
-                }
-                Err(StoreError::Transient(e)) => {
-                    m.db_up.store(false, Ordering::Relaxed);
-                    let wait = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "PostgreSQL unavailable; nothing acked, retrying.");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok(false),
-                    }
-                }
-                Err(StoreError::Permanent(e)) => {
-                    tracing::warn!(error = %e, "Batch rejected by PostgreSQL; writing message by message to isolate it.");
-                    for (i, range) in &batch.good {
-                        match store
-                            .write_in_turn(&batch.samples[range.clone()], &mut turn)
-                            .await
-                        {
-                            Ok(w) => {
-                                m.stored.add(w.inserted);
-                                m.dups.add(w.duplicates);
-                            }
-                            Err(StoreError::Permanent(e)) => {
-                                tracing::warn!(error = %e, "Message violates the schema; dead-lettering it.");
-                                publisher
-                                    .dead_letter_delivery(
-                                        &cfg.broker,
-                                        &batch.deliveries[*i],
-                                        SERVICE,
-                                        "rejected_by_database",
-                                    )
-                                    .await?;
-                            }
-                            Err(StoreError::Transient(e)) => anyhow::bail!(
-                                "database failed while isolating a bad message: {e}"
-                            ),
-                        }
-                    }
-                    return Ok(true);
-                }
-            }
-        }
+        let all = 0..batch.samples.len();
+        let first = match write_piece(&mut store, &mut turn, &batch.samples, &m, &mut shutdown).await {
+            Piece::Stored => return Ok(true),
+            Piece::Shutdown => return Ok(false),
+            Piece::Rejected(e) => e,
+        };
+        tracing::warn!(error = %first, samples = all.len(), "Batch rejected by PostgreSQL while it answers other queries; isolating the samples it refuses.");
+        isolate(&mut store, &mut turn, &batch, all, first, publisher, cfg, &m, &mut shutdown).await
     }
     .await;
     let mut deliveries = batch.deliveries;
     (store, deliveries.pop(), result)
 }
 
+/// A conflict ([`StoreError::Contended`]) that repeats this often on the same samples while
+/// PostgreSQL answers other queries is taken for a refusal of those samples.
+const CONTENDED_STRIKES: u32 = 5;
+
+/// How one attempt to store some samples ended.
+enum Piece {
+    Stored,
+    /// PostgreSQL refuses these samples (and answers other queries).
+    Rejected(StoreError),
+    Shutdown,
+}
+
+/// Writes `samples`, retrying outages with back-off until they are stored, refused, or
+/// shutdown comes. Counts what was stored; keeps the health flags true to the database's
+/// state: an outage turns `ingest` down, a refusal of data never does.
+async fn write_piece(
+    store: &mut Store,
+    turn: &mut InsertTurn,
+    samples: &[Sample],
+    m: &Counters,
+    shutdown: &mut Shutdown,
+) -> Piece {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut strikes = 0;
+    loop {
+        let e = match store.write_in_turn(samples, turn).await {
+            Ok(w) => {
+                m.ingest_up.store(true, Ordering::Relaxed);
+                m.stored.add(w.inserted);
+                m.dups.add(w.duplicates);
+                m.batches.inc();
+                return Piece::Stored;
+            }
+            Err(e) if e.is_data() => return Piece::Rejected(e),
+            Err(e) => e,
+        };
+        let answers = crate::store::ping(store.pool(), Duration::from_secs(3)).await;
+        m.db_up.store(answers, Ordering::Relaxed);
+        if answers && matches!(e, StoreError::Contended(_)) {
+            strikes += 1;
+            if strikes >= CONTENDED_STRIKES {
+                return Piece::Rejected(e);
+            }
+        } else {
+            m.ingest_up.store(false, Ordering::Relaxed);
+        }
+        let wait = backoff.next_delay();
+        tracing::warn!(error = %e, database_answers = answers, retry_in_ms = wait.as_millis() as u64, "Samples not stored; nothing acked, retrying.");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = vmeter_core::shutdown::wait(shutdown) => return Piece::Shutdown,
+        }
+    }
+}
+
+/// Bisects `range` of the batch (known to be refused with `error`) until every refused
+/// sample stands alone: stores every other sample, dead-letters each refused one with the
+/// SQLSTATE in its reason and counts it as dropped. A batch of n samples with k offenders
+/// takes about 2·k·log2(n) writes.
+#[allow(clippy::too_many_arguments)]
+async fn isolate(
+    store: &mut Store,
+    turn: &mut InsertTurn,
+    batch: &Batch,
+    range: std::ops::Range<usize>,
+    error: StoreError,
+    publisher: &Publisher,
+    cfg: &Config,
+    m: &Counters,
+    shutdown: &mut Shutdown,
+) -> anyhow::Result<bool> {
+    let mut refused = vec![(range, error)];
+    while let Some((r, e)) = refused.pop() {
+        if r.len() == 1 {
+            dead_letter_refused(batch, r.start, &e, publisher, cfg).await?;
+            continue;
+        }
+        let mid = r.start + r.len() / 2;
+        // The second half goes on the stack first: halves are resolved in batch order.
+        let mut halves = Vec::with_capacity(2);
+        for half in [r.start..mid, mid..r.end] {
+            match write_piece(store, turn, &batch.samples[half.clone()], m, shutdown).await {
+                Piece::Stored => {}
+                Piece::Shutdown => return Ok(false),
+                Piece::Rejected(e) => halves.push((half, e)),
+            }
+        }
+        refused.extend(halves.into_iter().rev());
+    }
+    Ok(true)
+}
+
+/// Dead-letters sample `i` of the batch, refused by PostgreSQL with `e`.
+async fn dead_letter_refused(
+    batch: &Batch,
+    i: usize,
+    e: &StoreError,
+    publisher: &Publisher,
+    cfg: &Config,
+) -> anyhow::Result<()> {
+    let delivery = batch
+        .good
+        .iter()
+        .find(|(_, r)| r.contains(&i))
+        .map(|(d, _)| &batch.deliveries[*d])
+        .expect("every sample comes from a good delivery");
+    let reason = match e.sqlstate() {
+        Some(code) => format!("rejected_by_database:{code}"),
+        None => "rejected_by_database".to_string(),
+    };
+    publisher
+        .dead_letter_samples(
+            &cfg.broker,
+            delivery.routing_key.as_str(),
+            &[&batch.samples[i]],
+            SERVICE,
+            &reason,
+            &e.to_string(),
+        )
+        .await?;
+    Ok(())
+}
+
 /// The reader task: gathers and decodes batches until the consumer fails or `tx` closes.
 async fn read_batches(
     mut consumer: lapin::Consumer,
     cfg: crate::config::DatabaseConfig,
+    contract: vmeter_core::contract::Contract,
     signer: vmeter_core::signing::Signer,
     tx: tokio::sync::mpsc::Sender<Batch>,
 ) -> anyhow::Result<()> {
@@ -313,11 +446,17 @@ async fn read_batches(
             samples: Vec::new(),
             good: Vec::new(),
             bad: Vec::new(),
+            violations: Vec::new(),
             keys: HashSet::new(),
         };
+        let now = chrono::Utc::now();
         for (i, d) in batch.deliveries.iter().enumerate() {
             match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
                 Ok(s) => {
+                    let (s, violations) = contract.partition(s, now);
+                    if !violations.is_empty() {
+                        batch.violations.push((i, violations));
+                    }
                     let start = batch.samples.len();
                     batch.samples.extend(s);
                     batch.good.push((i, start..batch.samples.len()));

@@ -107,6 +107,8 @@ fn main() -> ExitCode {
         let app = http::router(health.clone()).merge(api::router(api::Api {
             pool,
             default_limit: cfg.http.default_limit,
+            max_limit: cfg.http.max_limit,
+            contract: cfg.contract.clone(),
             auth: Arc::new(auth),
             raw: Some(raw),
         }));

@@ -13,30 +13,70 @@ use crate::rollup;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A storage failure, classified for the ack decision.
+///
+/// The classification decides between "store nothing, retry later" and "isolate the
+/// samples PostgreSQL refuses and dead-letter them": a data error taken for an outage holds
+/// the whole queue hostage, an outage taken for a data error dead-letters good samples.
+/// Classes of SQLSTATE (PostgreSQL's appendix A):
+///
+/// | class | meaning | here |
+/// |---|---|---|
+/// | 08, 53, 57, 58, XX, no SQLSTATE (I/O, pool) | connection, resources, shutdown, system | [`Transient`](StoreError::Transient) |
+/// | 42 | syntax, undefined table, permission: the schema or the role, not a sample | [`Transient`](StoreError::Transient) (an operator must act; retried, `/health` says so) |
+/// | 40, 55, 25 | deadlock, serialization, lock not available, aborted transaction | [`Contended`](StoreError::Contended): retried; if it repeats on the same samples while the database answers, they are isolated |
+/// | anything else (22 data, 23 integrity, 54 limits, …) | the data | [`Permanent`](StoreError::Permanent) |
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The data itself is unacceptable (SQLSTATE class 22 data exception or 23 integrity
-    /// violation): retrying cannot help; the message goes to the dead-letter queue.
+    /// The data itself is unacceptable: retrying cannot help; the offending samples are
+    /// isolated and go to the dead-letter queue.
     #[error("rejected by the database: {0}")]
     Permanent(sqlx::Error),
-    /// Connection lost, database down, timeouts…: retry later, ack nothing.
+    /// Connection lost, database down, timeouts, a broken schema: retry later, ack nothing.
     #[error("database unavailable: {0}")]
     Transient(sqlx::Error),
+    /// A conflict with another transaction: retry; repeated on the same samples while the
+    /// database answers other queries, the samples are the cause.
+    #[error("conflict with another transaction: {0}")]
+    Contended(sqlx::Error),
+    /// A sample PostgreSQL could not hold, found before asking it (e.g. a day outside the
+    /// years partitions can be named for).
+    #[error("rejected before writing: {0}")]
+    Refused(String),
+}
+
+impl StoreError {
+    /// The SQLSTATE of the database's answer, if it gave one.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Permanent(e) | StoreError::Transient(e) | StoreError::Contended(e) => {
+                match e {
+                    sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+                    _ => None,
+                }
+            }
+            StoreError::Refused(_) => None,
+        }
+    }
+
+    /// Whether the samples are at fault (never for an outage).
+    pub fn is_data(&self) -> bool {
+        matches!(self, StoreError::Permanent(_) | StoreError::Refused(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        let permanent = match &e {
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-            sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => true,
-            _ => false,
+        let class = match &e {
+            sqlx::Error::Database(db) => db.code().map(|c| c.chars().take(2).collect::<String>()),
+            sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => {
+                return StoreError::Permanent(e);
+            }
+            _ => None,
         };
-        if permanent {
-            StoreError::Permanent(e)
-        } else {
-            StoreError::Transient(e)
+        match class.as_deref() {
+            None | Some("08" | "53" | "57" | "58" | "XX" | "42") => StoreError::Transient(e),
+            Some("40" | "55" | "25") => StoreError::Contended(e),
+            Some(_) => StoreError::Permanent(e),
         }
     }
 }
@@ -111,6 +151,15 @@ pub fn pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
             })
         })
         .connect_lazy(url)
+}
+
+/// Whether PostgreSQL answers a trivial query within `timeout` (tells an outage from a
+/// refusal of particular data).
+pub async fn ping(pool: &PgPool, timeout: std::time::Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, sqlx::query("select 1").execute(pool)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// How [`Store::write`] inserts samples (`$1..$4`: ts, meter ids, resource ids, volumes,
@@ -322,6 +371,13 @@ impl Store {
     ) -> Result<(), StoreError> {
         if self.partitions.contains(&day) {
             return Ok(());
+        }
+        // The table name holds the day as eight digits: years 0..=9999 only (the sample
+        // contract keeps timestamps in 1970..=9999; this guards direct callers too).
+        if !(0..=9999).contains(&chrono::Datelike::year(&day)) {
+            return Err(StoreError::Refused(format!(
+                "day {day} is outside the years a partition can be named for"
+            )));
         }
         // Serialise partition creation between collectors.
         sqlx::query("select pg_advisory_xact_lock(7266315512)")

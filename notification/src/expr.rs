@@ -309,10 +309,39 @@ impl<'s> Lexer<'s> {
     }
 }
 
+/// Deepest nesting of parentheses, unary operators and `not` the parser follows: its
+/// recursion, and so its stack use, is bounded whatever the text.
+pub const MAX_NESTING: usize = 64;
+
+/// Most tokens in one expression (real `scale` expressions have a few dozen).
+pub const MAX_TOKENS: usize = 4096;
+
+/// Deepest syntax tree accepted (evaluation recurses over it): a chain such as
+/// `1 + 1 + … + 1` is as deep as it is long.
+pub const MAX_TREE_DEPTH: usize = 256;
+
 struct Parser<'s> {
     toks: Vec<(Tok, usize)>,
     i: usize,
     src: &'s str,
+    /// Current nesting (see [`MAX_NESTING`]).
+    depth: usize,
+}
+
+impl Node {
+    /// Depth of the tree, walking at most `limit + 1` levels.
+    fn depth(&self, limit: usize) -> usize {
+        if limit == 0 {
+            return 1;
+        }
+        let below = |n: &Node| n.depth(limit - 1);
+        1 + match self {
+            Node::Neg(a) | Node::Not(a) => below(a),
+            Node::And(a, b) | Node::Or(a, b) | Node::Bin(_, a, b) => below(a).max(below(b)),
+            Node::Call(_, args) => args.iter().map(below).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
 }
 
 impl Parser<'_> {
@@ -360,11 +389,22 @@ impl Parser<'_> {
         }
         Ok(l)
     }
-    fn not(&mut self) -> Result<Node, ParseError> {
-        if self.eat_kw("not") {
-            return Ok(Node::Not(Box::new(self.not()?)));
+    fn enter(&mut self) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(self.err(format!("nested deeper than {MAX_NESTING} levels")));
         }
-        self.cmp()
+        Ok(())
+    }
+    fn not(&mut self) -> Result<Node, ParseError> {
+        self.enter()?;
+        let n = if self.eat_kw("not") {
+            self.not().map(|n| Node::Not(Box::new(n)))
+        } else {
+            self.cmp()
+        };
+        self.depth -= 1;
+        n
     }
     fn cmp(&mut self) -> Result<Node, ParseError> {
         let l = self.sum()?;
@@ -413,13 +453,16 @@ impl Parser<'_> {
         }
     }
     fn unary(&mut self) -> Result<Node, ParseError> {
-        if self.eat_op("-") {
-            return Ok(Node::Neg(Box::new(self.unary()?)));
-        }
-        if self.eat_op("+") {
-            return self.unary();
-        }
-        self.power()
+        self.enter()?;
+        let n = if self.eat_op("-") {
+            self.unary().map(|n| Node::Neg(Box::new(n)))
+        } else if self.eat_op("+") {
+            self.unary()
+        } else {
+            self.power()
+        };
+        self.depth -= 1;
+        n
     }
     fn power(&mut self) -> Result<Node, ParseError> {
         let base = self.primary()?;
@@ -545,14 +588,29 @@ impl Expr {
 
     fn parse_inner(text: &str, meters: bool) -> Result<Expr, ParseError> {
         let toks = Lexer { src: text, pos: 0 }.tokens(meters)?;
+        if toks.len() > MAX_TOKENS {
+            return Err(ParseError {
+                message: format!("longer than {MAX_TOKENS} tokens"),
+                offset: toks[MAX_TOKENS].1,
+                source_text: text.to_string(),
+            });
+        }
         let mut p = Parser {
             toks,
             i: 0,
             src: text,
+            depth: 0,
         };
         let root = p.or()?;
         if *p.peek() != Tok::End {
             return Err(p.err("unexpected trailing input"));
+        }
+        if root.depth(MAX_TREE_DEPTH) > MAX_TREE_DEPTH {
+            return Err(ParseError {
+                message: format!("more than {MAX_TREE_DEPTH} operations deep"),
+                offset: 0,
+                source_text: text.to_string(),
+            });
         }
         Ok(Expr {
             root,
@@ -944,5 +1002,38 @@ mod tests {
                 "{bad:?} should not parse"
             );
         }
+    }
+
+    #[test]
+    fn hostile_nesting_and_length_are_errors_not_crashes() {
+        // Each of these would overflow the stack of a parser or evaluator without limits.
+        let deep_parens = format!("{}1{}", "(".repeat(100_000), ")".repeat(100_000));
+        let deep_neg = format!("{}1", "-".repeat(100_000));
+        let deep_not = format!("{}1", "not ".repeat(100_000));
+        let deep_pow = vec!["2"; 50_000].join("**");
+        let long_sum = vec!["1"; 3000].join("+");
+        for (name, text) in [
+            ("parentheses", &deep_parens),
+            ("negations", &deep_neg),
+            ("nots", &deep_not),
+            ("powers", &deep_pow),
+            ("a long chain", &long_sum),
+        ] {
+            let e = Expr::parse_arithmetic(text).expect_err(name);
+            assert!(
+                e.message.contains("deeper")
+                    || e.message.contains("tokens")
+                    || e.message.contains("deep"),
+                "{name}: {}",
+                e.message
+            );
+        }
+        // Within the limits, nesting still works.
+        let ok = format!("{}volume{}", "(".repeat(30), ")".repeat(30));
+        assert!(Expr::parse(&ok).is_ok());
+        assert_eq!(
+            ev(&vec!["1"; 200].join("+"), serde_json::json!({})).unwrap(),
+            200.0
+        );
     }
 }

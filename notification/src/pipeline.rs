@@ -42,6 +42,9 @@ pub struct Runtime {
     routes: crate::transformers::FastMap<String, u32>,
     /// Per route: for each pipeline, whether its source selects the meter.
     route_table: Vec<Box<[bool]>>,
+    /// Newest sample timestamp seen: the stream's own clock, which eviction measures
+    /// quietness against (a backlog replayed after an outage is not "quiet").
+    newest: Option<DateTime<Utc>>,
 }
 
 /// Distinct meter names whose routes are cached before the cache is reset.
@@ -61,6 +64,7 @@ impl Runtime {
             drops: Vec::new(),
             routes: Default::default(),
             route_table: Vec::new(),
+            newest: None,
         }
     }
 
@@ -159,6 +163,30 @@ impl Runtime {
     }
 
     /// Drops recorded since the last call.
+    /// Forgets, in every transformer, the series that have been quiet for `ttl`: whose
+    /// newest sample is older than `ttl` before the stream's newest sample (or `now`, if
+    /// earlier). Returns how many series were forgotten ([`Transformer::evict`]).
+    pub fn evict_quiet(&mut self, ttl: chrono::Duration, now: DateTime<Utc>) -> usize {
+        let Some(cutoff) = self
+            .newest
+            .map(|t| t.min(now))
+            .and_then(|t| t.checked_sub_signed(ttl))
+        else {
+            return 0;
+        };
+        self.evict(cutoff)
+    }
+
+    /// Forgets, in every transformer, the series whose newest sample is older than `cutoff`
+    /// ([`Transformer::evict`]); returns how many series were forgotten.
+    pub fn evict(&mut self, cutoff: DateTime<Utc>) -> usize {
+        self.chains
+            .iter_mut()
+            .flat_map(|c| c.iter_mut())
+            .map(|t| t.evict(cutoff))
+            .sum()
+    }
+
     pub fn take_drops(&mut self) -> Vec<Dropped> {
         std::mem::take(&mut self.drops)
     }
@@ -171,6 +199,9 @@ impl Runtime {
     pub fn publish_context(&mut self, samples: Vec<Sample>, now: DateTime<Utc>) -> Vec<Emission> {
         let mut out = Vec::new();
         let valid = self.finite(samples);
+        if let Some(t) = valid.iter().map(|s| s.timestamp).max() {
+            self.newest = self.newest.max(Some(t));
+        }
         let npipes = self.def.pipelines.len();
         if self.routes.len() >= MAX_ROUTES {
             // A stream of ever-new meter names must not grow memory without bound. Reset
@@ -260,6 +291,9 @@ impl Runtime {
     ) -> Vec<Emission> {
         let mut out = Vec::new();
         let valid = self.finite(samples);
+        if let Some(t) = valid.iter().map(|s| s.timestamp).max() {
+            self.newest = self.newest.max(Some(t));
+        }
         self.publish_into(pipeline, &valid, now, &mut out);
         out
     }
@@ -464,6 +498,49 @@ sinks:
         assert_eq!(restored.len(), 6, "{skipped:?}");
         got.extend(run(&mut after, second.to_vec()));
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn quiet_series_are_forgotten_and_start_afresh() {
+        let mut rt = Runtime::new(def(ALL_SIX));
+        let mut all = input();
+        run(&mut rt, all.drain(..4).collect());
+        // r0 and r1 have predecessors in rate and delta, cached meters in arith.
+        let t = |h: i64| {
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(h)
+        };
+        assert_eq!(
+            rt.evict_quiet(chrono::Duration::hours(1), t(5)),
+            0,
+            "nothing is quiet yet"
+        );
+        // Only r1 speaks, two hours later.
+        let mut later = input().remove(1);
+        for s in &mut later {
+            s.timestamp = t(2);
+            s.message_id = uuid::Uuid::new_v4();
+        }
+        run(&mut rt, vec![later.clone()]);
+        let evicted = rt.evict_quiet(chrono::Duration::hours(1), t(5));
+        // r0: cpu in rate and delta, memory and memory.usage in delta... each series once.
+        assert!(evicted >= 3, "evicted {evicted}");
+        assert_eq!(
+            rt.evict_quiet(chrono::Duration::hours(1), t(5)),
+            0,
+            "already gone"
+        );
+        // r1 kept its predecessor: its next cpu sample gives a rate at once.
+        for s in &mut later {
+            s.timestamp = t(2) + chrono::Duration::seconds(10);
+            s.message_id = uuid::Uuid::new_v4();
+        }
+        let out = run(&mut rt, vec![later]);
+        assert!(
+            out.iter()
+                .any(|(_, s)| s.name == "r" && s.resource_id == "r1")
+        );
+        // The stream's clock, not the wall clock: a backlog hours old evicts nothing of itself.
+        assert_eq!(rt.evict_quiet(chrono::Duration::hours(1), t(100)), 0);
     }
 
     #[test]

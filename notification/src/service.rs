@@ -40,6 +40,9 @@ pub struct Config {
     pub log: LogConfig,
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
+    /// The sample contract checked on every sample consumed: violators are dead-lettered
+    /// one by one with the rule as reason; the rest of their message goes on.
+    pub contract: vmeter_core::contract::Contract,
 }
 
 /// `http:` section.
@@ -78,6 +81,11 @@ pub struct PipelineConfig {
     pub state_max_age_secs: u64,
     /// How often the pipeline file is checked for changes, s (0: only on SIGHUP).
     pub reload_check_secs: u64,
+    /// Transformer state of a series (predecessor of `rate_of_change`/`delta`, cached meters
+    /// of `arithmetic`) is forgotten once the series has been quiet this long, s, measured
+    /// on the stream's newest timestamp; checked once a minute, counted in
+    /// `vmeter_notification_state_evicted_total`. Bounds memory when resources come and go.
+    pub state_ttl_secs: u64,
 }
 
 impl PipelineConfig {
@@ -99,11 +107,15 @@ impl Default for PipelineConfig {
             state_file: Some("/var/lib/vmeter/notification-state.json".into()),
             state_max_age_secs: 900,
             reload_check_secs: 5,
+            state_ttl_secs: 3600,
         }
     }
 }
 
 const SERVICE: &str = "notification";
+
+/// How often quiet series are looked for (`pipeline.state_ttl_secs`).
+const EVICT_EVERY: Duration = Duration::from_secs(60);
 
 /// Counters of this service (handles cached at start).
 struct Metrics {
@@ -111,6 +123,7 @@ struct Metrics {
     samples_in: telemetry::Counter,
     samples_out: telemetry::Counter,
     dead_lettered: telemetry::Counter,
+    evicted: telemetry::Counter,
 }
 
 impl Metrics {
@@ -136,6 +149,11 @@ impl Metrics {
                 "Messages sent to the dead-letter queue.",
                 &[],
             ),
+            evicted: telemetry::counter(
+                "vmeter_notification_state_evicted_total",
+                "Series whose transformer state was forgotten after pipeline.state_ttl_secs of quiet.",
+                &[],
+            ),
         }
     }
 }
@@ -158,6 +176,12 @@ pub async fn run(
         restore_state(path, &cfg, &mut rt, &mut pending);
     }
     let mut reloads = spawn_reload_watcher(&cfg.pipeline, def, shutdown.clone());
+    let state_ttl = chrono::Duration::seconds(
+        i64::try_from(cfg.pipeline.state_ttl_secs)
+            .unwrap_or(i64::MAX / 1000)
+            .min(i64::MAX / 1000),
+    );
+    let mut last_eviction = tokio::time::Instant::now();
 
     while !*shutdown.borrow() {
         let Some(conn) =
@@ -197,7 +221,9 @@ pub async fn run(
                             match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
                                 Ok(samples) => {
                                     metrics.samples_in.add(samples.len() as u64);
-                                    let em = rt.publish_context(samples, Utc::now());
+                                    let now = Utc::now();
+                                    let samples = keep_contract(&cfg, &publisher, d, samples, now).await?;
+                                    let em = rt.publish_context(samples, now);
                                     route(&rt, em, &mut pending);
                                     report_drops(&mut rt);
                                 }
@@ -215,6 +241,14 @@ pub async fn run(
                         }
                     }
                     _ = timer.tick() => {
+                        if last_eviction.elapsed() >= EVICT_EVERY {
+                            last_eviction = tokio::time::Instant::now();
+                            let n = rt.evict_quiet(state_ttl, Utc::now());
+                            if n > 0 {
+                                metrics.evicted.add(n as u64);
+                                tracing::info!(series = n, "Forgot the transformer state of quiet series.");
+                            }
+                        }
                         let em = rt.flush(Utc::now());
                         route(&rt, em, &mut pending);
                         report_drops(&mut rt);
@@ -265,6 +299,22 @@ pub async fn run(
     }
     tracing::info!("Notification service stopped.");
     Ok(())
+}
+
+/// The samples of one delivery that keep the sample contract; the others are dead-lettered
+/// (confirmed, counted as dropped) grouped by rule, before the delivery can be acked.
+async fn keep_contract(
+    cfg: &Config,
+    publisher: &Publisher,
+    d: &lapin::message::Delivery,
+    samples: Vec<Sample>,
+    now: chrono::DateTime<Utc>,
+) -> Result<Vec<Sample>, PublishError> {
+    let (good, bad) = cfg.contract.partition(samples, now);
+    publisher
+        .dead_letter_violations(&cfg.broker, d.routing_key.as_str(), &bad, SERVICE)
+        .await?;
+    Ok(good)
 }
 
 /// Restores the state file (if any) into `rt` and `pending`, logging what happened.

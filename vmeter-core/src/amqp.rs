@@ -541,6 +541,84 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// Dead-letters some samples of an otherwise good message: they travel as a batch of
+    /// their own (signed like any batch, so a fixed copy can be replayed), with the reason,
+    /// an optional detail (e.g. the SQLSTATE) and the service in the headers; waits for the
+    /// confirm, then counts each sample in `vmeter_samples_dropped_total{service, reason}`
+    /// and the message in `vmeter_dead_lettered_total`. The caller acks the original
+    /// message only after this returns `Ok`.
+    pub async fn dead_letter_samples(
+        &self,
+        cfg: &BrokerConfig,
+        routing_key: &str,
+        samples: &[&Sample],
+        service: &str,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), PublishError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let batch = prepare(&self.signer, samples);
+        let mut headers = batch.headers;
+        headers.insert(
+            ShortString::from(wire::DEAD_REASON_HEADER),
+            AMQPValue::LongString(reason.to_string().into()),
+        );
+        headers.insert(
+            ShortString::from(wire::DEAD_DETAIL_HEADER),
+            AMQPValue::LongString(detail.to_string().into()),
+        );
+        headers.insert(
+            ShortString::from(wire::DEAD_SERVICE_HEADER),
+            AMQPValue::LongString(service.to_string().into()),
+        );
+        self.send_raw(&cfg.dead_letter_exchange, routing_key, &batch.body, headers)
+            .await?
+            .confirmed()
+            .await?;
+        crate::telemetry::dropped(service, reason).add(samples.len() as u64);
+        crate::telemetry::dead_lettered(service, reason);
+        tracing::warn!(
+            service,
+            reason,
+            detail,
+            samples = samples.len(),
+            "Samples dead-lettered; the rest of their message goes on."
+        );
+        Ok(())
+    }
+
+    /// Dead-letters contract violators ([`crate::contract`]) with
+    /// [`dead_letter_samples`](Self::dead_letter_samples), one message per rule broken (the
+    /// detail is the wording of the first violation).
+    pub async fn dead_letter_violations(
+        &self,
+        cfg: &BrokerConfig,
+        routing_key: &str,
+        bad: &[(Sample, crate::contract::Violation)],
+        service: &str,
+    ) -> Result<(), PublishError> {
+        let mut rules: Vec<&'static str> = bad.iter().map(|(_, v)| v.reason()).collect();
+        rules.sort_unstable();
+        rules.dedup();
+        for rule in rules {
+            let mut samples = Vec::new();
+            let mut detail = String::new();
+            for (s, v) in bad.iter().filter(|(_, v)| v.reason() == rule) {
+                if samples.is_empty() {
+                    detail = v.to_string();
+                }
+                samples.push(s);
+            }
+            self.dead_letter_samples(cfg, routing_key, &samples, service, rule, &detail)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// Why a delivery can never be processed (it goes to the dead-letter queue).
 #[derive(Debug, thiserror::Error)]
 pub enum Undeliverable {

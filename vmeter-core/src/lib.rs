@@ -2,6 +2,8 @@
 //!
 //! Module map:
 //! - [`sample`]: the [`Sample`](sample::Sample) type — Ceilometer's fields plus `monotonic_time`.
+//! - [`contract`]: the sample contract (lengths, characters, finite volumes, timestamp
+//!   window, metadata depth and size) that every door checks.
 //! - [`wire`]: one AMQP message = one msgpack batch of samples; headers and format version.
 //! - [`signing`]: HMAC-SHA256 over the exact body bytes, verified in constant time.
 //! - [`amqp`]: broker topology (exchange, queues, dead-letter), connection with back-off,
@@ -16,6 +18,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod contract;
 pub mod http;
 pub mod meters;
 pub mod sample;

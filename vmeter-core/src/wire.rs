@@ -39,6 +39,11 @@ pub const SIGNATURE_HEADER: &str = "x-vmeter-signature";
 pub const SAMPLES_HEADER: &str = "x-vmeter-samples";
 /// Header set on dead-lettered messages: why the message could never be processed.
 pub const DEAD_REASON_HEADER: &str = "x-vmeter-dead-reason";
+/// Header with what the dead-lettering service knew beyond the reason (e.g. the SQLSTATE and
+/// message of a database refusal, the contract rule's wording).
+pub const DEAD_DETAIL_HEADER: &str = "x-vmeter-dead-detail";
+/// Header naming the service that dead-lettered samples it took out of a message.
+pub const DEAD_SERVICE_HEADER: &str = "x-vmeter-dead-service";
 /// The format version this build writes.
 pub const FORMAT_VERSION: i64 = 3;
 /// Format versions this build reads.
@@ -505,15 +510,22 @@ pub fn decode(body: &[u8], version: Option<i64>) -> Result<Vec<Sample>, DecodeEr
     Decoder::default().decode(body, version)
 }
 
-/// Most distinct metadata blobs a [`Decoder`] remembers (then it starts over).
-const CACHE_ENTRIES: usize = 50_000;
+/// Most bytes of metadata blobs a [`Decoder`] remembers (then it starts over). The parsed
+/// maps take a few times their encoded size: the cache stays within tens of MiB whatever
+/// the senders put in their batches.
+pub const CACHE_BYTES: usize = 16 << 20;
+
+/// Largest blob a [`Decoder`] remembers: bigger ones (never an agent's) are parsed each time.
+pub const CACHE_BLOB_MAX: usize = 64 << 10;
 
 /// Decodes batches, remembering parsed metadata by its exact bytes so that the metadata of
-/// the same instance, which arrives every polling cycle, is parsed once. Bounded: after
-/// [`CACHE_ENTRIES`] distinct blobs the memory is dropped and refilled.
+/// the same instance, which arrives every polling cycle, is parsed once. Bounded by bytes:
+/// after [`CACHE_BYTES`] of distinct blobs the memory is dropped and refilled.
 #[derive(Default)]
 pub struct Decoder {
     cache: HashMap<Vec<u8>, Arc<Metadata>>,
+    /// Sum of the cached blobs' lengths.
+    cached_bytes: usize,
 }
 
 impl Decoder {
@@ -601,11 +613,23 @@ impl Decoder {
         let m: Metadata = rmp_serde::from_slice(blob)
             .map_err(|e| DecodeError::Metadata(format!("metadata blob: {e}")))?;
         let m = Arc::new(m);
-        if self.cache.len() >= CACHE_ENTRIES {
-            self.cache.clear();
+        if blob.len() > CACHE_BLOB_MAX {
+            return Ok(m);
         }
+        if self.cached_bytes + blob.len() > CACHE_BYTES {
+            self.cache.clear();
+            self.cached_bytes = 0;
+        }
+        self.cached_bytes += blob.len();
         self.cache.insert(blob.to_vec(), m.clone());
         Ok(m)
+    }
+}
+
+impl Decoder {
+    /// Bytes of blobs held in the cache (for tests and metrics).
+    pub fn cached_bytes(&self) -> usize {
+        self.cached_bytes
     }
 }
 
@@ -927,5 +951,31 @@ mod tests {
         // A valid msgpack map that is not a batch.
         let other = rmp_serde::to_vec_named(&serde_json::json!({"x": 1})).unwrap();
         assert!(decode(&other, None).is_err());
+    }
+
+    #[test]
+    fn metadata_cache_is_bounded_by_bytes() {
+        let mut d = Decoder::default();
+        let mut peak = 0;
+        // 400 distinct blobs of ~50 kB each: 20 MB in all, more than CACHE_BYTES.
+        for i in 0..400 {
+            let mut s = sample();
+            let mut md = crate::Metadata::new();
+            md.insert("pad".into(), format!("{i:05}{}", "x".repeat(50_000)).into());
+            s.resource_metadata = Arc::new(md);
+            let out = d.decode(&encode(&[s.clone()]), None).unwrap();
+            assert_eq!(out[0].resource_metadata, s.resource_metadata);
+            peak = peak.max(d.cached_bytes());
+        }
+        assert!(peak <= CACHE_BYTES, "cache held {peak} bytes");
+        assert!(peak > CACHE_BYTES / 2, "the cache was used ({peak} bytes)");
+        // A blob above CACHE_BLOB_MAX is parsed but not remembered.
+        let before = d.cached_bytes();
+        let mut s = sample();
+        let mut md = crate::Metadata::new();
+        md.insert("pad".into(), "y".repeat(CACHE_BLOB_MAX + 1).into());
+        s.resource_metadata = Arc::new(md);
+        assert_eq!(d.decode(&encode(&[s.clone()]), None).unwrap(), vec![s]);
+        assert_eq!(d.cached_bytes(), before);
     }
 }

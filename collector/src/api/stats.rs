@@ -174,6 +174,43 @@ fn from_micros(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// Smallest `period`, s: finer buckets than the samples (10 s apart at the finest
+/// polling) only cost memory.
+pub const MIN_PERIOD_SECS: f64 = 1.0;
+
+/// Most buckets one answer may have: each is a row per unit and group, built in memory.
+pub const MAX_BUCKETS: i64 = 100_000;
+
+/// The bucket grid `(period µs, t0, end of the last bucket)` of a period over [t0, t1], in
+/// checked arithmetic: a period or range that would overflow, or more than [`MAX_BUCKETS`]
+/// buckets, is a 400, never a panic.
+fn bucket_grid(
+    period_secs: f64,
+    t0: DateTime<Utc>,
+    t1: DateTime<Utc>,
+) -> Result<(i64, DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let too_long = || ApiError::BadRequest(format!("Period {period_secs} s is too long."));
+    let us = period_secs * 1e6;
+    // 2^62 µs is ~146,000 years: beyond any timestamp PostgreSQL or chrono hold.
+    if us.round() >= (1u64 << 62) as f64 {
+        return Err(too_long());
+    }
+    let us = (us.round() as i64).max(1);
+    let span = (t1 - t0).num_microseconds().unwrap_or(i64::MAX).max(0);
+    let n = span / us + i64::from(span % us != 0);
+    if n > MAX_BUCKETS {
+        return Err(ApiError::BadRequest(format!(
+            "Period {period_secs} s makes {n} buckets over the requested time range (at most {MAX_BUCKETS}): use a longer period or a shorter range."
+        )));
+    }
+    let end = n
+        .checked_mul(us)
+        .map(chrono::Duration::microseconds)
+        .and_then(|d| t0.checked_add_signed(d))
+        .ok_or_else(too_long)?;
+    Ok((us, t0, end))
+}
+
 /// `GET /v2/meters/{meter}/statistics` (see the module doc). Buckets are Ceilometer's
 /// `[t0 + kP, t0 + (k+1)P)`, with `t0` the query's start or else the first sample's time.
 pub(super) async fn statistics(
@@ -193,6 +230,11 @@ pub(super) async fn statistics(
                 .map_err(|_| ApiError::BadRequest(format!("period {p:?} is not a number")))?;
             if v <= 0.0 || !v.is_finite() {
                 return Err(ApiError::BadRequest("Period must be positive.".into()));
+            }
+            if v < MIN_PERIOD_SECS {
+                return Err(ApiError::BadRequest(format!(
+                    "Period must be at least {MIN_PERIOD_SECS} s."
+                )));
             }
             Some(v)
         }
@@ -248,16 +290,7 @@ pub(super) async fn statistics(
     }
     // With a period: buckets [t0 + kP, t0 + (k+1)P) for k < ceil((t1 - t0) / P).
     let buckets = match (period, t0, t1) {
-        (Some(p), Some(t0), Some(t1)) => {
-            let span = (t1 - t0).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            let n = (span / p).ceil().max(0.0);
-            let us = ((p * 1e6).round() as i64).max(1);
-            Some((
-                us,
-                t0,
-                t0 + chrono::Duration::microseconds((n * p * 1e6) as i64),
-            ))
-        }
+        (Some(p), Some(t0), Some(t1)) => Some(bucket_grid(p, t0, t1)?),
         (Some(_), _, _) => return empty(),
         _ => None,
     };

@@ -99,6 +99,13 @@ impl Scope for MeterScope<'_> {
 }
 
 impl Transformer for Arithmetic {
+    fn evict(&mut self, cutoff: DateTime<Utc>) -> usize {
+        let before = self.cache.len();
+        self.cache
+            .retain(|_, meters| meters.values().any(|s| s.timestamp >= cutoff));
+        before - self.cache.len()
+    }
+
     fn handle(&mut self, s: Sample, _cx: &mut Cx<'_>) -> Option<Sample> {
         self.latest = Some(s.timestamp);
         if self.spec.expr.is_some() && self.spec.meters.contains(&s.name) {

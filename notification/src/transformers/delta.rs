@@ -1,5 +1,6 @@
 //! `delta`: the change of a value since its predecessor, as a `delta` sample.
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use vmeter_core::{Sample, SampleType};
@@ -57,6 +58,10 @@ impl Delta {
 }
 
 impl Transformer for Delta {
+    fn evict(&mut self, cutoff: DateTime<Utc>) -> usize {
+        self.cache.retain_fresh(|p| p.timestamp < cutoff)
+    }
+
     fn handle(&mut self, s: Sample, cx: &mut Cx<'_>) -> Option<Sample> {
         let Some(slot) = self.cache.get_mut(&s) else {
             self.cache.insert(&s, Predecessor::of(&s));

@@ -112,6 +112,12 @@ pub trait Transformer: Send {
     fn restore_state(&mut self, _state: serde_json::Value) -> Result<(), String> {
         Ok(())
     }
+    /// Forgets the state of series whose newest sample is older than `cutoff` (resources
+    /// gone quiet: deleted or migrated away); returns how many series were forgotten. A
+    /// series that comes back starts afresh (one sample without predecessor).
+    fn evict(&mut self, _cutoff: DateTime<Utc>) -> usize {
+        0
+    }
 }
 
 /// A parsed and validated transformer entry of pipeline.yaml.
@@ -515,6 +521,16 @@ impl<V> SeriesMap<V> {
                     .insert(s.resource_id.clone(), v);
             }
         }
+    }
+
+    /// Removes the series for which `stale` holds; returns how many.
+    pub fn retain_fresh(&mut self, stale: impl Fn(&V) -> bool) -> usize {
+        let before = self.len();
+        for m in self.by_meter.values_mut() {
+            m.retain(|_, v| !stale(v));
+        }
+        self.by_meter.retain(|_, m| !m.is_empty());
+        before - self.len()
     }
 
     /// Number of series.

@@ -1,5 +1,6 @@
 //! `rate_of_change` and `unit_conversion` (Ceilometer's ScalingTransformer family).
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use vmeter_core::Sample;
@@ -109,6 +110,10 @@ impl RateOfChange {
 }
 
 impl Transformer for RateOfChange {
+    fn evict(&mut self, cutoff: DateTime<Utc>) -> usize {
+        self.cache.retain_fresh(|p| p.timestamp < cutoff)
+    }
+
     fn handle(&mut self, s: Sample, cx: &mut Cx<'_>) -> Option<Sample> {
         let Some(slot) = self.cache.get_mut(&s) else {
             self.cache.insert(&s, Predecessor::of(&s));
