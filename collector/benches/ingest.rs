@@ -127,6 +127,8 @@ fn start_collector(cfg: &BrokerConfig, db: &str, http: &str) -> Child {
         )
         .env("VMETER_BROKER__DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
         .env("VMETER_SIGNING__TELEMETRY_SECRET", SECRET)
+        // Fixed timestamps: no age window (the contract is still checked).
+        .env("VMETER_CONTRACT__MAX_AGE_DAYS", "")
         .env("VMETER_DATABASE__URL", db)
         .env("VMETER_HTTP__LISTEN", http)
         .env("VMETER_DATABASE__ROLLUP_INTERVAL_SECS", "5")

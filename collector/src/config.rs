@@ -19,6 +19,50 @@ pub struct Config {
     pub contract: vmeter_core::contract::Contract,
 }
 
+impl Config {
+    /// Checks what parsing cannot: tokens that would let anyone in or are ambiguous.
+    pub fn validate(&self) -> Result<(), vmeter_core::config::ConfigError> {
+        let invalid = |key: &str, message: String| vmeter_core::config::ConfigError::Invalid {
+            origin: "collector".into(),
+            key: key.into(),
+            message,
+        };
+        if self.http.admin_tokens.iter().any(|t| t.trim().is_empty()) {
+            return Err(invalid(
+                "http.admin_tokens",
+                "an empty token would let anyone in as admin".into(),
+            ));
+        }
+        for (token, project) in &self.http.project_tokens {
+            if token.trim().is_empty() {
+                return Err(invalid(
+                    "http.project_tokens",
+                    format!("an empty token for project {project}"),
+                ));
+            }
+            if project.trim().is_empty() {
+                return Err(invalid(
+                    "http.project_tokens",
+                    "a token for an empty project id".into(),
+                ));
+            }
+            if self.http.admin_tokens.contains(token) {
+                return Err(invalid(
+                    "http.project_tokens",
+                    format!("a token of project {project} is also an admin token"),
+                ));
+            }
+        }
+        if self.http.max_limit < 1 || self.http.default_limit < 1 {
+            return Err(invalid(
+                "http.max_limit",
+                "limits must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `http:` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -94,5 +138,39 @@ impl Default for DatabaseConfig {
             rollup_interval_secs: 60,
             rollup_lag_secs: 600,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_or_ambiguous_tokens_are_refused() {
+        let mut c = Config::default();
+        assert!(c.validate().is_ok());
+        c.http.admin_tokens = vec!["  ".into()];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("http.admin_tokens")
+        );
+        c.http.admin_tokens = vec!["a".into()];
+        c.http.project_tokens.insert(String::new(), "p".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("empty token")
+        );
+        c.http.project_tokens.clear();
+        c.http.project_tokens.insert("a".into(), "p".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("also an admin")
+        );
     }
 }

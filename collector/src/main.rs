@@ -50,6 +50,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+    if let Err(e) = cfg.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     if matches!(cli.cmd, Some(Cmd::CheckConfig)) {
         println!("config OK");
         return ExitCode::SUCCESS;

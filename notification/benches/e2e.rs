@@ -182,6 +182,8 @@ fn start_notification(cfg: &BrokerConfig) -> Child {
             &cfg.dead_letter_exchange,
         )
         .env("VMETER_BROKER__DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
+        // Fixed 2026 timestamps: no age window (the contract is still checked).
+        .env("VMETER_CONTRACT__MAX_AGE_DAYS", "")
         .env("VMETER_SIGNING__TELEMETRY_SECRET", SECRET)
         .env("VMETER_PIPELINE__FILE", pipeline)
         .env("VMETER_PIPELINE__STATE_FILE", "\"\"")

@@ -118,6 +118,9 @@ impl Names {
                 format!("\"{secret}\""),
             ),
             ("VMETER_LOG__LEVEL".into(), "info".into()),
+            // Fixtures carry fixed dates (2026-03-01, …): no age window, the rest of the
+            // sample contract applies. The window itself: tests/tests/hostile_input.rs.
+            ("VMETER_CONTRACT__MAX_AGE_DAYS".into(), String::new()),
         ]
     }
 
@@ -366,6 +369,55 @@ pub mod broker {
             }
         }
         // Closing the channel returns anything delivered but not acked to the queue.
+        let _ = ch.close(200, "done".into()).await;
+        out
+    }
+
+    /// Like [`take`], message by message, with each message's dead-letter reason header
+    /// ([`wire::DEAD_REASON_HEADER`], empty when absent). Bodies that are not vmeter batches
+    /// give no samples.
+    pub async fn take_dead(
+        conn: &Connection,
+        queue: &str,
+        want_messages: usize,
+        quiet: Duration,
+        timeout: Duration,
+    ) -> Vec<(String, Vec<Sample>)> {
+        use futures::StreamExt;
+        let ch = conn.create_channel().await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "e2e-take-dead".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while out.len() < want_messages && Instant::now() < deadline {
+            let wait = quiet.min(deadline.saturating_duration_since(Instant::now()));
+            match tokio::time::timeout(wait, consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let reason = d
+                        .properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get(wire::DEAD_REASON_HEADER).cloned())
+                        .map(|v| match v {
+                            AMQPValue::LongString(s) => {
+                                String::from_utf8_lossy(s.as_bytes()).into_owned()
+                            }
+                            other => format!("{other:?}"),
+                        })
+                        .unwrap_or_default();
+                    out.push((reason, wire::decode(&d.data, None).unwrap_or_default()));
+                    d.acker.ack(BasicAckOptions::default()).await.unwrap();
+                }
+                Ok(_) | Err(_) => break,
+            }
+        }
         let _ = ch.close(200, "done".into()).await;
         out
     }

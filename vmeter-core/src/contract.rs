@@ -30,8 +30,8 @@ pub struct Contract {
     pub max_metadata_bytes: usize,
     /// Deepest nesting of `resource_metadata` (maps and lists), the top-level map being 1.
     pub max_metadata_depth: usize,
-    /// Oldest timestamp accepted, in days before now; `null` accepts any age down to
-    /// 1970-01-01 (e.g. to import history). Spooled agent batches are at most as old as the
+    /// Oldest timestamp accepted, in days before now; `null` (from the environment: an
+    /// empty value) accepts any age down to 1970-01-01 (e.g. to import history). Spooled agent batches are at most as old as the
     /// longest broker outage.
     pub max_age_days: Option<u32>,
     /// Furthest a timestamp may lie in the future, s: clocks of hypervisors disagree by
