@@ -504,6 +504,19 @@ fn put_int(b: &mut Vec<u8>, v: i64) {
     rmp::encode::write_sint(b, v).expect(VEC_WRITE);
 }
 
+/// Deepest msgpack nesting the decoder follows. rmp-serde's own limit (1,024) lets a
+/// forged blob of nested arrays overflow a 2 MiB stack while it is built into JSON values;
+/// no batch of ours nests deeper than its metadata, which the sample contract keeps to a
+/// few levels.
+pub const MAX_DECODE_DEPTH: usize = 64;
+
+/// `rmp_serde::from_slice` with [`MAX_DECODE_DEPTH`].
+fn from_slice_limited<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(b);
+    de.set_max_depth(MAX_DECODE_DEPTH);
+    T::deserialize(&mut de)
+}
+
 /// Decodes a batch of format 1, 2 or 3 (`version` is the value of [`FORMAT_HEADER`]; absent is
 /// accepted, the body says which). Uses a throw-away [`Decoder`]; services keep one.
 pub fn decode(body: &[u8], version: Option<i64>) -> Result<Vec<Sample>, DecodeError> {
@@ -540,7 +553,7 @@ impl Decoder {
         {
             return Err(DecodeError::Version(v));
         }
-        let b: BatchIn<'_> = rmp_serde::from_slice(body)?;
+        let b: BatchIn<'_> = from_slice_limited(body)?;
         let mut table = Vec::with_capacity(b.metadata.len());
         for blob in &b.metadata {
             table.push(self.metadata(blob)?);
@@ -610,7 +623,7 @@ impl Decoder {
         if let Some(m) = self.cache.get(blob) {
             return Ok(m.clone());
         }
-        let m: Metadata = rmp_serde::from_slice(blob)
+        let m: Metadata = from_slice_limited(blob)
             .map_err(|e| DecodeError::Metadata(format!("metadata blob: {e}")))?;
         let m = Arc::new(m);
         if blob.len() > CACHE_BLOB_MAX {
