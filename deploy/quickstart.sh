@@ -5,7 +5,10 @@
 #   deploy/quickstart.sh                  the embedded demo libvirt node (4 fake VMs)
 #   LIBVIRT_URI=qemu:///system deploy/quickstart.sh   this host's real VMs (needs libvirtd)
 #
-# Logs and configs go to /tmp/vmeter-quickstart. Ctrl-C stops everything.
+# Logs and configs go to /tmp/vmeter-quickstart (mode 0700: the configs hold credentials).
+# Each service connects as its own broker user with the random passwords deploy/setup.sh
+# made (/etc/vmeter/credentials.env); signing uses its telemetry secret. Ctrl-C stops
+# everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -16,20 +19,26 @@ INTERVAL=${POLL_INTERVAL_SECS:-10}
 if [ "$(id -u)" = 0 ]; then bash deploy/setup.sh; else sudo -E bash deploy/setup.sh; fi
 cargo build --workspace --bins --locked
 mkdir -p "$RUN"
+chmod 700 "$RUN"
+umask 077
+CRED=${VMETER_CREDENTIALS:-/etc/vmeter/credentials.env}
+# shellcheck disable=SC1090
+if [ -r "$CRED" ]; then . "$CRED"; else eval "$(sudo cat "$CRED")"; fi
+VHOST=${MQ_VHOST//\//%2f}
 
-SECRET_FILE="$RUN/telemetry_secret"
-[ -s "$SECRET_FILE" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$SECRET_FILE"
-SECRET=$(cat "$SECRET_FILE")
-
-common() {
+common() {  # role: AGENT, NOTIFICATION or COLLECTOR
+  local user pass
+  user=$(eval echo "\$MQ_${1}_USER") pass=$(eval echo "\$MQ_${1}_PASSWORD")
   cat <<YAML
+broker:
+  url: "amqp://$user:$pass@127.0.0.1:5672/$VHOST"
 signing:
-  telemetry_secret: "$SECRET"
+  telemetry_secret: "$TELEMETRY_SECRET"
 log:
   level: info
 YAML
 }
-{ common; cat <<YAML
+{ common AGENT; cat <<YAML
 libvirt:
   uri: "$URI"
 polling:
@@ -39,15 +48,17 @@ spool:
   dir: "$RUN/agent-spool"
 YAML
 } > "$RUN/agent-compute.yaml"
-{ common; cat <<YAML
+{ common NOTIFICATION; cat <<YAML
 pipeline:
   file: "$ROOT/pipeline.yaml"
   state_file: "$RUN/notification-state.json"
 YAML
 } > "$RUN/notification.yaml"
-{ common; cat <<YAML
+{ common COLLECTOR; cat <<YAML
 http:
   listen: "127.0.0.1:8777"
+database:
+  url: "postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:5432/vmeter"
 YAML
 } > "$RUN/collector.yaml"
 
@@ -64,7 +75,7 @@ cat <<MSG
 vmeter is running (libvirt: $URI, polling every ${INTERVAL}s). Logs: $RUN/*.log
 
   API:     curl -s 'http://127.0.0.1:8777/v2/meters/cpu_util?limit=5'
-  SQL:     PGPASSWORD=vmeter psql -h 127.0.0.1 -U vmeter vmeter -c \\
+  SQL:     PGPASSWORD=\$(sudo sed -n 's/^DB_PASSWORD=//p' $CRED) psql -h 127.0.0.1 -U vmeter vmeter -c \\
              "select resource_metadata->>'name' as vm, timestamp, round(volume::numeric, 2) as cpu_util
                 from samples where meter = 'cpu_util' order by timestamp desc limit 12"
   Metrics: curl -s http://127.0.0.1:8777/metrics

@@ -1,25 +1,62 @@
 #!/usr/bin/env bash
 # Install and start everything vmeter needs on one Debian 12 host, without systemd:
-# RabbitMQ (vhost + permissions), PostgreSQL 15 (role + database), libvirt client libraries.
+# RabbitMQ (vhost, users, permissions), PostgreSQL 15 (role + database), libvirt client
+# libraries.
 #
 # Idempotent and non-interactive; run as root. Safe to re-run: it only installs what is
 # missing and only starts what is not running. Measured facts behind each step:
 # docs/operations.md and the comments below.
 #
+# Credentials are random, made on the first run and kept in $VMETER_CREDENTIALS
+# (/etc/vmeter/credentials.env, mode 0600): the PostgreSQL role's password, one RabbitMQ
+# user per service with only the permissions it needs, an admin user of the vhost
+# (operators, the test suite) and the telemetry secret (also alone in
+# /etc/vmeter/telemetry_secret, which the shipped configs read). RabbitMQ's guest gets no
+# access to the vhost. docs/security.md says who may do what.
+#
 # Environment (all optional):
-#   VMETER_DB_USER / VMETER_DB_PASS / VMETER_DB_NAME   PostgreSQL role/database (vmeter/vmeter/vmeter)
-#   VMETER_MQ_VHOST                                    RabbitMQ vhost (/vmeter); user guest (loopback only)
-#   WITH_LIBVIRTD=1                                    also start libvirtd + virtlogd (for qemu:///system)
-#   WITH_QEMU=1                                        also unpack qemu-system-x86 into /opt/qemu
+#   VMETER_CREDENTIALS        where the credentials live (/etc/vmeter/credentials.env)
+#   VMETER_DB_NAME            PostgreSQL database (vmeter; the role is vmeter)
+#   VMETER_MQ_VHOST           RabbitMQ vhost (/vmeter)
+#   WITH_LIBVIRTD=1           also start libvirtd + virtlogd (for qemu:///system)
+#   WITH_QEMU=1               also unpack qemu-system-x86 into /opt/qemu
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 PG_VER=15 PG_CLUSTER=main PG_PORT=5432
-DB_USER=${VMETER_DB_USER:-vmeter} DB_PASS=${VMETER_DB_PASS:-vmeter} DB_NAME=${VMETER_DB_NAME:-vmeter}
+DB_USER=vmeter DB_NAME=${VMETER_DB_NAME:-vmeter}
 MQ_VHOST=${VMETER_MQ_VHOST:-/vmeter}
+CRED=${VMETER_CREDENTIALS:-/etc/vmeter/credentials.env}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root (apt-get, pg_ctlcluster, rabbitmq-server)"; exit 1; }
+
+# ---- 0. credentials: made once, random, private (never a fixed password)
+mkdir -p "$(dirname "$CRED")"
+if [ ! -s "$CRED" ]; then
+  gen() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+  (umask 077; cat > "$CRED" <<EOF
+# vmeter credentials, made by deploy/setup.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ). Keep private (mode 0600).
+DB_USER=$DB_USER
+DB_PASSWORD=$(gen)
+MQ_VHOST=$MQ_VHOST
+MQ_AGENT_USER=vmeter-agent
+MQ_AGENT_PASSWORD=$(gen)
+MQ_NOTIFICATION_USER=vmeter-notification
+MQ_NOTIFICATION_PASSWORD=$(gen)
+MQ_COLLECTOR_USER=vmeter-collector
+MQ_COLLECTOR_PASSWORD=$(gen)
+MQ_ADMIN_USER=vmeter-admin
+MQ_ADMIN_PASSWORD=$(gen)
+TELEMETRY_SECRET=$(gen)
+EOF
+  )
+  log "credentials made: $CRED"
+fi
+chmod 600 "$CRED"
+# shellcheck disable=SC1090
+. "$CRED"
+(umask 077; printf '%s' "$TELEMETRY_SECRET" > "$(dirname "$CRED")/telemetry_secret")
 
 # ---- 1. packages. --no-install-recommends matters: with recommends, libvirt-daemon pulls
 #         qemu-system-x86 7.2, which removes a newer preinstalled qemu-utils (214 MB instead of 40).
@@ -47,8 +84,9 @@ fi
 for _ in $(seq 1 100); do pg_isready -q -h 127.0.0.1 -p "$PG_PORT" && break; sleep 0.1; done
 pg_isready -q -h 127.0.0.1 -p "$PG_PORT" || { log "PostgreSQL did not become ready"; exit 1; }
 runuser -u postgres -- psql -q -p "$PG_PORT" -v ON_ERROR_STOP=1 >/dev/null <<SQL
-SELECT 'CREATE ROLE $DB_USER LOGIN CREATEDB PASSWORD ''$DB_PASS'''
+SELECT 'CREATE ROLE $DB_USER LOGIN CREATEDB'
  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$DB_USER') \gexec
+ALTER ROLE $DB_USER PASSWORD '$DB_PASSWORD';
 SELECT 'CREATE DATABASE $DB_NAME OWNER $DB_USER'
  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$DB_NAME') \gexec
 SQL
@@ -63,7 +101,34 @@ if ! mq_running; then
   mq_running || { log "RabbitMQ did not become ready; see /var/log/rabbitmq/"; exit 1; }
 fi
 rabbitmqctl -q add_vhost "$MQ_VHOST" >/dev/null 2>&1 || true   # rc 0 when it exists on 3.10; guard anyway
-rabbitmqctl -q set_permissions -p "$MQ_VHOST" guest '.*' '.*' '.*' >/dev/null
+mq_user() {  # user password: create, or reset the password to the file's
+  rabbitmqctl -q add_user "$1" "$2" >/dev/null 2>&1 || rabbitmqctl -q change_password "$1" "$2" >/dev/null
+}
+# Permissions: configure, write, read regexps over exchange and queue names, and topic
+# permissions over the routing keys of the exchange `vmeter`. Declaring a queue needs
+# configure on it, binding needs write on the queue and read on the exchange, publishing
+# needs write on the exchange, consuming needs read on the queue. The names are the
+# defaults of the broker.* keys.
+ALL='^vmeter(\.samples\.(raw|processed)|\.dlx|\.dead)?$'
+# Topic "read" covers binding keys: the services that declare the topology bind both.
+KEYS='^sample\.(raw|processed)$'
+mq_user "$MQ_AGENT_USER" "$MQ_AGENT_PASSWORD"
+# The agent publishes raw samples and nothing else: no declare, no consume, one routing key.
+rabbitmqctl -q set_permissions -p "$MQ_VHOST" "$MQ_AGENT_USER" '^$' '^vmeter$' '^$' >/dev/null
+rabbitmqctl -q set_topic_permissions -p "$MQ_VHOST" "$MQ_AGENT_USER" vmeter '^sample\.raw$' '^$' >/dev/null
+mq_user "$MQ_NOTIFICATION_USER" "$MQ_NOTIFICATION_PASSWORD"
+# Declares the topology; consumes raw; publishes processed samples and dead letters.
+rabbitmqctl -q set_permissions -p "$MQ_VHOST" "$MQ_NOTIFICATION_USER" "$ALL" "$ALL" '^vmeter(\.dlx|\.samples\.raw)?$' >/dev/null
+rabbitmqctl -q set_topic_permissions -p "$MQ_VHOST" "$MQ_NOTIFICATION_USER" vmeter '^sample\.processed$' "$KEYS" >/dev/null
+mq_user "$MQ_COLLECTOR_USER" "$MQ_COLLECTOR_PASSWORD"
+# Declares the topology; consumes processed; publishes posted samples as raw, and dead letters.
+rabbitmqctl -q set_permissions -p "$MQ_VHOST" "$MQ_COLLECTOR_USER" "$ALL" "$ALL" '^vmeter(\.dlx|\.samples\.processed)?$' >/dev/null
+rabbitmqctl -q set_topic_permissions -p "$MQ_VHOST" "$MQ_COLLECTOR_USER" vmeter '^sample\.raw$' "$KEYS" >/dev/null
+mq_user "$MQ_ADMIN_USER" "$MQ_ADMIN_PASSWORD"
+# Operators (reading the dead-letter queue) and the test suite (its own names per test).
+rabbitmqctl -q set_permissions -p "$MQ_VHOST" "$MQ_ADMIN_USER" '.*' '.*' '.*' >/dev/null
+# guest (loopback only, a well-known password) has no business in the vhost.
+rabbitmqctl -q clear_permissions -p "$MQ_VHOST" guest >/dev/null 2>&1 || true
 
 # ---- 4. libvirt: test:///… URIs run in-process inside libvirt.so; nothing to start.
 virsh -q -c test:///default list --name >/dev/null
@@ -93,4 +158,4 @@ if [ "${WITH_QEMU:-0}" = 1 ] && [ ! -x "$QEMU_ROOT/usr/bin/qemu-system-x86_64" ]
   mkdir -p "$QEMU_ROOT"; for d in "$tmp"/*.deb; do dpkg -x "$d" "$QEMU_ROOT"; done; rm -rf "$tmp"
 fi
 
-log "ready: postgres://$DB_USER:***@127.0.0.1:$PG_PORT/$DB_NAME  amqp://guest@127.0.0.1:5672/$MQ_VHOST"
+log "ready: postgres://$DB_USER:***@127.0.0.1:$PG_PORT/$DB_NAME, amqp://<user>:***@127.0.0.1:5672/$MQ_VHOST (users, passwords: $CRED)"

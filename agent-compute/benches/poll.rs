@@ -15,8 +15,8 @@
 //!   so the domains live in libvirtd, as in production): RSS, peak RSS and CPU seconds
 //!   per cycle, publishing to the local RabbitMQ. Skipped (said so) without libvirtd.
 //!
-//! Environment: `VMETER_BENCH_DOMAINS` (1000), `VMETER_BENCH_AMQP`
-//! (amqp://guest:guest@127.0.0.1:5672/%2fvmeter).
+//! Environment: `VMETER_BENCH_DOMAINS` (1000), `VMETER_BENCH_AMQP` (default: the agent
+//! user of deploy/setup.sh's credentials).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -219,7 +219,7 @@ fn main() {
         return;
     }
     let amqp = std::env::var("VMETER_BENCH_AMQP")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2fvmeter".into());
+        .unwrap_or_else(|_| vmeter_core::config::local_amqp_url("AGENT"));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

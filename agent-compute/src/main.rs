@@ -60,6 +60,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = cfg.signing.resolve() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     // Small AMQP frames: the client's I/O buffers are 32 frames each (8 MiB at the broker's
     // 128 KiB), the largest item of this agent's memory otherwise.
     cfg.broker.frame_max.get_or_insert(AGENT_FRAME_MAX);

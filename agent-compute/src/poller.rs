@@ -370,18 +370,15 @@ pub async fn run(
         // batches can go straight out as the libvirt thread produces them.
         if publisher.is_none() && tokio::time::Instant::now() >= next_broker_try {
             match amqp::connect(&cfg.broker, "vmeter-agent-compute").await {
-                Ok(conn) => match Publisher::open(&conn, signer.clone()).await {
-                    Ok(p) => match amqp::declare_topology(p.channel(), &cfg.broker).await {
-                        Ok(()) => {
-                            tracing::info!(url = %cfg.broker.redacted_url(), "Connected to the broker.");
-                            broker_backoff.reset();
-                            publisher = Some((conn, p));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Declaring the broker topology failed.")
-                        }
-                    },
-                    Err(e) => tracing::warn!(error = %e, "Opening a channel failed."),
+                Ok(conn) => match amqp::open_producer(&conn, signer.clone(), &cfg.broker).await {
+                    Ok(p) => {
+                        tracing::info!(url = %cfg.broker.redacted_url(), "Connected to the broker.");
+                        broker_backoff.reset();
+                        publisher = Some((conn, p));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "The broker's exchange is not there (or not visible to this user); batches go to the spool.")
+                    }
                 },
                 Err(e) => {
                     let wait = broker_backoff.next_delay();

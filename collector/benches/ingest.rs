@@ -41,10 +41,6 @@ const DUPLICATE_MESSAGES: usize = 100;
 const SECRET: &str = "bench-secret";
 const WINDOW: usize = 32;
 
-fn env_or(k: &str, d: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| d.into())
-}
-
 fn metadata(r: usize) -> Arc<vmeter_core::Metadata> {
     let v = json!({
         "name": format!("instance-{r:08x}"), "host": "compute-01", "cpu_number": 2,
@@ -140,14 +136,9 @@ fn start_collector(cfg: &BrokerConfig, db: &str, http: &str) -> Child {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let amqp_url = env_or(
-        "VMETER_TEST_AMQP_URL",
-        "amqp://guest:guest@127.0.0.1:5672/%2fvmeter",
-    );
-    let admin_url = env_or(
-        "VMETER_TEST_PG_URL",
-        "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter",
-    );
+    // VMETER_TEST_AMQP_URL / VMETER_TEST_PG_URL, else deploy/setup.sh's credentials.
+    let amqp_url = vmeter_core::config::local_amqp_url("ADMIN");
+    let admin_url = vmeter_core::config::local_pg_url();
     let id = format!("bench_ingest_{}", std::process::id());
     let db_url = format!("{}/{id}", admin_url.rsplit_once('/').unwrap().0);
     let admin = PgPool::connect(&admin_url)

@@ -42,7 +42,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg =
+    let mut cfg =
         match config::load::<Config>(cli.config.as_deref(), &config::default_path("collector")) {
             Ok((c, _)) => c,
             Err(e) => {
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-    if let Err(e) = cfg.validate() {
+    if let Err(e) = cfg.signing.resolve().and_then(|()| cfg.validate()) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }

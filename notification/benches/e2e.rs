@@ -44,9 +44,9 @@ const WINDOW: usize = 32;
 /// Measured runs (fresh process and queues each); the median is the figure.
 const RUNS: usize = 5;
 
+/// `VMETER_TEST_AMQP_URL`, else the vhost's admin user from deploy/setup.sh's credentials.
 fn amqp_url() -> String {
-    std::env::var("VMETER_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2fvmeter".into())
+    vmeter_core::config::local_amqp_url("ADMIN")
 }
 
 fn broker_config(tag: &str) -> BrokerConfig {

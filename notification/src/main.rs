@@ -96,8 +96,14 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &Option<PathBuf>) -> Result<(Config, definition::PipelineDef), ExitCode> {
-    let (cfg, _) = config::load::<Config>(path.as_deref(), &config::default_path("notification"))
-        .map_err(|e| {
+    let (mut cfg, _) =
+        config::load::<Config>(path.as_deref(), &config::default_path("notification")).map_err(
+            |e| {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            },
+        )?;
+    cfg.signing.resolve().map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
     })?;

@@ -50,15 +50,15 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Base AMQP URL (vhost /vmeter) and admin database URL, overridable for other setups.
+/// Base AMQP URL (vhost /vmeter, the vhost's admin user) and the database URL: from
+/// `VMETER_TEST_AMQP_URL` / `VMETER_TEST_PG_URL`, else from the credentials
+/// `deploy/setup.sh` made (`/etc/vmeter/credentials.env`).
 pub fn amqp_url() -> String {
-    std::env::var("VMETER_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2fvmeter".into())
+    vmeter_core::config::local_amqp_url("ADMIN")
 }
 
 pub fn pg_admin_url() -> String {
-    std::env::var("VMETER_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter".into())
+    vmeter_core::config::local_pg_url()
 }
 
 /// A free TCP port on loopback.

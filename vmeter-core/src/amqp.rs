@@ -120,11 +120,42 @@ pub fn redact_url(url: &str) -> String {
 #[serde(deny_unknown_fields, default)]
 pub struct SigningConfig {
     /// Shared HMAC-SHA256 secret; must be the same on every agent, notification and collector.
-    /// Empty disables signing and verification (logged loudly at start-up).
+    /// Empty (and no `telemetry_secret_file`) disables signing and verification (logged
+    /// loudly at start-up).
     pub telemetry_secret: String,
+    /// A file holding the secret (surrounding whitespace ignored), read at start: keeps the
+    /// secret out of the config file. The shipped configs point at
+    /// `/etc/vmeter/telemetry_secret`, which deploy/setup.sh makes. A file that cannot be
+    /// read, or is empty, is a config error.
+    pub telemetry_secret_file: Option<std::path::PathBuf>,
 }
 
 impl SigningConfig {
+    /// Reads `telemetry_secret_file` into `telemetry_secret` (a config error if it cannot
+    /// be read, is empty, or both keys are set).
+    pub fn resolve(&mut self) -> Result<(), crate::config::ConfigError> {
+        let Some(path) = &self.telemetry_secret_file else {
+            return Ok(());
+        };
+        let invalid = |message: String| crate::config::ConfigError::Invalid {
+            origin: path.display().to_string(),
+            key: "signing.telemetry_secret_file".into(),
+            message,
+        };
+        if !self.telemetry_secret.is_empty() {
+            return Err(invalid(
+                "set either telemetry_secret or telemetry_secret_file, not both".into(),
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+        let secret = text.trim();
+        if secret.is_empty() {
+            return Err(invalid("the file is empty".into()));
+        }
+        self.telemetry_secret = secret.to_string();
+        Ok(())
+    }
+
     /// Builds the signer and warns when signing is off.
     pub fn signer(&self, service: &str) -> Signer {
         let s = Signer::new(&self.telemetry_secret);
@@ -322,6 +353,39 @@ pub async fn declare_topology(ch: &Channel, cfg: &BrokerConfig) -> Result<(), la
     .await?;
     bind(&cfg.dead_letter_queue, &cfg.dead_letter_exchange, "#").await?;
     Ok(())
+}
+
+/// Opens a publisher for a producer that may lack the right to declare (an agent's broker
+/// user can publish raw samples and nothing else): declares the topology when the broker
+/// allows it, else checks passively, on a fresh channel, that the exchange exists. A
+/// producer then publishes into the topology the control host's services declared; until
+/// they did, its mandatory publishes come back unroutable and it spools.
+pub async fn open_producer(
+    conn: &Connection,
+    signer: Signer,
+    cfg: &BrokerConfig,
+) -> Result<Publisher, lapin::Error> {
+    let p = Publisher::open(conn, signer.clone()).await?;
+    match declare_topology(p.channel(), cfg).await {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            tracing::debug!(error = %e, "Not allowed to declare the topology; checking that the exchange exists.");
+            let p = Publisher::open(conn, signer).await?;
+            p.channel()
+                .exchange_declare(
+                    cfg.exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(p)
+        }
+    }
 }
 
 /// A channel in confirm mode that signs what it sends. Every publish is `mandatory`, so an

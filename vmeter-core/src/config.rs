@@ -153,6 +153,58 @@ pub fn default_path(binary: &str) -> PathBuf {
     PathBuf::from(format!("/etc/vmeter/{binary}.yaml"))
 }
 
+/// The credentials `deploy/setup.sh` made on this host (`KEY=value` lines of
+/// `$VMETER_CREDENTIALS`, default `/etc/vmeter/credentials.env`), for the test suite,
+/// the benchmarks and the scripts that reach the local broker and database. Empty when the
+/// file is missing or unreadable (not root).
+pub fn local_credentials() -> std::collections::HashMap<String, String> {
+    let path = std::env::var("VMETER_CREDENTIALS")
+        .unwrap_or_else(|_| "/etc/vmeter/credentials.env".into());
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// URLs of the local broker's vhost and database as the user `role` of
+/// [`local_credentials`] (`ADMIN`, `AGENT`, `NOTIFICATION`, `COLLECTOR` for RabbitMQ):
+/// `VMETER_TEST_AMQP_URL` / `VMETER_TEST_PG_URL` when set, else built from the file.
+pub fn local_amqp_url(role: &str) -> String {
+    if role == "ADMIN"
+        && let Ok(u) = std::env::var("VMETER_TEST_AMQP_URL")
+    {
+        return u;
+    }
+    let c = local_credentials();
+    let get = |k: &str| c.get(k).cloned().unwrap_or_default();
+    let vhost = c
+        .get("MQ_VHOST")
+        .map_or("/vmeter", String::as_str)
+        .replace('/', "%2f");
+    format!(
+        "amqp://{}:{}@127.0.0.1:5672/{vhost}",
+        get(&format!("MQ_{role}_USER")),
+        get(&format!("MQ_{role}_PASSWORD"))
+    )
+}
+
+/// The local database as [`local_credentials`]' role (see [`local_amqp_url`]).
+pub fn local_pg_url() -> String {
+    if let Ok(u) = std::env::var("VMETER_TEST_PG_URL") {
+        return u;
+    }
+    let c = local_credentials();
+    let get = |k: &str| c.get(k).cloned().unwrap_or_default();
+    format!(
+        "postgres://{}:{}@127.0.0.1:5432/vmeter",
+        get("DB_USER"),
+        get("DB_PASSWORD")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
