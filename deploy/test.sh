@@ -15,6 +15,10 @@ else
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 
+# Style gates: formatting and lints (warnings are errors).
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 # The e2e tests start the real binaries as processes: build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked -- --test-threads=2
