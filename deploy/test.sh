@@ -19,6 +19,10 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# The e2e tests start the real binaries as processes: build them first.
-cargo build --workspace --bins --locked
-cargo test --workspace --locked -- --test-threads=2
+# The e2e tests start the real binaries as processes: build them first, with the fail
+# points the fault-injection tests aim at (tests/tests/failpoints.rs; inert unless a
+# process is given FAILPOINTS). Build and test with the same features, or the test build
+# would rebuild the binaries without them.
+FEATURES=collector/failpoints,notification/failpoints,agent-compute/failpoints
+cargo build --workspace --bins --locked --features "$FEATURES"
+cargo test --workspace --locked --features "$FEATURES" -- --test-threads=2

@@ -49,6 +49,9 @@ enum Cmd {
 const AGENT_FRAME_MAX: u32 = 16 * 1024;
 
 fn main() -> ExitCode {
+    // Fault-injection builds only: fail points from `FAILPOINTS` (tests/tests/failpoints.rs).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let mut cfg = match vmeter_core::config::load::<Config>(
         cli.config.as_deref(),

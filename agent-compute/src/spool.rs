@@ -124,8 +124,16 @@ impl Spool {
             source,
         };
         {
+            // A full disk, as the fault-injection tests make it.
+            fail::fail_point!("agent-spool-write-error", |_| Err(err(
+                std::io::Error::from_raw_os_error(28)
+            )));
             let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(body).map_err(err)?;
+            let (head, tail) = body.split_at(body.len() / 2);
+            f.write_all(head).map_err(err)?;
+            // A crash here leaves half a temporary file, which the next start removes.
+            fail::fail_point!("agent-spool-mid-write", |_| std::process::abort());
+            f.write_all(tail).map_err(err)?;
             f.sync_data().map_err(err)?;
         }
         std::fs::rename(&tmp, &path).map_err(err)?;

@@ -258,6 +258,8 @@ async fn finish((store, last, result): Done, free: &mut Vec<Store>) -> anyhow::R
     free.push(store);
     let stored = result?;
     if stored && let Some(last) = last {
+        // A crash here: committed, not acked; the redelivery must be stored once.
+        fail::fail_point!("collector-before-ack", |_| std::process::abort());
         last.acker.ack(BasicAckOptions { multiple: true }).await?;
     }
     Ok(stored)

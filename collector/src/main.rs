@@ -41,6 +41,9 @@ enum Cmd {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Fault-injection builds only: fail points from `FAILPOINTS` (tests/tests/failpoints.rs).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let mut cfg =
         match config::load::<Config>(cli.config.as_deref(), &config::default_path("collector")) {

@@ -48,6 +48,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Fault-injection builds only: fail points from `FAILPOINTS` (tests/tests/failpoints.rs).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::Check { pipeline } => check(&pipeline),

@@ -237,6 +237,8 @@ pub async fn run(
                         let last = deliveries.last().map(|d| &d.acker);
                         publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
                         if let Some(acker) = last {
+                            // A crash here: outputs confirmed, inputs not acked.
+                            fail::fail_point!("notification-before-ack", |_| std::process::abort());
                             acker.ack(BasicAckOptions { multiple: true }).await?;
                         }
                     }
