@@ -150,6 +150,7 @@ fn main() {
         host: "bench-host".into(),
         bulk: true,
         xml_refresh: Duration::from_secs(3600),
+        contract: Default::default(),
     };
     let mut insp = Inspector::open(&uri, opts, Arc::new(Guard::default())).unwrap();
     let raw_conn = Connect::open_read_only(Some(&uri)).unwrap();

@@ -30,6 +30,7 @@ fn main() {
         host: "h".into(),
         bulk: true,
         xml_refresh: Duration::from_secs(3600),
+        contract: Default::default(),
     };
     let mut i = Inspector::open(&uri, opts, Arc::new(Guard::default())).expect("open");
     println!("open: {}", rss());

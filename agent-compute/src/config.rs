@@ -17,6 +17,9 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     pub polling: PollingConfig,
     pub spool: SpoolConfig,
+    /// The sample contract every resource must keep before its samples are published
+    /// (docs/security.md); the timestamp window does not apply (the agent's own clock).
+    pub contract: vmeter_core::contract::Contract,
 }
 
 /// `spool:` section: where batches wait while the broker is away (see `spool.rs`).

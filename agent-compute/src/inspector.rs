@@ -204,6 +204,10 @@ pub struct Options {
     pub bulk: bool,
     /// Longest time a domain's parsed XML is reused.
     pub xml_refresh: Duration,
+    /// The sample contract: a resource whose id, owner or metadata breaks it (a domain name
+    /// hundreds of characters long makes a vNIC id too long) publishes nothing; its samples
+    /// are counted as dropped with the rule as reason.
+    pub contract: vmeter_core::contract::Contract,
 }
 
 /// A domain as last seen, with its parsed XML and the metadata built from it.
@@ -236,6 +240,8 @@ pub struct MdBlob {
     pub id: u64,
     /// One msgpack map.
     pub bytes: Box<[u8]>,
+    /// The contract rule the resource breaks, if any: its samples are not published.
+    pub refused: Option<&'static str>,
 }
 
 impl MdBlob {
@@ -244,7 +250,29 @@ impl MdBlob {
         MdBlob {
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             bytes: wire::encode_metadata(md).into_boxed_slice(),
+            refused: None,
         }
+    }
+
+    /// The blob of a resource's metadata, checked with its id and owner against the contract
+    /// (once per XML read); a refusal is logged here and counted per sample when emitted.
+    fn checked(
+        md: &Metadata,
+        contract: &vmeter_core::contract::Contract,
+        rid: &str,
+        user: Option<&str>,
+        project: Option<&str>,
+        domain: &str,
+    ) -> MdBlob {
+        let mut blob = MdBlob::new(md);
+        let verdict = contract
+            .check_owner(rid, user, project, DEFAULT_SOURCE)
+            .and_then(|()| contract.check_metadata(md));
+        if let Err(v) = verdict {
+            tracing::warn!(domain, resource = %rid.chars().take(80).collect::<String>(), reason = v.reason(), error = %v, "Resource breaks the sample contract: its samples are dropped and counted until its XML changes.");
+            blob.refused = Some(v.reason());
+        }
+        blob
     }
 }
 
@@ -811,17 +839,17 @@ impl Inspector {
         bulk_devices: Vec<String>,
     ) -> Known {
         let md = self.instance_metadata(&name, uuid, &xml, vcpus, mem_kib, state);
+        let (user, project) = (xml.user_id.as_deref(), xml.project_id.as_deref());
+        let contract = &self.opts.contract;
         let disks = xml
             .disks
             .iter()
             .map(|disk| {
                 let mut dmd = md.clone();
                 dmd.insert("disk_name".into(), Value::String(disk.target.clone()));
-                (
-                    disk.target.clone(),
-                    format!("{uuid}-{}", disk.target),
-                    MdBlob::new(&dmd),
-                )
+                let rid = format!("{uuid}-{}", disk.target);
+                let blob = MdBlob::checked(&dmd, contract, &rid, user, project, &name);
+                (disk.target.clone(), rid, blob)
             })
             .collect();
         let nics = xml
@@ -840,9 +868,11 @@ impl Inspector {
                     json!(nic.filterref.clone().unwrap_or_else(|| nic.target.clone())),
                 );
                 nmd.insert("instance_name".into(), json!(name));
-                (nic.target.clone(), rid, MdBlob::new(&nmd))
+                let blob = MdBlob::checked(&nmd, contract, &rid, user, project, &name);
+                (nic.target.clone(), rid, blob)
             })
             .collect();
+        let md = MdBlob::checked(&md, contract, uuid, user, project, &name);
         Known {
             id,
             state,
@@ -854,7 +884,7 @@ impl Inspector {
             bulk_devices,
             fetched: Instant::now(),
             seen: self.cycle,
-            md: MdBlob::new(&md),
+            md,
             disks,
             nics,
         }
@@ -984,6 +1014,10 @@ impl<'a, 'o, 's> Emit<'a, 'o, 's> {
         if !self.kept[m] {
             return;
         }
+        if let Some(reason) = md.refused {
+            vmeter_core::telemetry::dropped("agent-compute", reason).inc();
+            return;
+        }
         let this = Some((rid.as_ptr(), rid.len()));
         if self.current != this {
             self.shared.set(
@@ -1017,8 +1051,76 @@ mod tests {
             host: "h1".into(),
             bulk: true,
             xml_refresh: Duration::from_secs(300),
+            contract: Default::default(),
         };
         Inspector::open(&uri, opts, Arc::new(Guard::default())).unwrap()
+    }
+
+    #[test]
+    fn resources_breaking_the_contract_publish_nothing_and_are_counted() {
+        // The demo node with one domain renamed to 300 characters: its vNIC's resource id
+        // (`<name>-<uuid>-<target>`) is then longer than the contract allows; the domain's
+        // own and its disk's ids are not.
+        let node = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/demo-node.xml"
+        ))
+        .unwrap();
+        let long = "x".repeat(300);
+        let node = node.replace(
+            "<name>i-376-1733-VM</name>",
+            &format!("<name>{long}</name>"),
+        );
+        let path =
+            std::env::temp_dir().join(format!("vmeter-contract-node-{}.xml", std::process::id()));
+        std::fs::write(&path, node).unwrap();
+        virt::error::clear_error_callback();
+        let opts = Options {
+            host: "h1".into(),
+            bulk: true,
+            xml_refresh: Duration::from_secs(300),
+            contract: Default::default(),
+        };
+        let mut insp = Inspector::open(
+            &format!("test://{}", path.display()),
+            opts,
+            Arc::new(Guard::default()),
+        )
+        .unwrap();
+        let dropped = || {
+            vmeter_core::telemetry::scrape(
+                &vmeter_core::telemetry::render(),
+                "vmeter_samples_dropped_total{service=\"agent-compute\",reason=\"contract_field_too_long\"}",
+            )
+        };
+        let before = dropped();
+        let (samples, _) = insp.poll().unwrap();
+        let _ = std::fs::remove_file(&path);
+        let uuid = "9b3e4f5a-0004-4c2d-8e1f-000000000004";
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.resource_id == uuid && s.name == "cpu"),
+            "the instance's samples go on"
+        );
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.resource_id == format!("{uuid}-vda")),
+            "the disk's samples go on"
+        );
+        assert!(
+            !samples.iter().any(|s| s.resource_id.contains(&long)),
+            "the vNIC with a too-long id published nothing"
+        );
+        let contract = vmeter_core::contract::Contract::default();
+        assert!(
+            samples
+                .iter()
+                .all(|s| contract.check(s, Utc::now()).is_ok())
+        );
+        // Each of the vNIC's samples is counted (the test driver reports interface stats).
+        assert!(dropped() - before >= 1.0, "drops counted");
     }
 
     #[test]

@@ -114,6 +114,7 @@ fn main() -> ExitCode {
                 host,
                 bulk: cfg.libvirt.bulk_stats,
                 xml_refresh: std::time::Duration::from_secs_f64(cfg.libvirt.xml_refresh_secs),
+                contract: cfg.contract.clone(),
             };
             let guard = std::sync::Arc::new(inspector::Guard::default());
             let mut insp = match inspector::Inspector::open(&uri, opts, guard) {

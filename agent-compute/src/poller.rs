@@ -278,6 +278,7 @@ pub async fn run(
             host,
             bulk: cfg.libvirt.bulk_stats,
             xml_refresh: Duration::from_secs_f64(cfg.libvirt.xml_refresh_secs),
+            contract: cfg.contract.clone(),
         },
         Duration::from_secs_f64(cfg.libvirt.call_timeout_secs),
     );

@@ -12,7 +12,8 @@
 //! processing at all (publish → consume), i.e. the broker's own ceiling on this machine.
 //!
 //! Needs RabbitMQ as `deploy/setup.sh` leaves it. Run:
-//! `cargo bench -p notification --bench e2e` (env `VMETER_BENCH_ROUNDS`, default 300 →
+//! `cargo bench -p notification --bench e2e` (`VMETER_BENCH_NOTIFICATION=/path/to/notification`
+//! runs another build, to compare against a baseline; env `VMETER_BENCH_ROUNDS`, default 300 →
 //! 300,000 input samples; `VMETER_TEST_AMQP_URL` to point elsewhere).
 
 use std::process::{Child, Command, Stdio};
@@ -171,7 +172,10 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn start_notification(cfg: &BrokerConfig) -> Child {
     let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/../pipeline.yaml");
-    Command::new(env!("CARGO_BIN_EXE_notification"))
+    // `VMETER_BENCH_NOTIFICATION`: another build of the service (A/B against a baseline).
+    let bin = std::env::var("VMETER_BENCH_NOTIFICATION")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_notification").to_string());
+    Command::new(bin)
         .env_remove("VMETER_CONFIG")
         .env("VMETER_BROKER__URL", &cfg.url)
         .env("VMETER_BROKER__EXCHANGE", &cfg.exchange)

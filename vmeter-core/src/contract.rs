@@ -137,18 +137,37 @@ impl Contract {
     pub fn check_fields(&self, s: &Sample, now: DateTime<Utc>) -> Result<(), Violation> {
         self.id(Field::Name, &s.name, false)?;
         self.id(Field::Unit, &s.unit, true)?;
-        self.id(Field::ResourceId, &s.resource_id, false)?;
-        self.id(Field::Source, &s.source, true)?;
-        if let Some(u) = &s.user_id {
-            self.id(Field::UserId, u, true)?;
-        }
-        if let Some(p) = &s.project_id {
-            self.id(Field::ProjectId, p, true)?;
-        }
+        self.check_owner(
+            &s.resource_id,
+            s.user_id.as_deref(),
+            s.project_id.as_deref(),
+            &s.source,
+        )?;
         if !s.volume.is_finite() {
             return Err(Violation::VolumeNotFinite);
         }
         self.check_timestamp(s.timestamp, now)
+    }
+
+    /// The fields a producer sets once per resource: resource id, owner, source (the agent
+    /// checks them, with [`check_metadata`](Self::check_metadata), when it reads a domain's
+    /// XML, not per sample).
+    pub fn check_owner(
+        &self,
+        resource_id: &str,
+        user_id: Option<&str>,
+        project_id: Option<&str>,
+        source: &str,
+    ) -> Result<(), Violation> {
+        self.id(Field::ResourceId, resource_id, false)?;
+        self.id(Field::Source, source, true)?;
+        if let Some(u) = user_id {
+            self.id(Field::UserId, u, true)?;
+        }
+        if let Some(p) = project_id {
+            self.id(Field::ProjectId, p, true)?;
+        }
+        Ok(())
     }
 
     /// A timestamp within the window around `now` (and always within 1970..=9999).
