@@ -1032,7 +1032,7 @@ async fn list_meters(
     State(api): State<Api>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let fields = Fields {
         timestamp: false,
         meter: false,
@@ -1054,13 +1054,11 @@ async fn list_meters(
         " order by m.name, r.resource_id limit "
     });
     qb.push_bind(limit(&api, &q)?);
-    let rows = qb.build().fetch_all(&api.pool).await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in &rows {
+    stream_list(api.pool.clone(), qb, |r| {
         let (name, kind, unit): (String, String, String) =
             (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
         let rid: Option<String> = r.try_get(3)?;
-        out.push(json!({
+        Ok(json!({
             "name": name,
             "type": kind,
             "unit": unit,
@@ -1069,9 +1067,9 @@ async fn list_meters(
             "user_id": r.try_get::<Option<String>, _>(5)?,
             "source": r.try_get::<Option<String>, _>(6)?,
             "meter_id": rid.as_ref().map(|rid| base64(format!("{rid}+{name}").as_bytes())),
-        }));
-    }
-    Ok(Json(out))
+        }))
+    })
+    .await
 }
 
 /// `GET /v2/resources`.
@@ -1079,7 +1077,7 @@ async fn list_resources(
     State(api): State<Api>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let fields = Fields {
         timestamp: true,
         meter: true,
@@ -1087,12 +1085,11 @@ async fn list_resources(
     };
     let (q, c) = request(&api, &headers, raw.as_deref(), &["meter_links"], fields)?;
     let links = !matches!(q.param("meter_links"), Some("0" | "false" | "False"));
-    let rows = fetch_resources(&api, &c, limit(&api, &q)?).await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|r| resource_json(r, &headers, links))
-            .collect(),
-    ))
+    let qb = resources_query(&c, limit(&api, &q)?);
+    stream_list(api.pool.clone(), qb, move |r| {
+        Ok(resource_json(resource_row(r)?, &headers, links))
+    })
+    .await
 }
 
 /// `GET /v2/resources/{id}`.
@@ -1125,6 +1122,18 @@ struct ResourceRow {
 /// Resources under `c`. Time filters select resources whose first..last sample span
 /// overlaps the range (vmeter keeps first/last per resource instead of scanning samples).
 async fn fetch_resources(api: &Api, c: &Cond, limit: i64) -> Result<Vec<ResourceRow>, ApiError> {
+    let rows = resources_query(c, limit)
+        .build()
+        .fetch_all(&api.pool)
+        .await?;
+    rows.iter()
+        .map(resource_row)
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(ApiError::from)
+}
+
+/// The resources `c` selects, in resource id order, at most `limit`.
+fn resources_query(c: &Cond, limit: i64) -> QueryBuilder<Postgres> {
     let mut qb = QueryBuilder::new(
         "select r.resource_id, r.user_id, r.project_id, r.source, r.metadata, r.first_seen, r.last_seen,
                 coalesce((select array_agg(m.name order by m.name) from series se join meter m on m.id = se.meter_id where se.resource_id = r.id), '{}')
@@ -1158,22 +1167,73 @@ async fn fetch_resources(api: &Api, c: &Cond, limit: i64) -> Result<Vec<Resource
     }
     qb.push(" order by r.resource_id limit ");
     qb.push_bind(limit);
-    let rows = qb.build().fetch_all(&api.pool).await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ResourceRow {
-                rid: r.try_get(0)?,
-                user: r.try_get(1)?,
-                project: r.try_get(2)?,
-                source: r.try_get(3)?,
-                md: r.try_get(4)?,
-                first: r.try_get(5)?,
-                last: r.try_get(6)?,
-                meters: r.try_get(7)?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(ApiError::from)
+    qb
+}
+
+fn resource_row(r: &sqlx::postgres::PgRow) -> Result<ResourceRow, sqlx::Error> {
+    Ok(ResourceRow {
+        rid: r.try_get(0)?,
+        user: r.try_get(1)?,
+        project: r.try_get(2)?,
+        source: r.try_get(3)?,
+        md: r.try_get(4)?,
+        first: r.try_get(5)?,
+        last: r.try_get(6)?,
+        meters: r.try_get(7)?,
+    })
+}
+
+/// Bytes of JSON gathered before a chunk of a streamed list is sent.
+const LIST_CHUNK: usize = 64 << 10;
+
+/// Answers the rows of `qb` as a JSON array, each row made a value by `to_json`, written
+/// and sent in chunks as PostgreSQL sends the rows: memory stays a chunk whatever `limit`
+/// asked for. Errors before the first chunk keep their status; later ones cut the body.
+async fn stream_list(
+    pool: PgPool,
+    mut qb: QueryBuilder<Postgres>,
+    to_json: impl Fn(&sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(2);
+    tokio::spawn(async move {
+        let mut rows = qb.build().fetch(&pool);
+        let mut buf = Vec::with_capacity(LIST_CHUNK + 1024);
+        buf.push(b'[');
+        let mut first = true;
+        loop {
+            let value = match rows.next().await {
+                None => break,
+                Some(row) => row.and_then(|r| to_json(&r)),
+            };
+            let value = match value {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            // Writing a Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut buf, &value);
+            if buf.len() >= LIST_CHUNK
+                && tx
+                    .send(Ok((
+                        std::mem::replace(&mut buf, Vec::with_capacity(LIST_CHUNK + 1024)),
+                        false,
+                    )))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        buf.push(b']');
+        let _ = tx.send(Ok((buf, true))).await;
+    });
+    chunked(rx).await
 }
 
 fn resource_json(r: ResourceRow, headers: &HeaderMap, links: bool) -> Value {

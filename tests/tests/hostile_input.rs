@@ -385,6 +385,32 @@ async fn api_refuses_hostile_posts_and_queries_and_keeps_tenants_apart() {
             .0,
         200
     );
+    // Lists are streamed in chunks as rows arrive: 600 resources make answers of several
+    // chunks (64 KiB each), which must still parse as one array with every row.
+    let many: Vec<Value> = (0..600)
+        .map(|i| {
+            posted(
+                &format!("bulk-{i:04}"),
+                None,
+                &ts,
+                json!({"display_name": "x".repeat(100)}),
+            )
+        })
+        .collect();
+    let (code, v) = post(&addr, direct, ADMIN, &Value::Array(many).to_string()).await;
+    assert_eq!(code, 201, "{v}");
+    let (code, res) = get_json(&addr, "/v2/resources?limit=100000", Some(ADMIN)).await;
+    assert_eq!(code, 200);
+    let res = res.as_array().expect("one JSON array");
+    assert_eq!(
+        res.iter()
+            .filter(|r| r["resource_id"].as_str().unwrap().starts_with("bulk-"))
+            .count(),
+        600
+    );
+    let (code, meters) = get_json(&addr, "/v2/meters?limit=100000", Some(ADMIN)).await;
+    assert_eq!(code, 200);
+    assert_eq!(meters.as_array().expect("one JSON array").len(), 602);
 
     // No day outside the window made a partition: yesterday..today+2 and the posts' day.
     let pool = sqlx::PgPool::connect(&names.db_url()).await.unwrap();
