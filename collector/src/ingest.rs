@@ -440,6 +440,8 @@ async fn read_batches(
     tx: tokio::sync::mpsc::Sender<Batch>,
 ) -> anyhow::Result<()> {
     let mut decoder = vmeter_core::wire::Decoder::default();
+    // Long-lived, as the decoder: each resource's metadata is walked once, not per message.
+    let mut checker = vmeter_core::contract::Checker::new(&contract);
     let hasher = std::collections::hash_map::RandomState::new();
     loop {
         let deliveries = next_batch(&mut consumer, &cfg).await?;
@@ -455,7 +457,7 @@ async fn read_batches(
         for (i, d) in batch.deliveries.iter().enumerate() {
             match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
                 Ok(s) => {
-                    let (s, violations) = contract.partition(s, now);
+                    let (s, violations) = checker.partition(s, now);
                     if !violations.is_empty() {
                         batch.violations.push((i, violations));
                     }

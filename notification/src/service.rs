@@ -170,6 +170,8 @@ pub async fn run(
     let broker_up = health.part("broker");
     let mut rt = Runtime::new(def.clone());
     let mut decoder = Decoder::default();
+    // Long-lived, as the decoder: each resource's metadata is walked once, not per message.
+    let mut checker = vmeter_core::contract::Checker::new(&cfg.contract);
     let mut pending: Vec<Sample> = Vec::new();
     let flush_every = Duration::from_millis(cfg.pipeline.flush_interval_ms.max(10));
     if let Some(path) = cfg.pipeline.state_path() {
@@ -222,7 +224,7 @@ pub async fn run(
                                 Ok(samples) => {
                                     metrics.samples_in.add(samples.len() as u64);
                                     let now = Utc::now();
-                                    let samples = keep_contract(&cfg, &publisher, d, samples, now).await?;
+                                    let samples = keep_contract(&cfg, &mut checker, &publisher, d, samples, now).await?;
                                     let em = rt.publish_context(samples, now);
                                     route(&rt, em, &mut pending);
                                     report_drops(&mut rt);
@@ -307,12 +309,13 @@ pub async fn run(
 /// (confirmed, counted as dropped) grouped by rule, before the delivery can be acked.
 async fn keep_contract(
     cfg: &Config,
+    checker: &mut vmeter_core::contract::Checker<'_>,
     publisher: &Publisher,
     d: &lapin::message::Delivery,
     samples: Vec<Sample>,
     now: chrono::DateTime<Utc>,
 ) -> Result<Vec<Sample>, PublishError> {
-    let (good, bad) = cfg.contract.partition(samples, now);
+    let (good, bad) = checker.partition(samples, now);
     publisher
         .dead_letter_violations(&cfg.broker, d.routing_key.as_str(), &bad, SERVICE)
         .await?;

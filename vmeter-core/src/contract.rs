@@ -12,7 +12,7 @@
 //! partition is created (so any year would create one), and nested metadata is walked
 //! recursively by the API's flattening and by JSON encoders.
 
-use chrono::{DateTime, Datelike, Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -120,10 +120,39 @@ impl Violation {
     }
 }
 
+/// Whether `s` holds a control character (Unicode's Cc: U+0000–U+001F, U+007F–U+009F).
+/// Printable ASCII, what ids almost always are, is answered by one pass over the bytes.
+fn has_control(s: &str) -> bool {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return false;
+    }
+    s.chars().any(char::is_control)
+}
+
 /// The earliest timestamp any configuration accepts: storage partitions are named by day,
 /// and timestamps before the epoch have no use in metering.
 fn floor() -> DateTime<Utc> {
     DateTime::UNIX_EPOCH
+}
+
+/// The latest timestamp any configuration accepts: the last microsecond of year 9999
+/// (partition names hold the year in four digits).
+fn ceiling() -> DateTime<Utc> {
+    // 10000-01-01T00:00:00Z is 253,402,300,800 s after the epoch.
+    DateTime::from_timestamp_micros(253_402_300_800_000_000 - 1).expect("in chrono's range")
+}
+
+fn in_window(
+    t: DateTime<Utc>,
+    (oldest, newest): (DateTime<Utc>, DateTime<Utc>),
+) -> Result<(), Violation> {
+    if t < oldest {
+        return Err(Violation::TooOld(t));
+    }
+    if t > newest {
+        return Err(Violation::InFuture(t));
+    }
+    Ok(())
 }
 
 impl Contract {
@@ -135,6 +164,14 @@ impl Contract {
 
     /// Everything but the metadata (see [`Checker`], which checks each metadata map once).
     pub fn check_fields(&self, s: &Sample, now: DateTime<Utc>) -> Result<(), Violation> {
+        self.check_fields_in(s, self.window(now))
+    }
+
+    fn check_fields_in(
+        &self,
+        s: &Sample,
+        window: (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<(), Violation> {
         self.id(Field::Name, &s.name, false)?;
         self.id(Field::Unit, &s.unit, true)?;
         self.check_owner(
@@ -146,7 +183,7 @@ impl Contract {
         if !s.volume.is_finite() {
             return Err(Violation::VolumeNotFinite);
         }
-        self.check_timestamp(s.timestamp, now)
+        in_window(s.timestamp, window)
     }
 
     /// The fields a producer sets once per resource: resource id, owner, source (the agent
@@ -172,23 +209,23 @@ impl Contract {
 
     /// A timestamp within the window around `now` (and always within 1970..=9999).
     pub fn check_timestamp(&self, t: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), Violation> {
-        // Checked arithmetic: any configured window, however large, is clamped, never a panic.
+        in_window(t, self.window(now))
+    }
+
+    /// The timestamps accepted at `now`, both ends included. Checked arithmetic: any
+    /// configured window, however large, is clamped to 1970..=9999, never a panic.
+    pub fn window(&self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
         let oldest = self
             .max_age_days
             .and_then(|d| now.checked_sub_signed(Duration::days(i64::from(d))))
             .map_or(floor(), |t| t.max(floor()));
-        if t < oldest {
-            return Err(Violation::TooOld(t));
-        }
         let newest = i64::try_from(self.max_future_secs)
             .ok()
             .and_then(Duration::try_seconds)
             .and_then(|d| now.checked_add_signed(d))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
-        if t > newest || t.year() > 9999 {
-            return Err(Violation::InFuture(t));
-        }
-        Ok(())
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            .min(ceiling());
+        (oldest, newest)
     }
 
     fn id(&self, f: Field, v: &str, may_be_empty: bool) -> Result<(), Violation> {
@@ -198,7 +235,7 @@ impl Contract {
         if v.len() > self.max_id_bytes {
             return Err(Violation::TooLong(f, v.len(), self.max_id_bytes));
         }
-        if v.chars().any(char::is_control) {
+        if has_control(v) {
             return Err(Violation::ControlChar(f));
         }
         Ok(())
@@ -274,56 +311,98 @@ impl Contract {
         Ok(())
     }
 
-    /// Splits `samples` into those that keep the contract and the violators with their
-    /// violation, keeping order within each.
+    /// Splits `samples` into those that keep the contract and the violators (see
+    /// [`Checker::partition`]; a service keeps one [`Checker`] instead).
     pub fn partition(
         &self,
         samples: Vec<Sample>,
         now: DateTime<Utc>,
     ) -> (Vec<Sample>, Vec<(Sample, Violation)>) {
-        let mut checker = Checker::new(self);
-        let mut bad = Vec::new();
-        let mut good = Vec::with_capacity(samples.len());
-        for s in samples {
-            match checker.check(&s, now) {
-                Ok(()) => good.push(s),
-                Err(v) => bad.push((s, v)),
-            }
-        }
-        (good, bad)
+        Checker::new(self).partition(samples, now)
     }
 }
 
+/// Metadata maps a [`Checker`] remembers as passed before it starts over.
+const REMEMBERED: usize = 65_536;
+
 /// Checks many samples, walking each distinct metadata map once: the samples of one
-/// resource share their metadata (`Arc`), so a batch costs one walk per resource.
+/// resource share their metadata (`Arc`), and a service's decoder hands out the same `Arc`
+/// for the same metadata in every message, so a long-lived checker walks each resource's
+/// metadata once, not once per sample.
 pub struct Checker<'a> {
     contract: &'a Contract,
-    /// The last metadata that passed, held so that its address cannot be reused by another
-    /// map while it is compared against.
-    last_ok: Option<std::sync::Arc<Metadata>>,
+    /// The window at the `now` it was computed for.
+    window: Option<(DateTime<Utc>, (DateTime<Utc>, DateTime<Utc>))>,
+    /// Maps that passed, by address, each held so that its address cannot be reused by
+    /// another map while it is remembered.
+    passed: std::collections::HashMap<usize, std::sync::Arc<Metadata>, foldhash::fast::RandomState>,
+    /// The address that passed last (most samples share their predecessor's map).
+    last: Option<usize>,
 }
 
 impl<'a> Checker<'a> {
     pub fn new(contract: &'a Contract) -> Self {
         Checker {
             contract,
-            last_ok: None,
+            window: None,
+            passed: Default::default(),
+            last: None,
         }
     }
 
-    /// [`Contract::check`], skipping the metadata walk when it is the map that passed last.
+    /// [`Contract::check`], skipping the metadata walk for a map that passed before.
     pub fn check(&mut self, s: &Sample, now: DateTime<Utc>) -> Result<(), Violation> {
-        self.contract.check_fields(s, now)?;
+        let window = match self.window {
+            Some((at, w)) if at == now => w,
+            _ => {
+                let w = self.contract.window(now);
+                self.window = Some((now, w));
+                w
+            }
+        };
+        self.contract.check_fields_in(s, window)?;
         let md = &s.resource_metadata;
-        if !self
-            .last_ok
-            .as_ref()
-            .is_some_and(|ok| std::sync::Arc::ptr_eq(ok, md))
-        {
-            self.contract.check_metadata(md)?;
-            self.last_ok = Some(md.clone());
+        let at = std::sync::Arc::as_ptr(md) as usize;
+        if self.last == Some(at) || self.passed.contains_key(&at) {
+            self.last = Some(at);
+            return Ok(());
         }
+        self.contract.check_metadata(md)?;
+        if self.passed.len() >= REMEMBERED {
+            self.passed.clear();
+        }
+        self.passed.insert(at, md.clone());
+        self.last = Some(at);
         Ok(())
+    }
+
+    /// Splits `samples` into those that keep the contract and the violators with their
+    /// violation, keeping order within each. Without violators the vector is returned as it
+    /// came (no sample moved).
+    pub fn partition(
+        &mut self,
+        samples: Vec<Sample>,
+        now: DateTime<Utc>,
+    ) -> (Vec<Sample>, Vec<(Sample, Violation)>) {
+        let mut verdicts: Vec<(usize, Violation)> = Vec::new();
+        for (i, s) in samples.iter().enumerate() {
+            if let Err(v) = self.check(s, now) {
+                verdicts.push((i, v));
+            }
+        }
+        if verdicts.is_empty() {
+            return (samples, Vec::new());
+        }
+        let mut bad = Vec::with_capacity(verdicts.len());
+        let mut good = Vec::with_capacity(samples.len() - verdicts.len());
+        let mut next = verdicts.into_iter().peekable();
+        for (i, s) in samples.into_iter().enumerate() {
+            match next.next_if(|(j, _)| *j == i) {
+                Some((_, v)) => bad.push((s, v)),
+                None => good.push(s),
+            }
+        }
+        (good, bad)
     }
 }
 
@@ -393,6 +472,21 @@ mod tests {
             Contract::default().check(&s, now()),
             Err(Violation::TooLong(Field::Name, 4000, 255))
         );
+    }
+
+    #[test]
+    fn control_characters_beyond_ascii() {
+        for (text, control) in [
+            ("plain-id_1.2:3", false),
+            ("ünïcödé-ok", false),
+            ("tab\there", true),
+            ("del\u{7f}", true),
+            ("c1-\u{85}-next-line", true),
+            ("c1-\u{9f}", true),
+            ("\u{a0}-nbsp-is-not-Cc", false),
+        ] {
+            assert_eq!(has_control(text), control, "{text:?}");
+        }
     }
 
     #[test]
@@ -490,6 +584,46 @@ mod tests {
             ..Contract::default()
         };
         assert!(tight.check(&s, now()).is_err());
+    }
+
+    #[test]
+    fn a_long_lived_checker_walks_each_map_once_and_still_catches_new_ones() {
+        let c = Contract::default();
+        let mut checker = Checker::new(&c);
+        let good = sample();
+        let mut bad = sample();
+        let mut md = Metadata::new();
+        md.insert("k".into(), "a\0".into());
+        bad.resource_metadata = Arc::new(md);
+        for _ in 0..3 {
+            assert_eq!(checker.check(&good, now()), Ok(()));
+            assert_eq!(checker.check(&bad, now()), Err(Violation::MetadataNul));
+        }
+        assert_eq!(
+            checker.passed.len(),
+            1,
+            "only the map that passed is remembered"
+        );
+        // Interleaved violators keep their positions, the rest their order.
+        let mut nan = sample();
+        nan.volume = f64::NAN;
+        let mut a = sample();
+        a.name = "a".into();
+        let mut b = sample();
+        b.name = "b".into();
+        let (ok, rejected) = checker.partition(vec![nan.clone(), a, bad, b, nan], now());
+        assert_eq!(
+            ok.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(
+            rejected.iter().map(|(_, v)| v.reason()).collect::<Vec<_>>(),
+            [
+                "contract_volume_not_finite",
+                "contract_metadata_nul",
+                "contract_volume_not_finite"
+            ]
+        );
     }
 
     #[test]
