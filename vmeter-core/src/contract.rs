@@ -167,11 +167,7 @@ impl Contract {
         self.check_fields_in(s, self.window(now))
     }
 
-    fn check_fields_in(
-        &self,
-        s: &Sample,
-        window: (DateTime<Utc>, DateTime<Utc>),
-    ) -> Result<(), Violation> {
+    fn check_fields_in(&self, s: &Sample, window: Window) -> Result<(), Violation> {
         self.id(Field::Name, &s.name, false)?;
         self.id(Field::Unit, &s.unit, true)?;
         self.check_owner(
@@ -214,7 +210,7 @@ impl Contract {
 
     /// The timestamps accepted at `now`, both ends included. Checked arithmetic: any
     /// configured window, however large, is clamped to 1970..=9999, never a panic.
-    pub fn window(&self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    pub fn window(&self, now: DateTime<Utc>) -> Window {
         let oldest = self
             .max_age_days
             .and_then(|d| now.checked_sub_signed(Duration::days(i64::from(d))))
@@ -322,6 +318,9 @@ impl Contract {
     }
 }
 
+/// The timestamps accepted: oldest and newest, both included.
+pub type Window = (DateTime<Utc>, DateTime<Utc>);
+
 /// Metadata maps a [`Checker`] remembers as passed before it starts over.
 const REMEMBERED: usize = 65_536;
 
@@ -332,7 +331,7 @@ const REMEMBERED: usize = 65_536;
 pub struct Checker<'a> {
     contract: &'a Contract,
     /// The window at the `now` it was computed for.
-    window: Option<(DateTime<Utc>, (DateTime<Utc>, DateTime<Utc>))>,
+    window: Option<(DateTime<Utc>, Window)>,
     /// Maps that passed, by address, each held so that its address cannot be reused by
     /// another map while it is remembered.
     passed: std::collections::HashMap<usize, std::sync::Arc<Metadata>, foldhash::fast::RandomState>,
