@@ -98,7 +98,9 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// PostgreSQL URL. The default matches what deploy/setup.sh creates.
+    /// PostgreSQL URL. The default names the role and database deploy/setup.sh creates;
+    /// the role's password is random (`DB_PASSWORD` of /etc/vmeter/credentials.env) and
+    /// must be added to the URL.
     pub url: String,
     /// Pool size (ingest uses one connection at a time; the rest serve the API).
     pub max_connections: u32,
@@ -127,7 +129,7 @@ pub struct DatabaseConfig {
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
-            url: "postgres://vmeter:vmeter@127.0.0.1:5432/vmeter".into(),
+            url: "postgres://vmeter@127.0.0.1:5432/vmeter".into(),
             max_connections: 8,
             batch_max_messages: 100,
             batch_max_samples: 20_000,
