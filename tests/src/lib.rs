@@ -345,31 +345,15 @@ pub mod broker {
         quiet: Duration,
         timeout: Duration,
     ) -> Vec<Sample> {
-        use futures::StreamExt;
-        let ch = conn.create_channel().await.unwrap();
-        let mut consumer = ch
-            .basic_consume(
-                queue.into(),
-                "e2e-take".into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut n = 0;
         let mut out = Vec::new();
-        let deadline = Instant::now() + timeout;
-        while out.len() < want && Instant::now() < deadline {
-            let wait = quiet.min(deadline.saturating_duration_since(Instant::now()));
-            match tokio::time::timeout(wait, consumer.next()).await {
-                Ok(Some(Ok(d))) => {
-                    out.extend(wire::decode(&d.data, None).expect("vmeter batch"));
-                    d.acker.ack(BasicAckOptions::default()).await.unwrap();
-                }
-                Ok(_) | Err(_) => break,
-            }
-        }
-        // Closing the channel returns anything delivered but not acked to the queue.
-        let _ = ch.close(200, "done".into()).await;
+        consume(conn, queue, quiet, timeout, |d| {
+            let samples = wire::decode(&d.data, None).expect("vmeter batch");
+            n += samples.len();
+            out.extend(samples);
+            n < want
+        })
+        .await;
         out
     }
 
@@ -383,43 +367,61 @@ pub mod broker {
         quiet: Duration,
         timeout: Duration,
     ) -> Vec<(String, Vec<Sample>)> {
+        let mut out = Vec::new();
+        consume(conn, queue, quiet, timeout, |d| {
+            let reason = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(wire::DEAD_REASON_HEADER).cloned())
+                .map(|v| match v {
+                    AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            out.push((reason, wire::decode(&d.data, None).unwrap_or_default()));
+            out.len() < want_messages
+        })
+        .await;
+        out
+    }
+
+    /// Consumes `queue`, acking each delivery after `each` saw it, until `each` says
+    /// enough, the queue stayed empty for `quiet`, or `timeout` passed. Closing the channel
+    /// returns anything delivered but not acked to the queue.
+    async fn consume(
+        conn: &Connection,
+        queue: &str,
+        quiet: Duration,
+        timeout: Duration,
+        mut each: impl FnMut(&lapin::message::Delivery) -> bool,
+    ) {
         use futures::StreamExt;
         let ch = conn.create_channel().await.unwrap();
         let mut consumer = ch
             .basic_consume(
                 queue.into(),
-                "e2e-take-dead".into(),
+                "e2e-take".into(),
                 Default::default(),
                 FieldTable::default(),
             )
             .await
             .unwrap();
-        let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
-        while out.len() < want_messages && Instant::now() < deadline {
+        while Instant::now() < deadline {
             let wait = quiet.min(deadline.saturating_duration_since(Instant::now()));
             match tokio::time::timeout(wait, consumer.next()).await {
                 Ok(Some(Ok(d))) => {
-                    let reason = d
-                        .properties
-                        .headers()
-                        .as_ref()
-                        .and_then(|h| h.inner().get(wire::DEAD_REASON_HEADER).cloned())
-                        .map(|v| match v {
-                            AMQPValue::LongString(s) => {
-                                String::from_utf8_lossy(s.as_bytes()).into_owned()
-                            }
-                            other => format!("{other:?}"),
-                        })
-                        .unwrap_or_default();
-                    out.push((reason, wire::decode(&d.data, None).unwrap_or_default()));
+                    let more = each(&d);
                     d.acker.ack(BasicAckOptions::default()).await.unwrap();
+                    if !more {
+                        break;
+                    }
                 }
                 Ok(_) | Err(_) => break,
             }
         }
         let _ = ch.close(200, "done".into()).await;
-        out
     }
 
     /// Every sample arriving on `queue` during `period` (for a producer that keeps going).
