@@ -332,9 +332,12 @@ pub struct Checker<'a> {
     contract: &'a Contract,
     /// The window at the `now` it was computed for.
     window: Option<(DateTime<Utc>, Window)>,
-    /// Maps that passed, by address, each held so that its address cannot be reused by
-    /// another map while it is remembered.
-    passed: std::collections::HashMap<usize, std::sync::Arc<Metadata>, foldhash::fast::RandomState>,
+    /// Maps that passed, by address. The weak reference keeps the allocation, so no other
+    /// map can take the address while it is remembered, and the map's contents cannot change
+    /// (`Arc::get_mut` refuses while a weak reference exists); it does not keep the map
+    /// alive: remembering costs a few dozen bytes per map, not the map.
+    passed:
+        std::collections::HashMap<usize, std::sync::Weak<Metadata>, foldhash::fast::RandomState>,
     /// The address that passed last (most samples share their predecessor's map).
     last: Option<usize>,
 }
@@ -370,7 +373,7 @@ impl<'a> Checker<'a> {
         if self.passed.len() >= REMEMBERED {
             self.passed.clear();
         }
-        self.passed.insert(at, md.clone());
+        self.passed.insert(at, std::sync::Arc::downgrade(md));
         self.last = Some(at);
         Ok(())
     }
