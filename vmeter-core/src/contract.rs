@@ -606,6 +606,11 @@ mod tests {
             1,
             "only the map that passed is remembered"
         );
+        assert_eq!(
+            Arc::strong_count(&good.resource_metadata),
+            1,
+            "remembering does not keep the map alive"
+        );
         // Interleaved violators keep their positions, the rest their order.
         let mut nan = sample();
         nan.volume = f64::NAN;
