@@ -36,6 +36,9 @@ use vmeter_e2e::{
 const SECRET: &str = "fault-secret";
 /// Seconds of sample time between two ticks of the generator.
 const STEP_S: i64 = 10;
+/// A fault counts as recovered once the ticks published this many after it are stored too:
+/// the pipeline carries new samples again, not only the old ones.
+const AFTER: u64 = 3;
 
 fn env_num(k: &str, d: u64) -> u64 {
     std::env::var(k)
@@ -170,9 +173,40 @@ struct Stack {
     notification_http: String,
     collector: Option<Service>,
     notification: Option<Service>,
+    agent: Option<Service>,
 }
 
 impl Stack {
+    /// The real agent on the demo node (libvirt's test driver), polling every second, its
+    /// spool kept over restarts.
+    fn start_agent(&mut self) {
+        let mut env = self.names.env(SECRET);
+        env.push((
+            "VMETER_LIBVIRT__URI".into(),
+            format!(
+                "test://{}",
+                repo_root().join("deploy/demo-node.xml").display()
+            ),
+        ));
+        env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "1".into()));
+        env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
+        env.push((
+            "VMETER_SPOOL__DIR".into(),
+            self.logs.join("agent-spool").display().to_string(),
+        ));
+        env.push((
+            "VMETER_HTTP__LISTEN".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ));
+        self.agent = Some(Service::start(
+            "agent",
+            "agent-compute",
+            &[],
+            &env,
+            &self.logs,
+        ));
+    }
+
     fn start_collector(&mut self) {
         let mut env = self.names.env(SECRET);
         env.push(("VMETER_DATABASE__URL".into(), self.names.db_url()));
@@ -339,6 +373,68 @@ fn pg_start() {
     run("pg_ctlcluster", &["15", "main", "start"]);
 }
 
+/// Every sample the agent published, as (meter, resource, µs) keys: the tap queue's
+/// messages that are signed with the secret, decode, and keep the contract (the burst's bad
+/// messages are copied to the tap too, and the generator's samples are left out).
+async fn tapped_agent_samples(tap: &str) -> std::collections::HashSet<(String, String, i64)> {
+    use futures::StreamExt;
+    let conn = broker::connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            tap.into(),
+            "faults-tap".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let signer = Signer::new(SECRET);
+    let contract = vmeter_core::contract::Contract::default();
+    let mut out = std::collections::HashSet::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
+        if let Ok(samples) = vmeter_core::amqp::open_delivery(&signer, &d.properties, &d.data) {
+            for s in samples {
+                if !s.resource_id.starts_with("fault-") && contract.check(&s, Utc::now()).is_ok() {
+                    out.insert((s.name, s.resource_id, s.timestamp.timestamp_micros()));
+                }
+            }
+        }
+        d.acker.ack(Default::default()).await.unwrap();
+    }
+    let _ = ch.queue_delete(tap.into(), Default::default()).await;
+    let _ = conn.close(200, "done".into()).await;
+    out
+}
+
+/// Brings RabbitMQ and PostgreSQL back when dropped, should this test fail while one of
+/// them is down: the tests after it need both.
+struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if !broker_running() {
+            let _ = std::process::Command::new("rabbitmq-server")
+                .arg("-detached")
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !broker_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        let pg_up = std::process::Command::new("pg_isready")
+            .args(["-q", "-h", "127.0.0.1"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !pg_up {
+            let _ = std::process::Command::new("pg_ctlcluster")
+                .args(["15", "main", "start"])
+                .status();
+        }
+    }
+}
+
 /// One row of the report.
 struct Row {
     fault: String,
@@ -418,6 +514,7 @@ async fn burst(names: &Names, t0: DateTime<Utc>) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_survives_every_fault_under_load() {
+    let _restore = Restore;
     let soak = Duration::from_secs(env_num("VMETER_SOAK_SECS", 0));
     let resources = env_num("VMETER_SOAK_RESOURCES", 20) as usize;
     let names = Names::new("f");
@@ -431,13 +528,43 @@ async fn pipeline_survives_every_fault_under_load() {
         notification_http: format!("127.0.0.1:{}", free_port()),
         collector: None,
         notification: None,
+        agent: None,
     };
     stack.start_collector();
     stack.start_notification();
     let conn = broker::connect().await;
     broker::wait_for_queue(&conn, &stack.names.raw_queue, Duration::from_secs(30)).await;
     broker::wait_for_queue(&conn, &stack.names.processed_queue, Duration::from_secs(30)).await;
+    // A tap: a copy of every message published with the raw routing key, to know exactly
+    // what the real agent published (what the broker routed), whatever crashed when.
+    let tap = format!("{}.tap", stack.names.raw_queue);
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        tap.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        tap.as_str().into(),
+        stack.names.exchange.as_str().into(),
+        "sample.raw".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let _ = conn.close(200, "ok".into()).await;
+    stack.start_agent();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect(&stack.names.db_url())
@@ -463,6 +590,11 @@ async fn pipeline_survives_every_fault_under_load() {
         round += 1;
         tokio::time::sleep(load).await;
 
+        // 0. kill -9 of the agent (its spool stays), restart.
+        Stack::kill9(&mut stack.agent);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stack.start_agent();
+
         // 1. kill -9 collector, restart.
         Stack::kill9(&mut stack.collector);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -471,7 +603,7 @@ async fn pipeline_survives_every_fault_under_load() {
             caught_up(
                 &pool,
                 t0,
-                gen_.ticks(),
+                gen_.ticks() + AFTER,
                 resources,
                 &stack,
                 format!("kill -9 collector (round {round})"),
@@ -491,7 +623,7 @@ async fn pipeline_survives_every_fault_under_load() {
             caught_up(
                 &pool,
                 t0,
-                gen_.ticks(),
+                gen_.ticks() + AFTER,
                 resources,
                 &stack,
                 format!("kill -9 notification (round {round})"),
@@ -508,7 +640,7 @@ async fn pipeline_survives_every_fault_under_load() {
             caught_up(
                 &pool,
                 t0,
-                gen_.ticks(),
+                gen_.ticks() + AFTER,
                 resources,
                 &stack,
                 format!("SIGTERM + start notification (round {round})"),
@@ -527,7 +659,7 @@ async fn pipeline_survives_every_fault_under_load() {
             caught_up(
                 &pool,
                 t0,
-                gen_.ticks(),
+                gen_.ticks() + AFTER,
                 resources,
                 &stack,
                 format!("kill -9 RabbitMQ + start ({down_s:.1} s down, round {round})"),
@@ -547,7 +679,7 @@ async fn pipeline_survives_every_fault_under_load() {
         tokio::task::spawn_blocking(pg_start).await.unwrap();
         let healthy = health_is(&stack.collector_http, 200, "PostgreSQL back", &stack).await;
         rows.push(
-            caught_up(&pool, t0, gen_.ticks(), resources, &stack, format!("PostgreSQL stop -m immediate, start (/health 503 after {seen_503:.1} s, 200 {healthy:.1} s after start, round {round})")).await,
+            caught_up(&pool, t0, gen_.ticks() + AFTER, resources, &stack, format!("PostgreSQL stop -m immediate, start (/health 503 after {seen_503:.1} s, 200 {healthy:.1} s after start, round {round})")).await,
         );
 
         // 6. A burst of bad messages among the good ones.
@@ -558,7 +690,7 @@ async fn pipeline_survives_every_fault_under_load() {
             caught_up(
                 &pool,
                 t0,
-                gen_.ticks(),
+                gen_.ticks() + AFTER,
                 resources,
                 &stack,
                 format!("70 malformed, forged, oversized messages (round {round})"),
@@ -570,6 +702,7 @@ async fn pipeline_survives_every_fault_under_load() {
             break;
         }
     }
+    stack.agent.take().unwrap().stop();
     let ticks = gen_.finish().await;
     let total = (ticks * resources as u64) as i64;
     rows.push(caught_up(&pool, t0, ticks, resources, &stack, "end of load".into()).await);
@@ -589,6 +722,46 @@ async fn pipeline_survives_every_fault_under_load() {
         per_tick.iter().all(|(_, c)| *c == ticks as i64),
         "{per_tick:?}"
     );
+
+    // The real agent: every sample it published (the tap's copies that are signed with the
+    // secret and keep the contract) is stored, once (the primary key).
+    let published = tapped_agent_samples(&tap).await;
+    assert!(
+        published.len() > 100,
+        "the agent published {} samples",
+        published.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let rows: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+            "select meter, resource_id, timestamp from samples where resource_id not like 'fault-%'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let stored: std::collections::HashSet<(String, String, i64)> = rows
+            .into_iter()
+            .map(|(m, r, t)| (m, r, t.timestamp_micros()))
+            .collect();
+        let missing = published.difference(&stored).count();
+        if missing == 0 || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        missing,
+        0,
+        "samples the agent published that were not stored\n{}",
+        stack.diag()
+    );
+    rows.push(Row {
+        fault: "the real agent, killed once a round (published: what the broker routed)".into(),
+        expected: published.len() as i64,
+        stored: published.len() as i64 - missing as i64,
+        duplicated: 0,
+        recovery_s: 0.0,
+    });
 
     // cpu_util: ticks - 1 points per resource, at most one lost per notification crash.
     // Wait for the last tick's point of every resource (outputs follow inputs in order).
