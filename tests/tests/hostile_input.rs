@@ -243,6 +243,34 @@ async fn api_refuses_hostile_posts_and_queries_and_keeps_tenants_apart() {
     for (token, mine, theirs) in [(P1, "vm-a", "vm-b"), (P2, "vm-b", "vm-a")] {
         let (code, samples) = get_json(&addr, "/v2/meters/cpu_util", Some(token)).await;
         assert_eq!(code, 200);
+        // One sample by its id: its own project's, never the other's.
+        let id_of = |rid: &str| {
+            let rid = rid.to_string();
+            let addr = addr.clone();
+            async move {
+                let (_, v) = get_json(
+                    &addr,
+                    &format!("/v2/samples?q.field=resource_id&q.value={rid}"),
+                    Some(ADMIN),
+                )
+                .await;
+                v[0]["id"].as_str().expect("a sample id").to_string()
+            }
+        };
+        let (own, other) = (id_of(mine).await, id_of(theirs).await);
+        assert_eq!(
+            get_json(&addr, &format!("/v2/samples/{own}"), Some(token))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            get_json(&addr, &format!("/v2/samples/{other}"), Some(token))
+                .await
+                .0,
+            404,
+            "a project token read another project's sample by id"
+        );
         let rids: Vec<&str> = samples
             .as_array()
             .unwrap()
