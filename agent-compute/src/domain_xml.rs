@@ -1,7 +1,11 @@
 //! What the agent reads from a domain's XML: disks, vNICs and the Nova metadata element.
 
-/// Nova's libvirt metadata namespace.
-pub const NOVA_NS: &str = "http://openstack.org/xmlns/libvirt/nova/1.0";
+/// Nova's libvirt metadata namespaces, newest first, as Ceilometer tries them: 1.1 (current
+/// Nova releases; adds `<nova:ports>`) and 1.0 (before).
+pub const NOVA_NS: [&str; 2] = [
+    "http://openstack.org/xmlns/libvirt/nova/1.1",
+    "http://openstack.org/xmlns/libvirt/nova/1.0",
+];
 
 /// One disk with a source (empty CD-ROMs and config drives without source are skipped).
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +19,14 @@ pub struct Nic {
     pub target: String,
     pub mac: String,
     pub filterref: Option<String>,
+}
+
+/// A Neutron port from the Nova metadata (`<nova:port uuid>`, 1.1 only), with its fixed
+/// addresses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Port {
+    pub uuid: String,
+    pub fixed_ips: Vec<String>,
 }
 
 /// Flavor from the Nova metadata.
@@ -39,6 +51,19 @@ pub struct DomainXml {
     pub user_id: Option<String>,
     pub project_id: Option<String>,
     pub image_ref: Option<String>,
+    pub ports: Vec<Port>,
+}
+
+impl DomainXml {
+    /// The port behind a vNIC: Nova names a port's tap device `tap` + the first 11
+    /// characters of the port's uuid.
+    pub fn port_of(&self, target: &str) -> Option<&Port> {
+        let prefix = target.strip_prefix("tap")?;
+        if prefix.len() < 11 {
+            return None;
+        }
+        self.ports.iter().find(|p| p.uuid.starts_with(prefix))
+    }
 }
 
 /// Parses a domain XML document.
@@ -82,16 +107,19 @@ pub fn parse(xml: &str) -> Result<DomainXml, roxmltree::Error> {
             }
         }
     }
-    let nova = root
-        .descendants()
-        .find(|n| n.has_tag_name((NOVA_NS, "instance")));
-    if let Some(nova) = nova {
-        let child = |name: &str| nova.children().find(|c| c.has_tag_name((NOVA_NS, name)));
+    // The newest namespace present wins (a domain carries one).
+    let nova = NOVA_NS.iter().find_map(|ns| {
+        root.descendants()
+            .find(|n| n.has_tag_name((*ns, "instance")))
+            .map(|n| (*ns, n))
+    });
+    if let Some((ns, nova)) = nova {
+        let child = |name: &str| nova.children().find(|c| c.has_tag_name((ns, name)));
         out.display_name = child("name").and_then(|n| n.text()).map(str::to_string);
         if let Some(f) = child("flavor") {
             let num = |name: &str| {
                 f.children()
-                    .find(|c| c.has_tag_name((NOVA_NS, name)))
+                    .find(|c| c.has_tag_name((ns, name)))
                     .and_then(|n| n.text())
                     .and_then(|t| t.trim().parse().ok())
             };
@@ -108,7 +136,7 @@ pub fn parse(xml: &str) -> Result<DomainXml, roxmltree::Error> {
             let uuid = |name: &str| {
                 owner
                     .children()
-                    .find(|c| c.has_tag_name((NOVA_NS, name)))
+                    .find(|c| c.has_tag_name((ns, name)))
                     .and_then(|n| n.attribute("uuid"))
                     .map(str::to_string)
             };
@@ -119,6 +147,23 @@ pub fn parse(xml: &str) -> Result<DomainXml, roxmltree::Error> {
             .filter(|r| r.attribute("type") == Some("image"))
             .and_then(|r| r.attribute("uuid"))
             .map(str::to_string);
+        if let Some(ports) = child("ports") {
+            for p in ports.children().filter(|c| c.has_tag_name((ns, "port"))) {
+                let Some(uuid) = p.attribute("uuid") else {
+                    continue;
+                };
+                out.ports.push(Port {
+                    uuid: uuid.to_string(),
+                    fixed_ips: p
+                        .children()
+                        .filter(|c| {
+                            c.has_tag_name((ns, "ip")) && c.attribute("type") == Some("fixed")
+                        })
+                        .filter_map(|c| c.attribute("address").map(str::to_string))
+                        .collect(),
+                });
+            }
+        }
     }
     Ok(out)
 }
@@ -155,6 +200,75 @@ mod tests {
             (Some("m1.medium"), Some(2), Some(4096))
         );
         assert!(d.user_id.is_some() && d.project_id.is_some() && d.image_ref.is_some());
+    }
+
+    #[test]
+    fn reads_the_nova_1_1_namespace_current_nova_writes() {
+        let d = parse(include_str!("../testdata/nova-1.1-domain.xml")).unwrap();
+        assert_eq!(d.display_name.as_deref(), Some("billing-db-2"));
+        assert_eq!(
+            d.flavor,
+            Some(Flavor {
+                name: Some("m1.large".into()),
+                vcpus: Some(4),
+                ram_mb: Some(8192),
+                disk_gb: Some(80),
+                ephemeral_gb: Some(10),
+                swap_mb: Some(512),
+            })
+        );
+        assert_eq!(
+            d.user_id.as_deref(),
+            Some("ff627ad39ed94479b9c5033bc462cf78")
+        );
+        assert_eq!(
+            d.project_id.as_deref(),
+            Some("512866f9994f4ad8916d8539a7cdeec9")
+        );
+        assert_eq!(
+            d.image_ref.as_deref(),
+            Some("9e58cb69-316a-4093-9f23-c1d1bd8edffe")
+        );
+        assert_eq!(
+            d.disks
+                .iter()
+                .map(|x| x.target.as_str())
+                .collect::<Vec<_>>(),
+            ["vda", "hda"],
+            "the config drive has a source: it is a disk too"
+        );
+        assert_eq!(d.ports.len(), 2);
+        let p = d.port_of("tap77c1dc00-af").expect("the vNIC's port");
+        assert_eq!(p.uuid, "77c1dc00-af39-4463-bea0-12808f4bc340");
+        assert_eq!(p.fixed_ips, ["172.1.1.43", "fd00:1::43"]);
+        assert_eq!(
+            d.port_of("tap0be3a1f2-1c").unwrap().fixed_ips,
+            ["10.20.0.7"]
+        );
+        assert_eq!(d.port_of("vnet0"), None);
+        assert_eq!(
+            d.port_of("tap0be3"),
+            None,
+            "too short a prefix names no port"
+        );
+    }
+
+    #[test]
+    fn the_1_0_namespace_still_reads() {
+        let xml = include_str!("../testdata/nova-1.1-domain.xml")
+            .replace("libvirt/nova/1.1", "libvirt/nova/1.0");
+        let d = parse(&xml).unwrap();
+        assert_eq!(d.display_name.as_deref(), Some("billing-db-2"));
+        assert_eq!(d.flavor.unwrap().vcpus, Some(4));
+        assert_eq!(
+            d.project_id.as_deref(),
+            Some("512866f9994f4ad8916d8539a7cdeec9")
+        );
+        // An unknown namespace is not Nova's: nothing is read from it.
+        let other = include_str!("../testdata/nova-1.1-domain.xml")
+            .replace("libvirt/nova/1.1", "libvirt/nova/9.9");
+        let d = parse(&other).unwrap();
+        assert_eq!((d.display_name, d.user_id, d.flavor), (None, None, None));
     }
 
     #[test]

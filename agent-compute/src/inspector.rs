@@ -868,6 +868,11 @@ impl Inspector {
                     json!(nic.filterref.clone().unwrap_or_else(|| nic.target.clone())),
                 );
                 nmd.insert("instance_name".into(), json!(name));
+                // Nova 1.1 metadata: the Neutron port behind this vNIC and its addresses.
+                if let Some(port) = xml.port_of(&nic.target) {
+                    nmd.insert("port_id".into(), json!(port.uuid));
+                    nmd.insert("fixed_ips".into(), json!(port.fixed_ips));
+                }
                 let blob = MdBlob::checked(&nmd, contract, &rid, user, project, &name);
                 (nic.target.clone(), rid, blob)
             })
@@ -1173,6 +1178,23 @@ mod tests {
             cpu.project_id.as_deref(),
             Some("7e1b6c2a-0000-4000-8000-000000000011")
         );
+        // That domain's metadata is in the nova/1.1 namespace (current Nova), with a port:
+        // its vNIC's samples carry the port and its fixed address.
+        let nic = second
+            .iter()
+            .find(|s| {
+                s.name == "network.incoming.bytes" && s.resource_id.contains("-000000000001-")
+            })
+            .expect("the vNIC's samples");
+        assert_eq!(
+            nic.resource_metadata["port_id"],
+            "0a1b2c30-0001-4000-8000-000000000001"
+        );
+        assert_eq!(
+            nic.resource_metadata["fixed_ips"],
+            serde_json::json!(["10.0.0.11"])
+        );
+        assert_eq!(nic.resource_metadata["display_name"], "web-1");
     }
 
     #[test]
