@@ -15,6 +15,19 @@ else
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 
+# The real python-ceilometerclient 2.9.0 (its last release) for tests/tests/ceilometer_client.rs,
+# in a throwaway virtualenv from PyPI (Debian's python3 needs python3-venv for that).
+export VMETER_CEILOMETERCLIENT_VENV=${VMETER_CEILOMETERCLIENT_VENV:-/opt/vmeter-test/ceilometerclient}
+if [ ! -x "$VMETER_CEILOMETERCLIENT_VENV/bin/ceilometer" ]; then
+  rm -rf "$VMETER_CEILOMETERCLIENT_VENV"
+  if ! python3 -m venv "$VMETER_CEILOMETERCLIENT_VENV" 2>/dev/null; then
+    apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    rm -rf "$VMETER_CEILOMETERCLIENT_VENV"
+    /usr/bin/python3 -m venv "$VMETER_CEILOMETERCLIENT_VENV"
+  fi
+  "$VMETER_CEILOMETERCLIENT_VENV/bin/pip" install -q --disable-pip-version-check python-ceilometerclient==2.9.0
+fi
+
 # Style gates: formatting and lints (warnings are errors).
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

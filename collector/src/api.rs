@@ -18,7 +18,10 @@ use std::sync::Arc;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router, routing::get};
+use axum::{
+    Json, Router,
+    routing::{any, get},
+};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
@@ -84,7 +87,72 @@ pub fn router(api: Api) -> Router {
         .route("/v2/resources", get(list_resources))
         .route("/v2/resources/{id}", get(one_resource))
         .route("/v2/capabilities", get(capabilities))
+        .route("/", get(versions))
+        .route("/v2", get(version_v2))
+        .route("/v2/", get(version_v2))
+        .route("/v2/alarms", any(gone_alarms))
+        .route("/v2/alarms/{*rest}", any(gone_alarms))
+        .route("/v2/events", any(gone_events))
+        .route("/v2/events/{*rest}", any(gone_events))
+        .route("/v2/event_types", any(gone_events))
+        .route("/v2/event_types/{*rest}", any(gone_events))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
+}
+
+/// The v2 version entry of Ceilometer's version document, its links on `host`.
+fn v2_entry(headers: &HeaderMap) -> Value {
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    json!({
+        "id": "v2",
+        "status": "stable",
+        "updated": "2013-02-13T00:00:00Z",
+        "media-types": [
+            {"base": "application/json", "type": "application/vnd.openstack.telemetry-v2+json"}
+        ],
+        "links": [
+            {"rel": "self", "href": format!("http://{host}/v2")},
+            {"rel": "describedby", "type": "text/html", "href": "https://docs.openstack.org/"}
+        ]
+    })
+}
+
+/// `GET /`: Ceilometer's version document (clients that discover versions read it).
+async fn versions(headers: HeaderMap) -> Json<Value> {
+    Json(json!({"versions": {"values": [v2_entry(&headers)]}}))
+}
+
+/// `GET /v2`: the one version.
+async fn version_v2(headers: HeaderMap) -> Json<Value> {
+    Json(json!({"version": v2_entry(&headers)}))
+}
+
+/// Alarms: Ceilometer moved them to Aodh and answered 410 Gone saying so.
+async fn gone_alarms() -> ApiError {
+    ApiError::Gone(
+        "Alarms are not part of this telemetry API (vmeter stores meters only); use Aodh.".into(),
+    )
+}
+
+/// Events and event types: Ceilometer moved them to Panko and answered 410 Gone.
+async fn gone_events() -> ApiError {
+    ApiError::Gone(
+        "Events are not part of this telemetry API (vmeter stores meters only); use Panko.".into(),
+    )
+}
+
+/// Any other path: a JSON 404, in the shape of every other error.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("The resource could not be found: {}", uri.path()))
+}
+
+/// A known path with a method it does not take: a JSON 405.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
 /// An API error; its message is safe to show to clients.
@@ -95,6 +163,9 @@ pub enum ApiError {
     /// Authenticated, but the data belongs to another project.
     Forbidden(String),
     NotFound(String),
+    MethodNotAllowed(String),
+    /// What Ceilometer moved to another service (alarms, events).
+    Gone(String),
     Internal(String),
 }
 
@@ -105,6 +176,8 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
+            ApiError::Gone(m) => (StatusCode::GONE, m),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "API request failed.");
                 (
@@ -192,18 +265,41 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Parses `q.field=…&q.op=…&q.value=…` (repeated, `op` defaults to `eq`) and `limit`.
+///
+/// Two orders are in use and both are read. Ceilometer pairs the i-th `q.field` with the
+/// i-th `q.op` and `q.value`, and its own client sends all fields, then all ops, then all
+/// values; hand-written queries interleave each field with its op and value, and may leave
+/// an op out. When every field has an op and a value (or no op is given at all), the
+/// terms are paired by position, which reads both orders alike; otherwise each `q.op` and
+/// `q.value` belongs to the `q.field` before it.
 pub fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
     let mut q = Query::default();
-    // Triplets in order: a q.op or q.value belongs to the q.field before it.
+    let (mut fields, mut ops, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved reading: a q.op or q.value belongs to the q.field before it.
     let mut triplets: Vec<(String, Option<String>, Option<String>)> = Vec::new();
-    let orphan = || ApiError::BadRequest("q.op and q.value must follow their q.field".into());
+    let mut orphan = false;
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (k, v) = (percent_decode(k), percent_decode(v));
         match k.as_str() {
-            "q.field" => triplets.push((v, None, None)),
-            "q.op" => triplets.last_mut().ok_or_else(orphan)?.1 = Some(v),
-            "q.value" => triplets.last_mut().ok_or_else(orphan)?.2 = Some(v),
+            "q.field" => {
+                fields.push(v.clone());
+                triplets.push((v, None, None));
+            }
+            "q.op" => {
+                ops.push(v.clone());
+                match triplets.last_mut() {
+                    Some(t) => t.1 = Some(v),
+                    None => orphan = true,
+                }
+            }
+            "q.value" => {
+                values.push(v.clone());
+                match triplets.last_mut() {
+                    Some(t) => t.2 = Some(v),
+                    None => orphan = true,
+                }
+            }
             "q.type" => {}
             "limit" => {
                 let n: i64 = v
@@ -222,6 +318,20 @@ pub fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
                 )));
             }
         }
+    }
+    let positional = values.len() == fields.len() && (ops.len() == fields.len() || ops.is_empty());
+    if positional {
+        let mut ops = ops.into_iter();
+        for (field, value) in fields.into_iter().zip(values) {
+            let op = ops.next().unwrap_or_else(|| "eq".into());
+            q.filters.push(Filter { field, op, value });
+        }
+        return Ok(q);
+    }
+    if orphan {
+        return Err(ApiError::BadRequest(
+            "q.op and q.value must follow their q.field".into(),
+        ));
     }
     for (field, op, value) in triplets {
         let value =
@@ -1502,6 +1612,51 @@ mod tests {
     }
 
     #[test]
+    fn query_terms_pair_by_position_or_by_order() {
+        let f = |raw: &str| {
+            parse_query(Some(raw))
+                .unwrap()
+                .filters
+                .into_iter()
+                .map(|f| (f.field, f.op, f.value))
+                .collect::<Vec<_>>()
+        };
+        let t = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+        let want = vec![
+            t("resource_id", "eq", "vm-1"),
+            t("timestamp", "ge", "2026-01-01T00:00:00"),
+        ];
+        // python-ceilometerclient 2.9.0: all fields, then all ops, then all values.
+        assert_eq!(
+            f(
+                "q.field=resource_id&q.field=timestamp&q.op=eq&q.op=ge&q.type=&q.type=&q.value=vm-1&q.value=2026-01-01T00%3A00%3A00"
+            ),
+            want
+        );
+        // Interleaved, every op given.
+        assert_eq!(
+            f(
+                "q.field=resource_id&q.op=eq&q.value=vm-1&q.field=timestamp&q.op=ge&q.value=2026-01-01T00%3A00%3A00"
+            ),
+            want
+        );
+        // Interleaved with an op left out: each op belongs to the field before it.
+        assert_eq!(
+            f(
+                "q.field=resource_id&q.value=vm-1&q.field=timestamp&q.op=ge&q.value=2026-01-01T00%3A00%3A00"
+            ),
+            want
+        );
+        // Grouped without any op: all eq.
+        assert_eq!(
+            f("q.field=a&q.field=b&q.value=1&q.value=2"),
+            vec![t("a", "eq", "1"), t("b", "eq", "2")]
+        );
+        assert!(parse_query(Some("q.op=eq&q.field=a&q.field=b&q.value=1")).is_err());
+        assert!(parse_query(Some("q.field=a&q.field=b&q.value=1")).is_err());
+    }
+
+    #[test]
     fn query_parsing() {
         let q = parse_query(Some("q.field=resource_id&q.value=abc%2D1&q.field=timestamp&q.op=ge&q.value=2026-01-01T00%3A00%3A00&limit=5")).unwrap();
         assert_eq!(q.limit, Some(5));
@@ -1515,7 +1670,14 @@ mod tests {
         );
         // A q.op belongs to the q.field before it; without one the op is eq.
         assert_eq!(q.filters[1].op, "ge");
-        assert!(parse_query(Some("q.op=eq&q.field=x&q.value=1")).is_err());
+        // Paired by position, as Ceilometer does, whatever the order of the keys.
+        assert_eq!(
+            parse_query(Some("q.op=gt&q.field=x&q.value=1"))
+                .unwrap()
+                .filters[0]
+                .op,
+            "gt"
+        );
         assert!(
             matches!(parse_query(Some("limit=0")), Err(ApiError::BadRequest(m)) if m == "Limit must be positive")
         );
