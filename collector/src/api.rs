@@ -29,6 +29,7 @@ use vmeter_core::{Sample, SampleType};
 
 use crate::jsonw::{self, JsonBuf};
 
+mod complex;
 mod stats;
 
 /// Bearer tokens: none configured means the API is open (logged at start).
@@ -87,6 +88,10 @@ pub fn router(api: Api) -> Router {
         .route("/v2/resources", get(list_resources))
         .route("/v2/resources/{id}", get(one_resource))
         .route("/v2/capabilities", get(capabilities))
+        .route(
+            "/v2/query/samples",
+            axum::routing::post(complex::query_samples),
+        )
         .route("/", get(versions))
         .route("/v2", get(version_v2))
         .route("/v2/", get(version_v2))
@@ -616,7 +621,13 @@ fn push_cond(qb: &mut QueryBuilder<Postgres>, c: &Cond, samples: bool) {
 }
 
 fn limit(api: &Api, q: &Query) -> Result<i64, ApiError> {
-    match q.limit {
+    limit_of(api, q.limit)
+}
+
+/// A request's `limit` (absent: `http.default_limit`), at most `http.max_limit`.
+fn limit_of(api: &Api, asked: Option<i64>) -> Result<i64, ApiError> {
+    match asked {
+        Some(n) if n <= 0 => Err(ApiError::BadRequest("Limit must be positive".into())),
         Some(n) if n > api.max_limit => Err(ApiError::BadRequest(format!(
             "limit {n} is larger than this API answers at once ({}); page with timestamp filters",
             api.max_limit

@@ -213,6 +213,39 @@ async fn the_real_ceilometer_client_works_against_the_collector() {
     assert!(ok);
     assert_eq!(table(&out).len(), 1, "{out}");
 
+    // query-samples: Ceilometer's complex query (and/or, orderby, limit).
+    let filter = format!(
+        r#"{{"and": [{{"or": [{{"=": {{"resource_id": "vm-1"}}}}, {{"=": {{"resource_id": "vm-2"}}}}]}}, {{">=": {{"timestamp": "{start}"}}}}, {{"<": {{"counter_volume": 25}}}}]}}"#
+    );
+    let (ok, out, err) = cli(
+        &endpoint,
+        &[
+            "query-samples",
+            "--filter",
+            &filter,
+            "--orderby",
+            r#"[{"counter_volume": "desc"}, {"timestamp": "asc"}]"#,
+            "--limit",
+            "8",
+        ],
+    );
+    assert!(ok, "{err}");
+    let rows = table(&out);
+    assert_eq!(rows.len(), 8, "{out}");
+    // Columns: ID, Resource ID, Meter, Type, Volume, Unit, Timestamp. vm-1's 20 % hour
+    // first (6 samples), then its 10 % hour.
+    let vols: Vec<f64> = rows.iter().map(|r| r[4].parse().unwrap()).collect();
+    assert_eq!(
+        vols,
+        [20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 10.0, 10.0],
+        "{out}"
+    );
+    assert!(rows.iter().all(|r| r[1] == "vm-1"));
+    // sample-show of an id the API gave.
+    let (ok, out, err) = cli(&endpoint, &["sample-show", &rows[0][0]]);
+    assert!(ok, "{err}");
+    assert!(out.contains("vm-1") && out.contains("20.0"), "{out}");
+
     // Alarms and events: a clean error that says why, not a bare 404.
     for cmd in ["alarm-list", "event-list"] {
         let (ok, _, err) = cli(&endpoint, &[cmd]);
@@ -240,6 +273,8 @@ out["session_meters"] = sorted(m.resource_id for m in c2.meters.list())
 out["session_stats"] = [[s.avg, s.count] for s in c2.statistics.list(meter_name="cpu_util", q=q)]
 q2 = [{{"field": "timestamp", "op": "ge", "value": "{start}"}}, {{"field": "timestamp", "op": "lt", "value": "{end}"}}]
 out["grouped"] = sorted([s.groupby["resource_id"], s.avg] for s in c.statistics.list(meter_name="cpu_util", q=q2, period=3600, groupby=["resource_id"]))
+f = json.dumps({{"and": [{{"=": {{"resource_id": "vm-2"}}}}, {{">=": {{"timestamp": "{start}"}}}}]}})
+out["complex"] = len(c2.query_samples.query(filter=f, orderby=None, limit=100))
 print(json.dumps(out))
 "#
     );
@@ -257,6 +292,7 @@ print(json.dumps(out))
     assert_eq!(got["token_samples"], 18);
     assert_eq!(got["session_meters"], json!(["vm-1", "vm-2", "vm-3"]));
     assert_eq!(got["session_stats"], json!([[50.0, 18]]));
+    assert_eq!(got["complex"], 18);
     assert_eq!(
         got["grouped"],
         json!([
