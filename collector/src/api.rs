@@ -401,6 +401,33 @@ fn write_sample_id(out: &mut Vec<u8>, meter_id: i32, resource: i32, ts: DateTime
     let _ = write!(out, "{meter_id:x}-{resource:x}-{:x}", ts.timestamp_micros());
 }
 
+/// The id a `POST` answers for a sample it accepted, as its `message_id`:
+/// `s-<hex of the meter name>-<hex of the resource id>-<µs in hex>`. It names the sample
+/// by its natural key without the storage's integer ids (which a sample posted through the
+/// pipeline does not have yet), so `GET /v2/samples/{id}` finds it once it is stored —
+/// what Ceilometer's `sample-create` then `sample-show` do.
+pub fn named_sample_id(meter: &str, resource_id: &str, ts: DateTime<Utc>) -> String {
+    format!(
+        "s-{}-{}-{:x}",
+        hex::encode(meter),
+        hex::encode(resource_id),
+        ts.timestamp_micros()
+    )
+}
+
+/// Inverse of [`named_sample_id`]; `None` for anything else.
+pub fn parse_named_sample_id(id: &str) -> Option<(String, String, DateTime<Utc>)> {
+    let mut it = id.strip_prefix("s-")?.split('-');
+    let text = |h: &str| String::from_utf8(hex::decode(h).ok()?).ok();
+    let meter = text(it.next()?)?;
+    let resource = text(it.next()?)?;
+    let us = i64::from_str_radix(it.next()?, 16).ok()?;
+    if it.next().is_some() || meter.is_empty() || resource.is_empty() {
+        return None;
+    }
+    Some((meter, resource, DateTime::from_timestamp_micros(us)?))
+}
+
 /// Inverse of [`write_sample_id`]; `None` for anything else.
 pub fn parse_sample_id(id: &str) -> Option<(i32, i32, DateTime<Utc>)> {
     let mut it = id.split('-');
@@ -1120,8 +1147,16 @@ async fn one_sample(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound(format!("Sample {id} Not Found"));
     let (_, mut c) = request(&api, &headers, None, &[], SAMPLES)?;
-    let key = parse_sample_id(&id).ok_or_else(not_found)?;
-    c.sample = Some(key);
+    match (parse_sample_id(&id), parse_named_sample_id(&id)) {
+        (Some(key), _) => c.sample = Some(key),
+        (None, Some((meter, resource, ts))) => {
+            c.meter = Some(meter);
+            c.resource = Some(resource);
+            c.ge = Some(ts);
+            c.le = Some(ts);
+        }
+        (None, None) => return Err(not_found()),
+    }
     let f = fetch_samples(&api, &c, 1).await?;
     Ok(json_bytes(f.first_new_json().ok_or_else(not_found)?))
 }
@@ -1452,7 +1487,7 @@ async fn post_samples(
                 "resource_id": s.resource_id,
                 "timestamp": iso(s.timestamp),
                 "resource_metadata": flatten_metadata(&s.resource_metadata),
-                "message_id": s.message_id.to_string(),
+                "message_id": named_sample_id(&s.name, &s.resource_id, s.timestamp),
             })
         })
         .collect();
@@ -1609,6 +1644,30 @@ fn posted_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_sample_ids_round_trip() {
+        let ts = DateTime::from_timestamp_micros(1_772_360_880_123_456).unwrap();
+        let id = named_sample_id("disk.device.read.bytes", "9b3e-vda", ts);
+        assert!(
+            !id.contains(['/', '?', '#', '%']),
+            "an id fits in a URL path: {id}"
+        );
+        assert_eq!(
+            parse_named_sample_id(&id),
+            Some(("disk.device.read.bytes".into(), "9b3e-vda".into(), ts))
+        );
+        for bad in [
+            "s-",
+            "s-zz-61-1",
+            "s-61-62",
+            "s-61-62-1-2",
+            "s--62-1",
+            "1-2-3",
+        ] {
+            assert_eq!(parse_named_sample_id(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn sample_ids_round_trip() {

@@ -206,6 +206,16 @@ async fn the_real_ceilometer_client_works_against_the_collector() {
     );
     assert!(ok, "{err}");
     assert!(out.contains("vm-3") && out.contains("42"), "{out}");
+    // sample-show of the message_id that sample-create printed.
+    let message_id = out
+        .lines()
+        .find(|l| l.contains("| message_id"))
+        .and_then(|l| l.split('|').nth(2))
+        .map(|v| v.trim().to_string())
+        .expect("sample-create prints the message_id");
+    let (ok, shown, err) = cli(&endpoint, &["sample-show", &message_id]);
+    assert!(ok, "sample-show {message_id}: {err}");
+    assert!(shown.contains("vm-3") && shown.contains("42"), "{shown}");
     let (ok, out, _) = cli(
         &endpoint,
         &["sample-list", "-m", "cpu_util", "-q", "resource_id=vm-3"],
