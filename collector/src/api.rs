@@ -30,6 +30,7 @@ use vmeter_core::{Sample, SampleType};
 use crate::jsonw::{self, JsonBuf};
 
 mod complex;
+mod meta;
 mod stats;
 
 /// Bearer tokens: none configured means the API is open (logged at start).
@@ -92,72 +93,18 @@ pub fn router(api: Api) -> Router {
             "/v2/query/samples",
             axum::routing::post(complex::query_samples),
         )
-        .route("/", get(versions))
-        .route("/v2", get(version_v2))
-        .route("/v2/", get(version_v2))
-        .route("/v2/alarms", any(gone_alarms))
-        .route("/v2/alarms/{*rest}", any(gone_alarms))
-        .route("/v2/events", any(gone_events))
-        .route("/v2/events/{*rest}", any(gone_events))
-        .route("/v2/event_types", any(gone_events))
-        .route("/v2/event_types/{*rest}", any(gone_events))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/", get(meta::versions))
+        .route("/v2", get(meta::version_v2))
+        .route("/v2/", get(meta::version_v2))
+        .route("/v2/alarms", any(meta::gone_alarms))
+        .route("/v2/alarms/{*rest}", any(meta::gone_alarms))
+        .route("/v2/events", any(meta::gone_events))
+        .route("/v2/events/{*rest}", any(meta::gone_events))
+        .route("/v2/event_types", any(meta::gone_events))
+        .route("/v2/event_types/{*rest}", any(meta::gone_events))
+        .fallback(meta::not_found)
+        .method_not_allowed_fallback(meta::method_not_allowed)
         .with_state(api)
-}
-
-/// The v2 version entry of Ceilometer's version document, its links on `host`.
-fn v2_entry(headers: &HeaderMap) -> Value {
-    let host = headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    json!({
-        "id": "v2",
-        "status": "stable",
-        "updated": "2013-02-13T00:00:00Z",
-        "media-types": [
-            {"base": "application/json", "type": "application/vnd.openstack.telemetry-v2+json"}
-        ],
-        "links": [
-            {"rel": "self", "href": format!("http://{host}/v2")},
-            {"rel": "describedby", "type": "text/html", "href": "https://docs.openstack.org/"}
-        ]
-    })
-}
-
-/// `GET /`: Ceilometer's version document (clients that discover versions read it).
-async fn versions(headers: HeaderMap) -> Json<Value> {
-    Json(json!({"versions": {"values": [v2_entry(&headers)]}}))
-}
-
-/// `GET /v2`: the one version.
-async fn version_v2(headers: HeaderMap) -> Json<Value> {
-    Json(json!({"version": v2_entry(&headers)}))
-}
-
-/// Alarms: Ceilometer moved them to Aodh and answered 410 Gone saying so.
-async fn gone_alarms() -> ApiError {
-    ApiError::Gone(
-        "Alarms are not part of this telemetry API (vmeter stores meters only); use Aodh.".into(),
-    )
-}
-
-/// Events and event types: Ceilometer moved them to Panko and answered 410 Gone.
-async fn gone_events() -> ApiError {
-    ApiError::Gone(
-        "Events are not part of this telemetry API (vmeter stores meters only); use Panko.".into(),
-    )
-}
-
-/// Any other path: a JSON 404, in the shape of every other error.
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!("The resource could not be found: {}", uri.path()))
-}
-
-/// A known path with a method it does not take: a JSON 405.
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
 /// An API error; its message is safe to show to clients.

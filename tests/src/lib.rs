@@ -124,6 +124,25 @@ impl Names {
         ]
     }
 
+    /// [`env`](Self::env) for an agent polling the demo node (libvirt's test driver) every
+    /// second from the start, spooling into `spool`, serving `/health` and `/metrics` on
+    /// `http`.
+    pub fn agent_env(&self, secret: &str, spool: &Path, http: &str) -> Vec<(String, String)> {
+        let mut env = self.env(secret);
+        env.push((
+            "VMETER_LIBVIRT__URI".into(),
+            format!(
+                "test://{}",
+                repo_root().join("deploy/demo-node.xml").display()
+            ),
+        ));
+        env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "1".into()));
+        env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
+        env.push(("VMETER_SPOOL__DIR".into(), spool.display().to_string()));
+        env.push(("VMETER_HTTP__LISTEN".into(), http.to_string()));
+        env
+    }
+
     /// The test database URL.
     pub fn db_url(&self) -> String {
         let admin = pg_admin_url();

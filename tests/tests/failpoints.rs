@@ -230,20 +230,9 @@ async fn agent_dies_mid_spool_write_and_survives_a_full_disk() {
     std::fs::create_dir_all(&logs).unwrap();
     let http = format!("127.0.0.1:{}", free_port());
     let env = |broker_url: &str, failpoints: Option<&str>| {
-        let mut env = names.env(SECRET);
+        let mut env = names.agent_env(SECRET, &spool, &http);
         env.retain(|(k, _)| k != "VMETER_BROKER__URL");
         env.push(("VMETER_BROKER__URL".into(), broker_url.to_string()));
-        env.push((
-            "VMETER_LIBVIRT__URI".into(),
-            format!(
-                "test://{}",
-                repo_root().join("deploy/demo-node.xml").display()
-            ),
-        ));
-        env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "1".into()));
-        env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
-        env.push(("VMETER_SPOOL__DIR".into(), spool.display().to_string()));
-        env.push(("VMETER_HTTP__LISTEN".into(), http.clone()));
         if let Some(f) = failpoints {
             env.push(("FAILPOINTS".into(), f.to_string()));
         }

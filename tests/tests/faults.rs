@@ -180,24 +180,11 @@ impl Stack {
     /// The real agent on the demo node (libvirt's test driver), polling every second, its
     /// spool kept over restarts.
     fn start_agent(&mut self) {
-        let mut env = self.names.env(SECRET);
-        env.push((
-            "VMETER_LIBVIRT__URI".into(),
-            format!(
-                "test://{}",
-                repo_root().join("deploy/demo-node.xml").display()
-            ),
-        ));
-        env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "1".into()));
-        env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
-        env.push((
-            "VMETER_SPOOL__DIR".into(),
-            self.logs.join("agent-spool").display().to_string(),
-        ));
-        env.push((
-            "VMETER_HTTP__LISTEN".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ));
+        let env = self.names.agent_env(
+            SECRET,
+            &self.logs.join("agent-spool"),
+            &format!("127.0.0.1:{}", free_port()),
+        );
         self.agent = Some(Service::start(
             "agent",
             "agent-compute",
@@ -273,6 +260,22 @@ async fn stored(pool: &sqlx::PgPool, t0: DateTime<Utc>, ticks: u64) -> Option<(i
     .fetch_one(pool)
     .await
     .ok()
+}
+
+/// What recovery is measured on: the generator's samples in this run's database.
+struct Probe<'a> {
+    pool: &'a sqlx::PgPool,
+    t0: DateTime<Utc>,
+    resources: usize,
+}
+
+impl Probe<'_> {
+    /// The row of a fault that just ended: waits until the samples published before it and
+    /// [`AFTER`] more ticks are stored.
+    async fn recovered(&self, generator: &Generator, stack: &Stack, fault: String) -> Row {
+        let ticks = generator.ticks() + AFTER;
+        caught_up(self.pool, self.t0, ticks, self.resources, stack, fault).await
+    }
 }
 
 /// Waits until every sample of the generator's first `ticks` ticks is stored; returns the
@@ -577,6 +580,11 @@ async fn pipeline_survives_every_fault_under_load() {
     let now_s = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
     let t0 = now_s - chrono::Duration::seconds((soak.as_secs() as i64 + 900) * 50);
     let gen_ = Generator::start(&stack.names, resources, Duration::from_millis(200), t0);
+    let probe = Probe {
+        pool: &pool,
+        t0,
+        resources,
+    };
     let mut rows: Vec<Row> = Vec::new();
     let mut notification_crashes = 0;
     // Sample-time windows (in ticks) around each notification crash: the only places a
@@ -600,15 +608,9 @@ async fn pipeline_survives_every_fault_under_load() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         stack.start_collector();
         rows.push(
-            caught_up(
-                &pool,
-                t0,
-                gen_.ticks() + AFTER,
-                resources,
-                &stack,
-                format!("kill -9 collector (round {round})"),
-            )
-            .await,
+            probe
+                .recovered(&gen_, &stack, format!("kill -9 collector (round {round})"))
+                .await,
         );
 
         // 2. kill -9 notification, restart (its state is lost: ≤ 1 cpu_util per resource).
@@ -620,15 +622,13 @@ async fn pipeline_survives_every_fault_under_load() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         stack.start_notification();
         rows.push(
-            caught_up(
-                &pool,
-                t0,
-                gen_.ticks() + AFTER,
-                resources,
-                &stack,
-                format!("kill -9 notification (round {round})"),
-            )
-            .await,
+            probe
+                .recovered(
+                    &gen_,
+                    &stack,
+                    format!("kill -9 notification (round {round})"),
+                )
+                .await,
         );
         crash_windows.push((crash_lo, gen_.ticks()));
 
@@ -637,15 +637,13 @@ async fn pipeline_survives_every_fault_under_load() {
         stack.notification.take().unwrap().stop();
         stack.start_notification();
         rows.push(
-            caught_up(
-                &pool,
-                t0,
-                gen_.ticks() + AFTER,
-                resources,
-                &stack,
-                format!("SIGTERM + start notification (round {round})"),
-            )
-            .await,
+            probe
+                .recovered(
+                    &gen_,
+                    &stack,
+                    format!("SIGTERM + start notification (round {round})"),
+                )
+                .await,
         );
 
         // 4. Hard broker restart.
@@ -656,15 +654,13 @@ async fn pipeline_survives_every_fault_under_load() {
             .unwrap();
         let down_s = t.elapsed().as_secs_f64();
         rows.push(
-            caught_up(
-                &pool,
-                t0,
-                gen_.ticks() + AFTER,
-                resources,
-                &stack,
-                format!("kill -9 RabbitMQ + start ({down_s:.1} s down, round {round})"),
-            )
-            .await,
+            probe
+                .recovered(
+                    &gen_,
+                    &stack,
+                    format!("kill -9 RabbitMQ + start ({down_s:.1} s down, round {round})"),
+                )
+                .await,
         );
 
         // 5. Immediate PostgreSQL stop: /health turns 503 (the database part), then start.
@@ -678,24 +674,20 @@ async fn pipeline_survives_every_fault_under_load() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         tokio::task::spawn_blocking(pg_start).await.unwrap();
         let healthy = health_is(&stack.collector_http, 200, "PostgreSQL back", &stack).await;
-        rows.push(
-            caught_up(&pool, t0, gen_.ticks() + AFTER, resources, &stack, format!("PostgreSQL stop -m immediate, start (/health 503 after {seen_503:.1} s, 200 {healthy:.1} s after start, round {round})")).await,
-        );
+        rows.push(probe.recovered(&gen_, &stack, format!("PostgreSQL stop -m immediate, start (/health 503 after {seen_503:.1} s, 200 {healthy:.1} s after start, round {round})")).await);
 
         // 6. A burst of bad messages among the good ones.
         for (k, v) in burst(&stack.names, t0).await {
             *dead_want.entry(k).or_default() += v;
         }
         rows.push(
-            caught_up(
-                &pool,
-                t0,
-                gen_.ticks() + AFTER,
-                resources,
-                &stack,
-                format!("70 malformed, forged, oversized messages (round {round})"),
-            )
-            .await,
+            probe
+                .recovered(
+                    &gen_,
+                    &stack,
+                    format!("70 malformed, forged, oversized messages (round {round})"),
+                )
+                .await,
         );
 
         if started.elapsed() >= soak {
