@@ -5,8 +5,9 @@
 //! with agent metadata) are published to the processed queue as signed batches of 1,000
 //! samples (10 consecutive points of each of the 100 resources, metadata shared per
 //! resource, as the notification service writes them), plus 100,000 of them a second time
-//! (redeliveries, which must be ignored). The release `collector` binary writes them into a
-//! fresh database. Figures: samples/s from the first publish until the collector's counters
+//! (redeliveries, which must be ignored). Every resource is resized twice and every tenth
+//! changes project once over the run (agent-style metadata that changes now and then).
+//! The release `collector` binary writes them into a fresh database. Figures: samples/s from the first publish until the collector's counters
 //! (`/metrics`) account for every message; bytes per stored sample (sample partitions, heap
 //! and indexes, and all vmeter tables); then API latency on that data, median of 20: one
 //! resource's 10,000 samples of one meter, and `statistics?period=60` over all 1,000,000
@@ -20,6 +21,7 @@
 //! database for inspection; `VMETER_BENCH_COLLECTOR=/path/to/collector` runs another build
 //! of the collector, to compare against a baseline).
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,19 +43,64 @@ const DUPLICATE_MESSAGES: usize = 100;
 const SECRET: &str = "bench-secret";
 const WINDOW: usize = 32;
 
-fn metadata(r: usize) -> Arc<vmeter_core::Metadata> {
+/// Flavor of resource `r` at point `p`: every resource is resized twice over the run
+/// (m1.small → m1.medium at point 3,000, → m1.large at 7,000: ~8 and ~19 hours in).
+fn flavor(p: usize) -> (&'static str, u32, u32) {
+    match p {
+        0..3_000 => ("m1.small", 1, 2048),
+        3_000..7_000 => ("m1.medium", 2, 4096),
+        _ => ("m1.large", 4, 8192),
+    }
+}
+
+/// Project of resource `r` at point `p`: every tenth resource moves to another project
+/// at point 5,000.
+fn project(r: usize, p: usize) -> String {
+    if r.is_multiple_of(10) && p >= 5_000 {
+        format!("project-{}-new", r % 10)
+    } else {
+        format!("project-{}", r % 10)
+    }
+}
+
+/// Agent-style metadata of resource `r` with flavor `f`.
+fn metadata(r: usize, f: (&str, u32, u32)) -> Arc<vmeter_core::Metadata> {
+    let (name, vcpus, ram) = f;
     let v = json!({
-        "name": format!("instance-{r:08x}"), "host": "compute-01", "cpu_number": 2,
-        "vcpus": 2, "memory_mb": 2048, "status": "active", "state": "running",
-        "display_name": format!("web-{r}"), "instance_type": "m1.small",
-        "flavor": {"name": "m1.small", "vcpus": 2, "ram": 2048, "disk": 20},
+        "name": format!("instance-{r:08x}"), "host": "compute-01", "cpu_number": vcpus,
+        "vcpus": vcpus, "memory_mb": ram, "status": "active", "state": "running",
+        "display_name": format!("web-{r}"), "instance_type": name,
+        "flavor": {"name": name, "vcpus": vcpus, "ram": ram, "disk": 20},
         "image_ref": "5c1a0f5e-6b8a-4c8e-9d0f-2a4b6c8d0e1f",
     });
     Arc::new(v.as_object().unwrap().clone())
 }
 
+/// The metadata of each resource, one `Arc` per flavor (as the decoder shares them).
+type Mds = Vec<HashMap<&'static str, Arc<vmeter_core::Metadata>>>;
+
+fn all_metadata() -> Mds {
+    (0..RESOURCES)
+        .map(|r| {
+            [0, 3_000, 7_000]
+                .into_iter()
+                .map(|p| (flavor(p).0, metadata(r, flavor(p))))
+                .collect()
+        })
+        .collect()
+}
+
+/// Samples whose attribution (project, metadata) differs from their resource's newest.
+fn changed_attribution() -> u64 {
+    let last = POINTS - 1;
+    (0..RESOURCES)
+        .flat_map(|r| (0..POINTS).map(move |p| (r, p)))
+        .filter(|&(r, p)| flavor(p).0 != flavor(last).0 || project(r, p) != project(r, last))
+        .count() as u64
+}
+
 /// Message `k`: points `k*10 .. k*10+10` of every resource.
-fn message(k: usize, mds: &[Arc<vmeter_core::Metadata>], ids: &[String]) -> Vec<Sample> {
+fn message(k: usize, mds: &Mds, ids: &[String]) -> Vec<Sample> {
     let t0 = t0();
     let mut out = Vec::with_capacity(RESOURCES * PER_MESSAGE_POINTS);
     for r in 0..RESOURCES {
@@ -64,10 +111,10 @@ fn message(k: usize, mds: &[Arc<vmeter_core::Metadata>], ids: &[String]) -> Vec<
                 unit: "%".into(),
                 volume: ((p * 7 + r * 13) % 1000) as f64 / 10.0,
                 user_id: Some("0f0e0d0c0b0a09080706050403020100".into()),
-                project_id: Some(format!("project-{}", r % 10)),
+                project_id: Some(project(r, p)),
                 resource_id: ids[r].clone(),
                 timestamp: t0 + chrono::Duration::seconds(p as i64 * 10),
-                resource_metadata: mds[r].clone(),
+                resource_metadata: mds[r][flavor(p).0].clone(),
                 source: "openstack".into(),
                 message_id: uuid::Uuid::new_v4(),
                 monotonic_time: None,
@@ -170,7 +217,7 @@ async fn main() {
     let ids: Vec<String> = (0..RESOURCES)
         .map(|r| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &r.to_le_bytes()).to_string())
         .collect();
-    let mds: Vec<_> = (0..RESOURCES).map(metadata).collect();
+    let mds = all_metadata();
     let messages = POINTS / PER_MESSAGE_POINTS;
     let mut bodies: Vec<Vec<u8>> = (0..messages)
         .map(|k| vmeter_core::wire::encode(&message(k, &mds, &ids)))
@@ -305,6 +352,23 @@ async fn main() {
         } else {
             "NOT MET"
         }
+    );
+
+    // Attribution: samples whose stored user/project/source/metadata differ from their
+    // resource's newest (a schema that keeps only the newest stores none).
+    let (attributions, changed): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from resource),
+                (select count(*) from sample s join resource r on r.id = s.resource_id
+                 join (select distinct on (resource_id) resource_id, id from resource
+                       order by resource_id, last_seen desc, id desc) n on n.resource_id = r.resource_id
+                 where n.id <> r.id)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!(
+        "attribution: {attributions} resource rows for {RESOURCES} resources; samples stored with an attribution other than their resource's newest: {changed} (the data has {})",
+        changed_attribution()
     );
 
     // API latency on that data, median of 20 (after one warm-up request each).

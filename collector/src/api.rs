@@ -1130,7 +1130,8 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-/// `GET /v2/meters`: one entry per (meter, resource) (`unique=true`: one per meter).
+/// `GET /v2/meters`: one entry per (meter, resource, project, user, source)
+/// (`unique=true`: one per meter).
 async fn list_meters(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -1147,14 +1148,16 @@ async fn list_meters(
         "select distinct m.name, m.type, m.unit, null::text, null::text, null::text, null::text
          from series se join meter m on m.id = se.meter_id join resource r on r.id = se.resource_id where true"
     } else {
-        "select m.name, m.type, m.unit, r.resource_id, r.project_id, r.user_id, r.source
+        // One entry per (meter, resource, project, user, source): a resource whose samples
+        // changed owner is listed once per owner, as Ceilometer's SQL driver did.
+        "select distinct m.name, m.type, m.unit, r.resource_id, r.project_id, r.user_id, r.source
          from series se join meter m on m.id = se.meter_id join resource r on r.id = se.resource_id where true"
     });
     push_cond(&mut qb, &c, false);
     qb.push(if unique {
         " order by 1, 2, 3 limit "
     } else {
-        " order by m.name, r.resource_id limit "
+        " order by 1, 4, 5, 6, 7 limit "
     });
     qb.push_bind(limit(&api, &q)?);
     stream_list(api.pool.clone(), qb, |r| {
@@ -1222,8 +1225,11 @@ struct ResourceRow {
     meters: Vec<String>,
 }
 
-/// Resources under `c`. Time filters select resources whose first..last sample span
-/// overlaps the range (vmeter keeps first/last per resource instead of scanning samples).
+/// Resources under `c`, each as its newest attribution among those `c` selects (a
+/// resource's attribution is per sample: see migration 0004). Time filters select the
+/// attributions whose first..last sample span overlaps the range (kept per attribution
+/// instead of scanning samples); first and last seen are over the selected ones, and the
+/// meters are those of the selected ones.
 async fn fetch_resources(api: &Api, c: &Cond, limit: i64) -> Result<Vec<ResourceRow>, ApiError> {
     let rows = resources_query(c, limit)
         .build()
@@ -1235,29 +1241,29 @@ async fn fetch_resources(api: &Api, c: &Cond, limit: i64) -> Result<Vec<Resource
         .map_err(ApiError::from)
 }
 
-/// The resources `c` selects, in resource id order, at most `limit`.
+/// The resources `c` selects, in resource id order, at most `limit` (see
+/// [`fetch_resources`]).
 fn resources_query(c: &Cond, limit: i64) -> QueryBuilder<Postgres> {
     let mut qb = QueryBuilder::new(
-        "select r.resource_id, r.user_id, r.project_id, r.source, r.metadata, r.first_seen, r.last_seen,
-                coalesce((select array_agg(m.name order by m.name) from series se join meter m on m.id = se.meter_id where se.resource_id = r.id), '{}')
-         from resource r where true",
+        "select n.resource_id, n.user_id, n.project_id, n.source, n.metadata, g.first_seen, g.last_seen,
+                coalesce((select array_agg(distinct m.name order by m.name) from series se join meter m on m.id = se.meter_id
+                          where se.resource_id = any(g.ids)), '{}')
+         from (select r.resource_id, min(r.first_seen) as first_seen, max(r.last_seen) as last_seen,
+                      array_agg(r.id order by r.last_seen desc, r.id desc) as ids
+               from resource r where true",
     );
-    let meter = c.meter.clone();
     let c2 = Cond {
-        meter: None,
-        ..Cond {
-            resource: c.resource.clone(),
-            project: c.project.clone(),
-            user: c.user.clone(),
-            source: c.source.clone(),
-            metadata: c.metadata.clone(),
-            ..Cond::default()
-        }
+        resource: c.resource.clone(),
+        project: c.project.clone(),
+        user: c.user.clone(),
+        source: c.source.clone(),
+        metadata: c.metadata.clone(),
+        ..Cond::default()
     };
     push_cond(&mut qb, &c2, false);
-    if let Some(m) = meter {
+    if let Some(m) = &c.meter {
         qb.push(" and exists (select 1 from series se join meter m on m.id = se.meter_id where se.resource_id = r.id and m.name = ");
-        qb.push_bind(m);
+        qb.push_bind(m.clone());
         qb.push(")");
     }
     if let Some(t) = c.start() {
@@ -1268,8 +1274,9 @@ fn resources_query(c: &Cond, limit: i64) -> QueryBuilder<Postgres> {
         qb.push(" and r.first_seen <= ");
         qb.push_bind(t);
     }
-    qb.push(" order by r.resource_id limit ");
+    qb.push(" group by r.resource_id order by r.resource_id limit ");
     qb.push_bind(limit);
+    qb.push(") g join resource n on n.id = g.ids[1] order by g.resource_id");
     qb
 }
 
@@ -1466,16 +1473,20 @@ pub fn parse_post_body(
     Ok(samples)
 }
 
-/// Refuses (403) samples for resources that exist and belong to another project than
-/// `project`: a project token must not write into another project's resource (the newest
-/// sample decides a resource's owner).
+/// Refuses (403) samples for resources whose newest sample belongs to another project than
+/// `project`. Each sample keeps its own attribution, so such a post could not change what
+/// the other project sees; it is refused all the same, as a post into another project's
+/// resource is an error or an attack. A resource moved to `project` (its newest samples
+/// are `project`'s) takes posts again.
 async fn owned_by(api: &Api, project: &str, samples: &[Sample]) -> Result<(), ApiError> {
     let mut rids: Vec<&str> = samples.iter().map(|s| s.resource_id.as_str()).collect();
     rids.sort_unstable();
     rids.dedup();
     let other: Option<String> = sqlx::query_scalar(
-        "select resource_id from resource
-         where resource_id = any($1::text[]) and project_id is distinct from $2 limit 1",
+        "select resource_id from (
+           select distinct on (resource_id) resource_id, project_id from resource
+           where resource_id = any($1::text[]) order by resource_id, last_seen desc, id desc) n
+         where project_id is distinct from $2 limit 1",
     )
     .bind(&rids)
     .bind(project)

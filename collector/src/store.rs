@@ -162,7 +162,7 @@ pub async fn ping(pool: &PgPool, timeout: std::time::Duration) -> bool {
     )
 }
 
-/// How [`Store::write`] inserts samples (`$1..$4`: ts, meter ids, resource ids, volumes,
+/// How [`Store::write`] inserts samples (`$1..$4`: ts, meter ids, attribution ids, volumes,
 /// in primary-key order without repeated keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Insert {
@@ -194,55 +194,93 @@ impl Insert {
     }
 }
 
-/// Upserts the resources of `samples` (one autocommitted statement) and returns their ids.
-/// The newest sample of each resource carries the owner, source and metadata to keep.
-async fn upsert_resources(
+/// The attribution of a sample: what it names besides its meter, time and volume.
+type AttrKey<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str);
+
+/// Upserts the attributions of `samples` (one statement) and returns each sample's
+/// attribution id (a `resource` row), in the order of `samples`.
+///
+/// An attribution is a distinct (resource id, user, project, source, metadata): see
+/// migration 0004. The distinct ones of a batch are found here first (metadata compared by
+/// pointer, then by value: the decoder shares one `Arc` per distinct metadata of a
+/// message), so that the statement handles each once; PostgreSQL's own key (md5 of the
+/// metadata's jsonb text) decides between rows, and the answer maps every input row to its
+/// row's id. Rows are inserted and locked in key order: concurrent writers touching the
+/// same attributions wait for each other in one direction only.
+async fn upsert_attributions(
     conn: &mut sqlx::PgConnection,
     samples: &[Sample],
-) -> Result<HashMap<String, i32>, StoreError> {
-    // Rows are upserted in sorted order so that concurrent writers lock them in the same
-    // order (no deadlock between two transactions touching the same resources).
-    let mut newest: HashMap<&str, &Sample> = HashMap::new();
-    let mut oldest: HashMap<&str, DateTime<Utc>> = HashMap::new();
+) -> Result<Vec<i32>, StoreError> {
+    let mut index: HashMap<AttrKey<'_>, Vec<usize>> = HashMap::new();
+    // Distinct attributions: a sample that carries it, first and last time.
+    let mut attrs: Vec<(&Sample, DateTime<Utc>, DateTime<Utc>)> = Vec::new();
+    let mut of_sample = Vec::with_capacity(samples.len());
     for s in samples {
-        let e = newest.entry(s.resource_id.as_str()).or_insert(s);
-        if s.timestamp >= e.timestamp {
-            *e = s;
-        }
-        let o = oldest.entry(s.resource_id.as_str()).or_insert(s.timestamp);
-        *o = (*o).min(s.timestamp);
+        let key = (
+            s.resource_id.as_str(),
+            s.user_id.as_deref(),
+            s.project_id.as_deref(),
+            s.source.as_str(),
+        );
+        let list = index.entry(key).or_default();
+        let found = list.iter().copied().find(|&a| {
+            let md = &attrs[a].0.resource_metadata;
+            std::sync::Arc::ptr_eq(md, &s.resource_metadata) || **md == *s.resource_metadata
+        });
+        let a = match found {
+            Some(a) => {
+                let (_, first, last) = &mut attrs[a];
+                *first = (*first).min(s.timestamp);
+                *last = (*last).max(s.timestamp);
+                a
+            }
+            None => {
+                attrs.push((s, s.timestamp, s.timestamp));
+                list.push(attrs.len() - 1);
+                attrs.len() - 1
+            }
+        };
+        of_sample.push(a);
     }
-    let mut newest: Vec<(&str, &Sample)> = newest.into_iter().collect();
-    newest.sort_unstable_by_key(|(rid, _)| *rid);
-    let mut rids = Vec::new();
-    let (mut users, mut projects, mut sources, mut metas, mut firsts, mut lasts) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
+    let n = attrs.len();
+    let (mut rids, mut users, mut projects, mut sources, mut metas, mut firsts, mut lasts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
     );
-    for (rid, s) in &newest {
-        rids.push(rid.to_string());
-        users.push(s.user_id.clone());
-        projects.push(s.project_id.clone());
-        sources.push(s.source.clone());
-        metas.push(sqlx::types::Json(s.resource_metadata.clone()));
-        firsts.push(oldest[rid]);
-        lasts.push(s.timestamp);
+    for (s, first, last) in &attrs {
+        rids.push(s.resource_id.as_str());
+        users.push(s.user_id.as_deref());
+        projects.push(s.project_id.as_deref());
+        sources.push(s.source.as_str());
+        metas.push(sqlx::types::Json(&*s.resource_metadata));
+        firsts.push(*first);
+        lasts.push(*last);
     }
-    let rows: Vec<(i32, String)> = sqlx::query_as(
-        "insert into resource (resource_id, user_id, project_id, source, metadata, first_seen, last_seen)
-         select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[], $7::timestamptz[])
-         on conflict on constraint resource_resource_id_key do update set
-           user_id    = case when excluded.last_seen >= resource.last_seen then excluded.user_id else resource.user_id end,
-           project_id = case when excluded.last_seen >= resource.last_seen then excluded.project_id else resource.project_id end,
-           source     = case when excluded.last_seen >= resource.last_seen then excluded.source else resource.source end,
-           metadata   = case when excluded.last_seen >= resource.last_seen then excluded.metadata else resource.metadata end,
-           first_seen = least(resource.first_seen, excluded.first_seen),
-           last_seen  = greatest(resource.last_seen, excluded.last_seen)
-         returning id, resource_id",
+    let rows: Vec<(i64, i32)> = sqlx::query_as(
+        "with input as (
+           select u.*, md5(u.metadata::text) as h
+           from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[], $7::timestamptz[])
+             with ordinality as u(resource_id, user_id, project_id, source, metadata, first_seen, last_seen, n)
+         ), ins as (
+           insert into resource as r (resource_id, user_id, project_id, source, metadata, first_seen, last_seen)
+           select resource_id, user_id, project_id, source, (array_agg(metadata))[1], min(first_seen), max(last_seen)
+           from input
+           group by resource_id, user_id, project_id, source, h
+           order by resource_id, user_id, project_id, source, h
+           on conflict (resource_id, user_id, project_id, source, md5(metadata::text)) do update set
+             first_seen = least(r.first_seen, excluded.first_seen),
+             last_seen  = greatest(r.last_seen, excluded.last_seen)
+           returning r.id, r.resource_id, r.user_id, r.project_id, r.source, md5(r.metadata::text) as h
+         )
+         select i.n, ins.id from input i join ins on ins.resource_id = i.resource_id and ins.h = i.h
+           and ins.user_id is not distinct from i.user_id
+           and ins.project_id is not distinct from i.project_id
+           and ins.source is not distinct from i.source",
     )
     .bind(&rids)
     .bind(&users)
@@ -253,7 +291,17 @@ async fn upsert_resources(
     .bind(&lasts)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows.into_iter().map(|(id, r)| (r, id)).collect())
+    let mut ids = vec![None; n];
+    for (at, id) in rows {
+        if let Some(slot) = usize::try_from(at - 1).ok().and_then(|i| ids.get_mut(i)) {
+            *slot = Some(id);
+        }
+    }
+    let ids: Vec<i32> = ids
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(|| StoreError::Refused("an attribution got no row".into()))?;
+    Ok(of_sample.into_iter().map(|a| ids[a]).collect())
 }
 
 /// (meter id, resource id), (first, last sample time) of one series in a batch.
@@ -501,7 +549,7 @@ impl Store {
         for s in samples {
             meter_ids.push(self.meter_id(&mut tx, s).await?);
         }
-        let resource_ids = upsert_resources(&mut tx, samples).await?;
+        let attr_ids = upsert_attributions(&mut tx, samples).await?;
 
         // Rows in key order, repeated keys dropped (the first wins): the probe cannot see rows
         // of its own statement, concurrent writers insert shared keys in the same order (no
@@ -511,7 +559,7 @@ impl Store {
             .iter()
             .zip(&meter_ids)
             .enumerate()
-            .map(|(i, (s, m))| (*m, resource_ids[&s.resource_id], s.timestamp, i))
+            .map(|(i, (s, m))| (*m, attr_ids[i], s.timestamp, i))
             .collect();
         rows.sort_unstable();
         rows.dedup_by_key(|r| (r.0, r.1, r.2));

@@ -453,6 +453,8 @@ struct Gen {
     rid: String,
     project: String,
     user: String,
+    /// `resource_metadata.instance_type` of this sample.
+    flavor: &'static str,
     unit: &'static str,
     ts: chrono::DateTime<chrono::Utc>,
     v: f64,
@@ -495,6 +497,7 @@ fn expected_stats(
                 "resource_id" => s.rid.clone(),
                 "project_id" => s.project.clone(),
                 "user_id" => s.user.clone(),
+                "resource_metadata.instance_type" => s.flavor.to_string(),
                 _ => unreachable!(),
             })
             .collect();
@@ -588,7 +591,7 @@ async fn post_direct(addr: &str, meter: &str, samples: &[Gen], collector: &Servi
                 "counter_name": meter, "counter_type": "gauge", "counter_unit": s.unit,
                 "counter_volume": s.v, "resource_id": s.rid, "project_id": s.project,
                 "user_id": s.user, "timestamp": ceilo_ts(s.ts), "source": "openstack",
-                "resource_metadata": {}
+                "resource_metadata": {"instance_type": s.flavor}
             })
         })
         .collect();
@@ -626,10 +629,18 @@ async fn statistics_match_an_independent_computation() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
+            // Each sample keeps its own attribution: vm-3 moves to another project and user
+            // half-way (inside a minute, inside an hour), vm-2 is resized after 100 samples.
+            let moved = r == 3 && i >= 75;
             data.push(Gen {
                 rid: format!("vm-{r}"),
-                project: format!("project-{}", r % 2),
-                user: format!("user-{}", r % 3),
+                project: format!("project-{}", if moved { 0 } else { r % 2 }),
+                user: format!("user-{}", if moved { 2 } else { r % 3 }),
+                flavor: if r == 2 && i >= 100 {
+                    "m1.large"
+                } else {
+                    "m1.small"
+                },
                 unit: if r == 4 { "ratio" } else { "%" },
                 ts: base
                     + chrono::Duration::microseconds(
@@ -646,6 +657,7 @@ async fn statistics_match_an_independent_computation() {
             rid: "vm-sparse".into(),
             project: "project-1".into(),
             user: "user-2".into(),
+            flavor: "m1.small",
             unit: "%",
             ts: base + chrono::Duration::microseconds(i * 130_000_000 + 17),
             v: i as f64 * 1.5,
@@ -727,6 +739,25 @@ async fn statistics_match_an_independent_computation() {
             true,
         ),
         (
+            "period=600&groupby=resource_metadata.instance_type&groupby=project_id".into(),
+            None,
+            None,
+            Some(600_000_000),
+            vec!["resource_metadata.instance_type", "project_id"],
+            false,
+        ),
+        (
+            format!(
+                "{}&period=600&groupby=resource_metadata.instance_type&groupby=resource_id",
+                ge(minute(0))
+            ),
+            Some(minute(0)),
+            None,
+            Some(600_000_000),
+            vec!["resource_metadata.instance_type", "resource_id"],
+            true,
+        ),
+        (
             format!("{}&{}&groupby=user_id", ge(minute(2)), lt(minute(9))),
             Some(minute(2)),
             Some(minute(9)),
@@ -766,6 +797,7 @@ async fn statistics_match_an_independent_computation() {
         rid: "clock".into(),
         project: "project-0".into(),
         user: "user-0".into(),
+        flavor: "m1.small",
         unit: "s",
         ts: base + chrono::Duration::hours(3),
         v: 1.0,
@@ -798,8 +830,8 @@ async fn statistics_match_an_independent_computation() {
     .unwrap();
     assert_eq!(
         (rows, sparse),
-        (6, 1),
-        "5 dense series and the sparse one, one hour each"
+        (8, 1),
+        "5 dense resources (vm-2 and vm-3 with two attributions each) and the sparse one, one hour each"
     );
     let before = paths(&request(&addr, "GET", "/metrics", &[], None).await.1);
     check_cases(&addr, &data, &cases).await;
@@ -816,6 +848,7 @@ async fn statistics_match_an_independent_computation() {
         rid: "vm-1".into(),
         project: "project-1".into(),
         user: "user-1".into(),
+        flavor: "m1.small",
         unit: "%",
         ts: minute(4) + chrono::Duration::microseconds(31_000_001),
         v: 1234.5,
@@ -856,6 +889,281 @@ async fn statistics_match_an_independent_computation() {
         assert!((got - sd).abs() < 1e-6, "{got} vs {sd}");
         assert!(row.get("max").is_none(), "{row}");
     }
+
+    drop(collector);
+    db.close().await;
+    drop_database(&admin, &names).await;
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// Each sample keeps the user, project, source and metadata it was taken with (storage
+/// version 4): a resource resized and then moved to another project answers every read
+/// per sample, each project sees its own samples only, `/v2/resources` shows the newest
+/// attribution (within the caller's project), and a post into a resource whose newest
+/// samples are another project's is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sample_keeps_its_attribution() {
+    let names = Names::new("at");
+    let p2 = "project-2-token";
+    let auth = [
+        ("VMETER_HTTP__ADMIN_TOKENS".into(), format!("[{ADMIN}]")),
+        (
+            "VMETER_HTTP__PROJECT_TOKENS".into(),
+            format!("{{{P1}: project-1, {p2}: project-2}}"),
+        ),
+    ];
+    let (admin, addr, collector, logs) = start_api(&names, &auth).await;
+    // vm-x: m1.small in project-1 (10:00, 10:10), resized to m1.large (10:20, 10:30), then
+    // moved to project-2 (10:40, 10:50). Posted newest first, in one body: the order of
+    // arrival must not matter.
+    let body = json!([
+        sample("vm-x", "project-2", "2026-03-01T10:50:00", 6.0, "m1.large"),
+        sample("vm-x", "project-2", "2026-03-01T10:40:00", 5.0, "m1.large"),
+        sample("vm-x", "project-1", "2026-03-01T10:30:00", 4.0, "m1.large"),
+        sample("vm-x", "project-1", "2026-03-01T10:20:00", 3.0, "m1.large"),
+        sample("vm-x", "project-1", "2026-03-01T10:10:00", 2.0, "m1.small"),
+        sample("vm-x", "project-1", "2026-03-01T10:00:00", 1.0, "m1.small"),
+    ]);
+    let (code, b) = post(&addr, "/v2/meters/cpu_util?direct=true", ADMIN, &body).await;
+    assert_eq!(code, 201, "{b}\n{}", collector.log_text());
+
+    // Samples, admin: each as it was taken.
+    let (_, ss) = get_json(
+        &addr,
+        "/v2/samples?q.field=resource_id&q.value=vm-x",
+        Some(ADMIN),
+    )
+    .await;
+    let got: Vec<(f64, &str, &str)> = ss
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["volume"].as_f64().unwrap(),
+                s["project_id"].as_str().unwrap(),
+                s["metadata"]["instance_type"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (6.0, "project-2", "m1.large"),
+            (5.0, "project-2", "m1.large"),
+            (4.0, "project-1", "m1.large"),
+            (3.0, "project-1", "m1.large"),
+            (2.0, "project-1", "m1.small"),
+            (1.0, "project-1", "m1.small"),
+        ],
+        "{ss}"
+    );
+    // The old Ceilometer form (`/v2/meters/{meter}`) and a metadata filter, per sample.
+    let (_, ss) = get_json(
+        &addr,
+        "/v2/meters/cpu_util?q.field=metadata.instance_type&q.value=m1.small",
+        Some(ADMIN),
+    )
+    .await;
+    let vols: Vec<f64> = ss
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["counter_volume"].as_f64().unwrap())
+        .collect();
+    assert_eq!(vols, vec![2.0, 1.0], "{ss}");
+
+    // Project scope: project-1 sees its four samples, project-2 its two.
+    for (token, want) in [(P1, vec![4.0, 3.0, 2.0, 1.0]), (p2, vec![6.0, 5.0])] {
+        let (_, ss) = get_json(
+            &addr,
+            "/v2/samples?q.field=resource_id&q.value=vm-x",
+            Some(token),
+        )
+        .await;
+        let vols: Vec<f64> = ss
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["volume"].as_f64().unwrap())
+            .collect();
+        assert_eq!(vols, want, "{token}: {ss}");
+        let (_, st) = get_json(
+            &addr,
+            "/v2/meters/cpu_util/statistics?groupby=resource_id",
+            Some(token),
+        )
+        .await;
+        assert_eq!(st.as_array().unwrap().len(), 1, "{st}");
+        assert_eq!(st[0]["count"], json!(want.len()), "{token}: {st}");
+        assert_eq!(
+            st[0]["sum"],
+            json!(want.iter().sum::<f64>()),
+            "{token}: {st}"
+        );
+    }
+
+    // Statistics grouped by the sample's own project and flavor (admin).
+    let (_, st) = get_json(
+        &addr,
+        "/v2/meters/cpu_util/statistics?groupby=project_id&groupby=resource_metadata.instance_type",
+        Some(ADMIN),
+    )
+    .await;
+    let rows: Vec<(&str, &str, i64, f64)> = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["groupby"]["project_id"].as_str().unwrap(),
+                r["groupby"]["resource_metadata.instance_type"]
+                    .as_str()
+                    .unwrap(),
+                r["count"].as_i64().unwrap(),
+                r["sum"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("project-1", "m1.large", 2, 7.0),
+            ("project-1", "m1.small", 2, 3.0),
+            ("project-2", "m1.large", 2, 11.0),
+        ],
+        "{st}"
+    );
+    // One resource, however many attributions: one group, counted once.
+    let (_, st) = get_json(
+        &addr,
+        "/v2/meters/cpu_util/statistics?groupby=resource_id&period=3600",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(st.as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(
+        (&st[0]["count"], &st[0]["sum"]),
+        (&json!(6), &json!(21.0)),
+        "{st}"
+    );
+    let (_, st) = get_json(&addr, "/v2/meters/cpu_util/statistics?aggregate.func=cardinality&aggregate.param=resource_id&aggregate.func=cardinality&aggregate.param=project_id", Some(ADMIN)).await;
+    assert_eq!(st[0]["aggregate"]["cardinality/resource_id"], 1, "{st}");
+    assert_eq!(st[0]["aggregate"]["cardinality/project_id"], 2, "{st}");
+
+    // Resources: the newest attribution, within the caller's project; first and last seen
+    // over what the caller may see.
+    let (_, r) = get_json(&addr, "/v2/resources/vm-x", Some(ADMIN)).await;
+    assert_eq!(
+        (
+            &r["project_id"],
+            &r["metadata"]["instance_type"],
+            &r["first_sample_timestamp"],
+            &r["last_sample_timestamp"]
+        ),
+        (
+            &json!("project-2"),
+            &json!("m1.large"),
+            &json!("2026-03-01T10:00:00.000000"),
+            &json!("2026-03-01T10:50:00.000000")
+        ),
+        "{r}"
+    );
+    let (_, r) = get_json(&addr, "/v2/resources", Some(P1)).await;
+    assert_eq!(r.as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(
+        (
+            &r[0]["project_id"],
+            &r[0]["metadata"]["instance_type"],
+            &r[0]["last_sample_timestamp"]
+        ),
+        (
+            &json!("project-1"),
+            &json!("m1.large"),
+            &json!("2026-03-01T10:30:00.000000")
+        ),
+        "project-1 sees its own newest, not project-2's metadata: {r}"
+    );
+    let (_, r) = get_json(
+        &addr,
+        "/v2/resources?q.field=metadata.instance_type&q.value=m1.small",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(r.as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(
+        r[0]["last_sample_timestamp"], "2026-03-01T10:10:00.000000",
+        "{r}"
+    );
+
+    // Meters: one entry per owner of the resource.
+    let (_, m) = get_json(&addr, "/v2/meters", Some(ADMIN)).await;
+    let owners: Vec<&str> = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["project_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(owners, vec!["project-1", "project-2"], "{m}");
+
+    // The newest samples are project-2's: project-1 may no longer post for vm-x, project-2 may.
+    let later = json!([sample(
+        "vm-x",
+        "project-1",
+        "2026-03-01T11:00:00",
+        7.0,
+        "m1.large"
+    )]);
+    let (code, b) = post(&addr, "/v2/meters/cpu_util?direct=true", P1, &later).await;
+    assert_eq!(code, 403, "{b}");
+    let later = json!([sample(
+        "vm-x",
+        "project-2",
+        "2026-03-01T11:00:00",
+        7.0,
+        "m1.large"
+    )]);
+    let (code, b) = post(&addr, "/v2/meters/cpu_util?direct=true", p2, &later).await;
+    assert_eq!(code, 201, "{b}");
+
+    // SQL: the samples view per sample; resource_latest the newest.
+    let db = sqlx::PgPool::connect(&names.db_url()).await.unwrap();
+    let rows: Vec<(f64, String, String)> = sqlx::query_as(
+        "select volume, project_id, resource_metadata->>'instance_type' from samples
+         where resource_id = 'vm-x' order by timestamp",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let projects: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(
+        projects,
+        [
+            "project-1",
+            "project-1",
+            "project-1",
+            "project-1",
+            "project-2",
+            "project-2",
+            "project-2"
+        ]
+    );
+    let latest: (String, String) = sqlx::query_as(
+        "select project_id, metadata->>'instance_type' from resource_latest where resource_id = 'vm-x'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(latest, ("project-2".into(), "m1.large".into()));
+    let attributions: i64 =
+        sqlx::query_scalar("select count(*) from resource where resource_id = 'vm-x'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        attributions, 3,
+        "small, large in project-1; large in project-2"
+    );
 
     drop(collector);
     db.close().await;

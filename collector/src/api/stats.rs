@@ -74,8 +74,9 @@ fn aggregates(q: &Query) -> Result<Vec<Agg>, ApiError> {
 /// A `groupby` field: its output name and where its value comes from.
 #[derive(Clone, Copy, PartialEq)]
 enum GroupBy {
-    /// The resource's integer key in the sample table; its name is looked up afterwards
-    /// (no join per sample row).
+    /// The resource id. Read as the sample's attribution id (a resource has one per
+    /// distinct owner and metadata) and named afterwards (no join per sample row); the
+    /// groups of one resource's attributions are then one group.
     ResourceId,
     /// A column of the resource table: its index in [`RESOURCE_GROUPS`].
     Resource(usize),
@@ -373,8 +374,10 @@ fn cpu_bound<T>(f: impl FnOnce() -> T) -> T {
 /// only when a `groupby` field or a cardinality needs one of its columns. Buckets are
 /// `date_bin(period, ts, t0)`.
 async fn from_samples(api: &Api, p: &Plan<'_>) -> Result<(Vec<StatRow>, Groups), ApiError> {
-    let join = p.card_asked[1]
-        || p.card_asked[2]
+    // Samples carry their attribution's id (a resource may have several): joined, the
+    // resource id is grouped and counted by name; not joined, by attribution, and the
+    // groups of one resource are merged below.
+    let join = p.card_asked.iter().any(|a| *a)
         || p.groupby.iter().any(|g| matches!(g, GroupBy::Resource(..)));
     let mut qb = QueryBuilder::new("select ");
     if p.unit_of.values().all(|u| *u == 0) {
@@ -388,6 +391,7 @@ async fn from_samples(api: &Api, p: &Plan<'_>) -> Result<(Vec<StatRow>, Groups),
     }
     for g in &p.groupby {
         match g {
+            GroupBy::ResourceId if join => qb.push(", r.resource_id"),
             GroupBy::ResourceId => qb.push(", s.resource_id"),
             GroupBy::Resource(i) => qb.push(format!(", {}", RESOURCE_GROUPS[*i].1)),
         };
@@ -419,7 +423,7 @@ async fn from_samples(api: &Api, p: &Plan<'_>) -> Result<(Vec<StatRow>, Groups),
     for (asked, col) in p
         .card_asked
         .iter()
-        .zip(["s.resource_id", "r.user_id", "r.project_id"])
+        .zip(["r.resource_id", "r.user_id", "r.project_id"])
     {
         if *asked {
             qb.push(format!(", count(distinct {col})"));
@@ -457,7 +461,11 @@ async fn from_samples(api: &Api, p: &Plan<'_>) -> Result<(Vec<StatRow>, Groups),
 
     // Group keys as they come (resource key, resource-table values), numbered in order of
     // appearance; named and ranked afterwards.
-    let rid_at = p.groupby.iter().position(|g| *g == GroupBy::ResourceId);
+    let rid_at = p
+        .groupby
+        .iter()
+        .position(|g| *g == GroupBy::ResourceId)
+        .filter(|_| !join);
     let mut tmp: HashMap<(i32, Vec<Option<String>>), u32> = HashMap::new();
     let mut out: Vec<StatRow> = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -465,8 +473,8 @@ async fn from_samples(api: &Api, p: &Plan<'_>) -> Result<(Vec<StatRow>, Groups),
         let mut rint = 0;
         for (i, gb) in p.groupby.iter().enumerate() {
             match gb {
-                GroupBy::ResourceId => rint = r.try_get_unchecked(1 + i)?,
-                GroupBy::Resource(..) => {
+                GroupBy::ResourceId if !join => rint = r.try_get_unchecked(1 + i)?,
+                GroupBy::ResourceId | GroupBy::Resource(..) => {
                     texts.push(r.try_get_unchecked::<Option<String>, _>(1 + i)?)
                 }
             }
@@ -523,7 +531,33 @@ async fn from_samples(api: &Api, p: &Plan<'_>) -> Result<(Vec<StatRow>, Groups),
     for r in &mut out {
         r.gid = rank[r.gid as usize];
     }
+    if rid_at.is_some() {
+        out = merge_rows(out);
+    }
     Ok((out, groups))
+}
+
+/// Rows of one (bucket, unit, group) merged into one: the attributions of one resource
+/// come out of PostgreSQL as groups of their own. Distinct counts are not merged: they
+/// are only asked for with the resource table joined, where no group repeats.
+fn merge_rows(mut rows: Vec<StatRow>) -> Vec<StatRow> {
+    rows.sort_unstable_by_key(|r| (r.bucket, r.unit, r.gid));
+    let mut out: Vec<StatRow> = Vec::with_capacity(rows.len());
+    for r in rows {
+        match out.last_mut() {
+            Some(o) if (o.bucket, o.unit, o.gid) == (r.bucket, r.unit, r.gid) => {
+                o.count += r.count;
+                o.min = o.min.min(r.min);
+                o.max = o.max.max(r.max);
+                o.sum += r.sum;
+                o.sumsq += r.sumsq;
+                o.first = o.first.min(r.first);
+                o.last = o.last.max(r.last);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// A partial aggregate of one series: a rolled-up minute, or one sample.
