@@ -78,6 +78,7 @@ async fn documented_sql_answers_the_dashboard_questions() {
 
     // Two VMs over the last 20 minutes, one sample a minute: vm-a 1 vCPU at 25 %, vm-b
     // 2 vCPUs at 50 %; RSS growing 1 MiB a minute; one disk and one NIC with fixed rates.
+    // vm-b is resized (flavor m1.small → m1.medium, same vCPUs) after 8 minutes.
     let now = Utc::now().duration_trunc(Duration::minutes(1)).unwrap();
     let mut batch = Vec::new();
     for (vm, vcpus, util, rss0) in [("vm-a", 1, 0.25, 100.0), ("vm-b", 2, 0.5, 200.0)] {
@@ -88,6 +89,10 @@ async fn documented_sql_answers_the_dashboard_questions() {
             json!({"name": vm, "instance_name": vm, "vnic_name": "tap0", "cpu_number": vcpus});
         for k in 0..20 {
             let ts = now - Duration::minutes(20 - k);
+            let mut md = md.clone();
+            if vm == "vm-b" {
+                md["flavor"] = json!(if k < 8 { "m1.small" } else { "m1.medium" });
+            }
             let ns = k as f64 * 60e9 * util * vcpus as f64;
             batch.push(sample("cpu", SampleType::Cumulative, "ns", ns, vm, ts, &md));
             batch.push(sample(
@@ -151,7 +156,7 @@ async fn documented_sql_answers_the_dashboard_questions() {
     store.write(&batch).await.unwrap();
 
     let queries = doc_queries();
-    assert_eq!(queries.len(), 7, "the seven documented queries");
+    assert_eq!(queries.len(), 8, "the eight documented queries");
     let mut results: HashMap<String, Vec<Value>> = HashMap::new();
     for (name, sql) in &queries {
         let wrapped = format!(
@@ -205,6 +210,15 @@ async fn documented_sql_answers_the_dashboard_questions() {
             "{r}"
         );
     }
+    let changed: Vec<(&Value, f64)> = results["attribution_changes"]
+        .iter()
+        .map(|r| (&r["resource_id"], num(&r["samples"])))
+        .collect();
+    assert_eq!(
+        changed,
+        vec![(&json!("vm-b"), 24.0)],
+        "vm-b's first 8 minutes of cpu, cpu_util and memory.resident"
+    );
     drop_db(&names, &admin, pool).await;
 }
 
@@ -243,7 +257,7 @@ async fn retention_drops_whole_expired_days_and_prunes() {
                 2.0,
                 "r-both",
                 day(5),
-                &md,
+                &json!({"name": "x", "flavor": "before a resize"}),
             ),
             sample(
                 "cpu_util",
@@ -282,8 +296,8 @@ async fn retention_drops_whole_expired_days_and_prunes() {
     assert_eq!(r.partitions.len(), 1, "the day of 5 days ago: {r:?}");
     assert_eq!(
         (r.resources, r.meters),
-        (1, 1),
-        "r-old and old.meter pruned: {r:?}"
+        (2, 1),
+        "r-old, r-both's attribution before its resize and old.meter pruned: {r:?}"
     );
     assert_eq!(count("select count(*) from sample").await, 1);
     assert_eq!(count("select count(*) from resource").await, 1);
