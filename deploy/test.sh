@@ -28,6 +28,14 @@ if [ ! -x "$VMETER_CEILOMETERCLIENT_VENV/bin/ceilometer" ]; then
   "$VMETER_CEILOMETERCLIENT_VENV/bin/pip" install -q --disable-pip-version-check python-ceilometerclient==2.9.0
 fi
 
+# A real Keystone (30.0.0, from PyPI, SQLite backend) for tests/tests/keystone_auth.rs.
+export VMETER_KEYSTONE_VENV=${VMETER_KEYSTONE_VENV:-/opt/vmeter-test/keystone}
+if [ ! -x "$VMETER_KEYSTONE_VENV/bin/keystone-manage" ]; then
+  rm -rf "$VMETER_KEYSTONE_VENV"
+  /usr/bin/python3 -m venv "$VMETER_KEYSTONE_VENV"
+  "$VMETER_KEYSTONE_VENV/bin/pip" install -q --disable-pip-version-check keystone==30.0.0
+fi
+
 # Style gates: formatting and lints (warnings are errors).
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

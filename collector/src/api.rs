@@ -40,11 +40,14 @@ pub struct Auth {
     pub admin: Vec<String>,
     /// Token → the one project it sees.
     pub projects: BTreeMap<String, String>,
+    /// Tokens that are neither are validated against Keystone, if configured.
+    pub keystone: Option<Arc<crate::keystone::Keystone>>,
 }
 
 impl Auth {
-    fn enabled(&self) -> bool {
-        !self.admin.is_empty() || !self.projects.is_empty()
+    /// Whether callers must authenticate (else every caller is admin).
+    pub fn enabled(&self) -> bool {
+        !self.admin.is_empty() || !self.projects.is_empty() || self.keystone.is_some()
     }
 }
 
@@ -118,6 +121,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     /// What Ceilometer moved to another service (alarms, events).
     Gone(String),
+    /// A service the answer depends on (Keystone) cannot be asked.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -130,6 +135,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
             ApiError::Gone(m) => (StatusCode::GONE, m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "API request failed.");
                 (
@@ -387,8 +393,9 @@ pub fn parse_sample_id(id: &str) -> Option<(i32, i32, DateTime<Utc>)> {
     Some((m, r, DateTime::from_timestamp_micros(us)?))
 }
 
-/// Resolves the caller from `Authorization: Bearer T` or `X-Auth-Token: T`.
-fn caller(api: &Api, headers: &HeaderMap) -> Result<Caller, ApiError> {
+/// Resolves the caller from `Authorization: Bearer T` or `X-Auth-Token: T`: the static
+/// tokens first, then Keystone (if configured).
+async fn caller(api: &Api, headers: &HeaderMap) -> Result<Caller, ApiError> {
     if !api.auth.enabled() {
         return Ok(Caller::Admin);
     }
@@ -421,8 +428,27 @@ fn caller(api: &Api, headers: &HeaderMap) -> Result<Caller, ApiError> {
         return Ok(Caller::Admin);
     }
     match project {
-        Some(p) if !token.is_empty() => Ok(Caller::Project(p.clone())),
-        _ => Err(ApiError::Unauthorized("invalid token".into())),
+        Some(p) if !token.is_empty() => return Ok(Caller::Project(p.clone())),
+        _ => {}
+    }
+    let Some(keystone) = api.auth.keystone.as_ref().filter(|_| !token.is_empty()) else {
+        return Err(ApiError::Unauthorized("invalid token".into()));
+    };
+    match keystone.validate(token).await {
+        Ok(Some(id)) if id.admin => Ok(Caller::Admin),
+        Ok(Some(crate::keystone::Identity {
+            project: Some(p), ..
+        })) => Ok(Caller::Project(p)),
+        Ok(Some(_)) => Err(ApiError::Unauthorized(
+            "the token is not scoped to a project".into(),
+        )),
+        Ok(None) => Err(ApiError::Unauthorized("invalid token".into())),
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not validate a token with Keystone.");
+            Err(ApiError::Unavailable(format!(
+                "the token could not be validated: {e}"
+            )))
+        }
     }
 }
 
@@ -463,14 +489,14 @@ struct Fields {
 
 /// What every query endpoint does first: authenticate, parse the query string, check its
 /// extra parameters against `params`, and turn the filters into conditions.
-fn request(
+async fn request(
     api: &Api,
     headers: &HeaderMap,
     raw: Option<&str>,
     params: &[&str],
     fields: Fields,
 ) -> Result<(Query, Cond), ApiError> {
-    let who = caller(api, headers)?;
+    let who = caller(api, headers).await?;
     let q = parse_query(raw)?;
     q.only(params)?;
     let c = conditions(&q, fields, &who)?;
@@ -1065,7 +1091,7 @@ async fn meter_samples(
     Path(meter): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (q, mut c) = request(&api, &headers, raw.as_deref(), &[], SAMPLES)?;
+    let (q, mut c) = request(&api, &headers, raw.as_deref(), &[], SAMPLES).await?;
     c.meter = Some(meter);
     let limit = limit(&api, &q)?;
     sample_list(&api, c, limit, OLD_SAMPLE).await
@@ -1081,7 +1107,7 @@ async fn list_samples(
         meter: true,
         ..SAMPLES
     };
-    let (q, c) = request(&api, &headers, raw.as_deref(), &[], fields)?;
+    let (q, c) = request(&api, &headers, raw.as_deref(), &[], fields).await?;
     let limit = limit(&api, &q)?;
     sample_list(&api, c, limit, NEW_SAMPLE).await
 }
@@ -1093,7 +1119,7 @@ async fn one_sample(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound(format!("Sample {id} Not Found"));
-    let (_, mut c) = request(&api, &headers, None, &[], SAMPLES)?;
+    let (_, mut c) = request(&api, &headers, None, &[], SAMPLES).await?;
     match (parse_sample_id(&id), parse_named_sample_id(&id)) {
         (Some(key), _) => c.sample = Some(key),
         (None, Some((meter, resource, ts))) => {
@@ -1142,7 +1168,7 @@ async fn list_meters(
         meter: false,
         message_id: false,
     };
-    let (q, c) = request(&api, &headers, raw.as_deref(), &["unique"], fields)?;
+    let (q, c) = request(&api, &headers, raw.as_deref(), &["unique"], fields).await?;
     let unique = matches!(q.param("unique"), Some("true" | "True" | "1"));
     let mut qb = QueryBuilder::new(if unique {
         "select distinct m.name, m.type, m.unit, null::text, null::text, null::text, null::text
@@ -1189,7 +1215,7 @@ async fn list_resources(
         meter: true,
         message_id: false,
     };
-    let (q, c) = request(&api, &headers, raw.as_deref(), &["meter_links"], fields)?;
+    let (q, c) = request(&api, &headers, raw.as_deref(), &["meter_links"], fields).await?;
     let links = !matches!(q.param("meter_links"), Some("0" | "false" | "False"));
     let qb = resources_query(&c, limit(&api, &q)?);
     stream_list(api.pool.clone(), qb, move |r| {
@@ -1204,7 +1230,7 @@ async fn one_resource(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (_, mut c) = request(&api, &headers, None, &[], SAMPLES)?;
+    let (_, mut c) = request(&api, &headers, None, &[], SAMPLES).await?;
     c.resource = Some(id.clone());
     let row = fetch_resources(&api, &c, 1)
         .await?
@@ -1394,7 +1420,7 @@ async fn post_samples(
     RawQuery(raw): RawQuery,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Vec<Value>>), ApiError> {
-    let who = caller(&api, &headers)?;
+    let who = caller(&api, &headers).await?;
     let q = parse_query(raw.as_deref())?;
     q.only(&["direct"])?;
     let direct = matches!(q.param("direct"), Some("true" | "True" | "1"));

@@ -53,6 +53,20 @@ impl Config {
                 ));
             }
         }
+        if let Some(k) = &self.http.keystone {
+            if !k.url.starts_with("http://") && !k.url.starts_with("https://") {
+                return Err(invalid(
+                    "http.keystone.url",
+                    format!("{:?} is not an http(s) URL", k.url),
+                ));
+            }
+            if k.password.is_some() == k.password_file.is_some() {
+                return Err(invalid(
+                    "http.keystone.password",
+                    "give exactly one of password and password_file".into(),
+                ));
+            }
+        }
         if self.http.max_limit < 1 || self.http.default_limit < 1 {
             return Err(invalid(
                 "http.max_limit",
@@ -80,6 +94,8 @@ pub struct HttpConfig {
     pub admin_tokens: Vec<String>,
     /// Token → project id: such a token sees (and may post for) that project only.
     pub project_tokens: std::collections::BTreeMap<String, String>,
+    /// Validate other tokens against Keystone v3 (`null`: static tokens only).
+    pub keystone: Option<crate::keystone::KeystoneConfig>,
 }
 
 impl Default for HttpConfig {
@@ -90,6 +106,7 @@ impl Default for HttpConfig {
             max_limit: 100_000,
             admin_tokens: Vec::new(),
             project_tokens: Default::default(),
+            keystone: None,
         }
     }
 }

@@ -103,11 +103,19 @@ fn main() -> ExitCode {
         let health = http::Health::default();
         let maintenance = tokio::spawn(maintain(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
         let rollups = tokio::spawn(roll_up(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
+        let keystone = match cfg.http.keystone.clone().map(collector::keystone::Keystone::new).transpose() {
+            Ok(k) => k.map(Arc::new),
+            Err(e) => {
+                tracing::error!(error = %e, "Invalid http.keystone configuration.");
+                return ExitCode::from(2);
+            }
+        };
         let auth = api::Auth {
             admin: cfg.http.admin_tokens.clone(),
             projects: cfg.http.project_tokens.clone(),
+            keystone,
         };
-        if auth.admin.is_empty() && auth.projects.is_empty() {
+        if !auth.enabled() {
             tracing::warn!(listen = %cfg.http.listen, "API authentication is off (no http.admin_tokens / http.project_tokens): every caller is admin.");
         }
         let raw = Arc::new(collector::raw::RawPublisher::new(cfg.broker.clone(), cfg.signing.signer("collector-api")));

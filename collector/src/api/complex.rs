@@ -296,7 +296,7 @@ pub(super) async fn query_samples(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api, &headers)?;
+    let who = caller(&api, &headers).await?;
     let q: ComplexQuery = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("body is not a complex query: {e}")))?;
     let limit = limit_of(&api, q.limit()?)?;

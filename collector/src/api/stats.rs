@@ -221,7 +221,7 @@ pub(super) async fn statistics(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = ["groupby", "period", "aggregate.func", "aggregate.param"];
-    let (q, mut c) = request(&api, &headers, raw.as_deref(), &params, SAMPLES)?;
+    let (q, mut c) = request(&api, &headers, raw.as_deref(), &params, SAMPLES).await?;
     c.meter = Some(meter);
     let period: Option<f64> = match q.param("period") {
         None => None,
