@@ -15,12 +15,17 @@
 //! is a 400, not a deep recursion. A project token only ever sees its project's samples.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 use sqlx::{Postgres, QueryBuilder, Row};
 
-use super::{Api, ApiError, Caller, caller, flat, iso, limit_of, stream_list, write_sample_id};
+use super::Api;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::ids::write_sample_id;
+use super::query::limit_of;
+use super::shape::{flat, iso};
+use super::stream::stream_list;
 
 /// Deepest nesting of `and`/`or`/`not` a filter may have.
 pub const MAX_DEPTH: usize = 32;
@@ -293,10 +298,9 @@ pub fn build(
 /// `POST /v2/query/samples`.
 pub(super) async fn query_samples(
     State(api): State<Api>,
-    headers: HeaderMap,
+    who: Caller,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api, &headers).await?;
     let q: ComplexQuery = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("body is not a complex query: {e}")))?;
     let limit = limit_of(&api, q.limit()?)?;

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::ApiError;
+use super::error::ApiError;
 
 /// The v2 version entry of Ceilometer's version document, its links on `host`.
 fn v2_entry(headers: &HeaderMap) -> Value {
@@ -63,4 +63,18 @@ pub(super) async fn method_not_allowed(
     uri: axum::http::Uri,
 ) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// `GET /v2/capabilities`.
+pub(super) async fn capabilities() -> Json<Value> {
+    let agg = json!({"standard": true, "selectable": {"max": true, "min": true, "sum": true, "avg": true, "count": true, "stddev": true, "cardinality": true, "quartile": false}});
+    Json(json!({
+        "api": {
+            "meters": {"query": {"simple": true, "metadata": true}},
+            "resources": {"query": {"simple": true, "metadata": true}},
+            "samples": {"query": {"simple": true, "metadata": true, "complex": false}},
+            "statistics": {"groupby": true, "query": {"simple": true, "metadata": true}, "aggregation": agg},
+        },
+        "storage": {"storage:production_ready": true},
+    }))
 }

@@ -14,17 +14,19 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::postgres::types::PgInterval;
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
-use super::{
-    Api, ApiError, Cond, MeterInfo, Query, SAMPLES, json_bytes, meters_named, push_cond, push_ids,
-    request, resource_ids, sample_level,
-};
+use super::Api;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::query::{Cond, Query, request};
+use super::samples::SAMPLES;
+use super::sql::{MeterInfo, meters_named, push_cond, push_ids, resource_ids, sample_level};
+use super::stream::json_bytes;
 use crate::jsonw::{self, JsonBuf};
 use crate::rollup::{self, WINDOW_US};
 
@@ -216,12 +218,12 @@ fn bucket_grid(
 /// `[t0 + kP, t0 + (k+1)P)`, with `t0` the query's start or else the first sample's time.
 pub(super) async fn statistics(
     State(api): State<Api>,
-    headers: HeaderMap,
+    who: Caller,
     Path(meter): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = ["groupby", "period", "aggregate.func", "aggregate.param"];
-    let (q, mut c) = request(&api, &headers, raw.as_deref(), &params, SAMPLES).await?;
+    let (q, mut c) = request(&who, raw.as_deref(), &params, SAMPLES)?;
     c.meter = Some(meter);
     let period: Option<f64> = match q.param("period") {
         None => None,
