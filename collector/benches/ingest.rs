@@ -299,7 +299,7 @@ async fn main() {
     let pool = PgPool::connect(&db_url).await.unwrap();
     // Every closed hour rolled up: data time is the newest sample, the lag the default.
     let newest = t0() + chrono::Duration::seconds((POINTS as i64 - 1) * 10);
-    let want = collector::rollup::floor_hour(newest - chrono::Duration::seconds(600));
+    let want = collector::store::rollup::floor_hour(newest - chrono::Duration::seconds(600));
     let waited = Instant::now();
     loop {
         let wm: Option<chrono::DateTime<Utc>> =

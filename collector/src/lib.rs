@@ -1,8 +1,8 @@
 //! vmeter's collector: stores processed samples in PostgreSQL and serves the v2 query API.
 //!
 //! Module map:
-//! - [`store`]: schema migrations, partitions, idempotent batched inserts.
-//! - [`rollup`]: per-minute rollups of closed hours, for statistics.
+//! - [`store`]: schema migrations, partitions, idempotent batched inserts, rollups, retention.
+//! - [`jobs`]: the background jobs (partitions ahead and retention, rollups).
 //! - [`ingest`]: the AMQP consumer loop (ack after commit, dead-letter what can never be stored).
 //! - [`api`]: the Ceilometer-v2-style HTTP API.
 //! - [`keystone`]: Keystone v3 token validation for the API.
@@ -12,8 +12,8 @@
 pub mod api;
 pub mod config;
 pub mod ingest;
+pub mod jobs;
 pub mod jsonw;
 pub mod keystone;
 pub mod raw;
-pub mod rollup;
 pub mod store;

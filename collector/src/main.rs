@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use collector::config::Config;
 use collector::store::{self, Store};
-use collector::{api, ingest};
+use collector::{api, ingest, jobs};
 use vmeter_core::amqp::Backoff;
 use vmeter_core::{config, http, shutdown, telemetry};
 
@@ -101,8 +101,8 @@ fn main() -> ExitCode {
             tracing::warn!(error = %e, "Could not create partitions ahead; they will be created on first insert.");
         }
         let health = http::Health::default();
-        let maintenance = tokio::spawn(maintain(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
-        let rollups = tokio::spawn(roll_up(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
+        let maintenance = tokio::spawn(jobs::maintain(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
+        let rollups = tokio::spawn(jobs::roll_up(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
         let keystone = match cfg.http.keystone.clone().map(collector::keystone::Keystone::new).transpose() {
             Ok(k) => k.map(Arc::new),
             Err(e) => {
@@ -160,93 +160,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Every `maintenance_interval_secs`: create partitions ahead and apply `retention_days`.
-async fn maintain(
-    mut store: Store,
-    cfg: collector::config::DatabaseConfig,
-    mut stop: shutdown::Shutdown,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(cfg.maintenance_interval_secs.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown::wait(&mut stop) => return,
-        }
-        let now = chrono::Utc::now();
-        if let Err(e) = store
-            .ensure_partitions_around(now, cfg.partitions_ahead_days)
-            .await
-        {
-            tracing::warn!(error = %e, "Could not create partitions ahead; retrying next round.");
-        }
-        let Some(days) = cfg.retention_days else {
-            continue;
-        };
-        match store.apply_retention(now, days).await {
-            Ok(r) if r.partitions.is_empty() => tracing::debug!("Retention: nothing expired."),
-            Ok(r) => tracing::info!(
-                dropped = ?r.partitions,
-                series = r.series,
-                resources = r.resources,
-                meters = r.meters,
-                retention_days = days,
-                "Retention: expired partitions dropped, empty series/resources/meters pruned."
-            ),
-            Err(e) => tracing::warn!(error = %e, "Retention failed; retrying next round."),
-        }
-    }
-}
-
-/// Every `rollup_interval_secs`: roll up the hours that closed (docs/storage.md, "Rollups").
-/// A backlog is worked off 24 hours per round, without waiting for the next tick.
-async fn roll_up(
-    store: Store,
-    cfg: collector::config::DatabaseConfig,
-    mut stop: shutdown::Shutdown,
-) {
-    if cfg.rollup_interval_secs == 0 {
-        return;
-    }
-    let hours = vmeter_core::telemetry::counter(
-        "vmeter_rollup_hours_total",
-        "Hours rolled up by the rollup job (one transaction each).",
-        &[],
-    );
-    let mut tick = tokio::time::interval(Duration::from_secs(cfg.rollup_interval_secs));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let lag =
-        chrono::Duration::seconds(cfg.rollup_lag_secs.min(i64::MAX as u64 / 2_000_000) as i64);
-    let mut caught_up = true;
-    loop {
-        if caught_up {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown::wait(&mut stop) => return,
-            }
-        }
-        let started = std::time::Instant::now();
-        match store.roll_up(chrono::Utc::now(), lag, 24).await {
-            Ok(run) => {
-                hours.add(u64::from(run.hours));
-                caught_up = run.caught_up;
-                if run.hours > 0 {
-                    tracing::info!(
-                        hours = run.hours,
-                        rows = run.rows,
-                        watermark = ?run.watermark,
-                        caught_up = run.caught_up,
-                        ms = started.elapsed().as_millis() as u64,
-                        "Rolled up closed hours."
-                    );
-                }
-            }
-            Err(e) => {
-                caught_up = true;
-                tracing::warn!(error = %e, "Rollup failed; retrying next round.");
-            }
-        }
-    }
 }

@@ -10,8 +10,8 @@
 //! this test failed in 4 runs of 5, without the fold in every run.
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
-use collector::rollup::{self, Minute};
 use collector::store::Store;
+use collector::store::rollup::{self, Minute};
 use vmeter_core::Sample;
 use vmeter_e2e::{Names, cpu_util_sample, create_database, drop_database};
 

@@ -9,8 +9,8 @@ use super::{Groups, Plan, StatRow, from_micros, micros, rank_groups};
 use crate::api::Api;
 use crate::api::error::ApiError;
 use crate::api::sql::push_ids;
-use crate::rollup;
-use crate::rollup::WINDOW_US;
+use crate::store::rollup;
+use crate::store::rollup::WINDOW_US;
 
 /// A partial aggregate of one series: a rolled-up minute, or one sample.
 #[derive(Clone, Copy)]

@@ -1,7 +1,7 @@
 //! `GET /v2/meters/{meter}/statistics`.
 //!
 //! Two ways to the same answer:
-//! - **from the rollups** (collector/src/rollup.rs) when every bucket bound is a whole
+//! - **from the rollups** (collector/src/store/rollup.rs) when every bucket bound is a whole
 //!   minute (the period is a multiple of 60 s and the buckets start on a minute, `timestamp`
 //!   bounds with `ge`/`lt` on minutes) and no cardinality is asked: the rolled-up hours are
 //!   read as packed per-minute partial aggregates, the hours after the watermark (and

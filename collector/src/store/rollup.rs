@@ -18,11 +18,10 @@
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
-use crate::store::{Store, StoreError, partition_days};
-
-/// Advisory lock key: exclusive for the rollup job and retention, shared for sample writes.
-/// Always taken before the partition lock.
-pub const ROLLUP_LOCK: i64 = 7_266_315_513;
+use super::locks;
+pub use super::locks::ROLLUP_LOCK;
+use super::partitions::partition_days;
+use super::{Store, StoreError};
 
 /// PostgreSQL's `timestamptz` epoch, the origin of every `date_bin` here (UTC minutes and
 /// hours whatever the session's time zone).
@@ -253,10 +252,7 @@ impl Store {
         let mut run = RollupRun::default();
         loop {
             let mut tx = self.pool().begin().await?;
-            sqlx::query("select pg_advisory_xact_lock($1)")
-                .bind(ROLLUP_LOCK)
-                .execute(&mut *tx)
-                .await?;
+            locks::exclusive(&mut tx, ROLLUP_LOCK).await?;
             let wm = watermark(&mut tx).await?;
             run.watermark = wm;
             let (oldest, newest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
