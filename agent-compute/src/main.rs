@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use vmeter_core::service as skeleton;
 use vmeter_core::{http, shutdown, telemetry};
 
 use agent_compute::config::Config;
@@ -53,34 +54,23 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
-    let mut cfg = match vmeter_core::config::load::<Config>(
-        cli.config.as_deref(),
-        &vmeter_core::config::default_path("agent-compute"),
-    ) {
-        Ok((c, _)) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+    let mut cfg: Config = match skeleton::load_config(cli.config.as_deref(), "agent-compute") {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     if let Err(e) = cfg.signing.resolve() {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
+        return skeleton::config_error(e);
     }
     // Small AMQP frames: the client's I/O buffers are 32 frames each (8 MiB at the broker's
     // 128 KiB), the largest item of this agent's memory otherwise.
     cfg.broker.frame_max.get_or_insert(AGENT_FRAME_MAX);
     if let Err(e) = cfg.validate() {
-        eprintln!("error: config: {e}");
-        return ExitCode::from(2);
+        return skeleton::config_error(format!("config: {e}"));
     }
     let (sources, source_warnings) = match &cfg.polling.sources_file {
         Some(p) => match sources::load(p) {
             Ok(x) => x,
-            Err(e) => {
-                eprintln!("error: polling.sources_file: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return skeleton::config_error(format!("polling.sources_file: {e}")),
         },
         None => (sources::every_meter(cfg.polling.interval_secs), Vec::new()),
     };
@@ -176,24 +166,16 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            rt.block_on(async move {
+            skeleton::runtime().block_on(async move {
                 let stop = shutdown::on_signals();
                 let health = http::Health::default();
-                let web = tokio::spawn(http::serve(
-                    cfg.http.listen,
-                    http::router(health.clone()),
-                    stop.clone(),
-                ));
-                let r = poller::run(cfg, sources, uri, host, health, stop).await;
-                web.abort();
-                match r {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Agent failed.");
-                        ExitCode::FAILURE
-                    }
-                }
+                let listener = match skeleton::bind(cfg.http.listen).await {
+                    Ok(l) => l,
+                    Err(code) => return code,
+                };
+                let app = http::router(health.clone());
+                let work = poller::run(cfg, sources, uri, host, health, stop.clone());
+                skeleton::serve_with("Agent", listener, app, stop, work).await
             })
         }
     }

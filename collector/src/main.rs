@@ -10,7 +10,8 @@ use collector::config::Config;
 use collector::store::{self, Store};
 use collector::{api, ingest, jobs};
 use vmeter_core::amqp::Backoff;
-use vmeter_core::{config, http, shutdown, telemetry};
+use vmeter_core::service as skeleton;
+use vmeter_core::{http, shutdown, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -45,17 +46,12 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
-    let mut cfg =
-        match config::load::<Config>(cli.config.as_deref(), &config::default_path("collector")) {
-            Ok((c, _)) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-        };
+    let mut cfg: Config = match skeleton::load_config(cli.config.as_deref(), "collector") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     if let Err(e) = cfg.signing.resolve().and_then(|()| cfg.validate()) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
+        return skeleton::config_error(e);
     }
     if matches!(cli.cmd, Some(Cmd::CheckConfig)) {
         println!("config OK");
@@ -63,14 +59,12 @@ fn main() -> ExitCode {
     }
     telemetry::init_logging(&cfg.log);
     let migrate_only = matches!(cli.cmd, Some(Cmd::Migrate));
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    rt.block_on(async move {
+    skeleton::runtime().block_on(async move {
         let mut stop = shutdown::on_signals();
         let pool = match store::pool(&cfg.database.url, cfg.database.max_connections) {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("error: database.url {}: {e}", vmeter_core::amqp::redact_url(&cfg.database.url));
-                return ExitCode::from(2);
+                return skeleton::config_error(format!("database.url {}: {e}", vmeter_core::amqp::redact_url(&cfg.database.url)));
             }
         };
         let mut store = Store::new(pool.clone());
@@ -105,10 +99,7 @@ fn main() -> ExitCode {
         let rollups = tokio::spawn(jobs::roll_up(Store::new(pool.clone()), cfg.database.clone(), stop.clone()));
         let keystone = match cfg.http.keystone.clone().map(collector::keystone::Keystone::new).transpose() {
             Ok(k) => k.map(Arc::new),
-            Err(e) => {
-                tracing::error!(error = %e, "Invalid http.keystone configuration.");
-                return ExitCode::from(2);
-            }
+            Err(e) => return skeleton::config_error(format!("http.keystone: {e}")),
         };
         let auth = api::Auth {
             admin: cfg.http.admin_tokens.clone(),
@@ -127,37 +118,14 @@ fn main() -> ExitCode {
             auth: Arc::new(auth),
             raw: Some(raw),
         }));
-        let listen = cfg.http.listen;
-        let mut web = tokio::spawn(http::serve(listen, app, stop.clone()));
-        // A web server that cannot bind must stop the collector, not be noticed at exit.
-        let stopping = stop.clone();
-        let ingest = ingest::run(cfg, store.pool().clone(), health, stop);
-        tokio::pin!(ingest);
-        let result = tokio::select! {
-            r = &mut ingest => r,
-            w = &mut web => {
-                if *stopping.borrow() && matches!(w, Ok(Ok(()))) {
-                    // Graceful shutdown: the server finished first; let ingest finish too.
-                    ingest.await
-                } else {
-                    let msg = match w {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "HTTP server stopped".to_string(),
-                    };
-                    tracing::error!(%listen, error = %msg, "HTTP API could not serve.");
-                    return ExitCode::FAILURE;
-                }
-            }
+        let listener = match skeleton::bind(cfg.http.listen).await {
+            Ok(l) => l,
+            Err(code) => return code,
         };
-        web.abort();
+        let ingest = ingest::run(cfg, store.pool().clone(), health, stop.clone());
+        let code = skeleton::serve_with("Collector", listener, app, stop, ingest).await;
         maintenance.abort();
         rollups.abort();
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %e, "Collector failed.");
-                ExitCode::FAILURE
-            }
-        }
+        code
     })
 }

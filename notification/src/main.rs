@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use notification::definition;
 use notification::service::{self, Config};
-use vmeter_core::{config, http, shutdown, telemetry};
+use vmeter_core::service as skeleton;
+use vmeter_core::{http, shutdown, telemetry};
 
 /// Samples are many small short-lived allocations; mimalloc roughly doubles pipeline
 /// throughput over glibc malloc (`cargo bench -p notification --bench pipeline`).
@@ -75,45 +76,26 @@ fn main() -> ExitCode {
             for w in &def.warnings {
                 tracing::warn!("{}: {w}", cfg.pipeline.file.display());
             }
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            rt.block_on(async move {
+            skeleton::runtime().block_on(async move {
                 let stop = shutdown::on_signals();
                 let health = http::Health::default();
-                let web = tokio::spawn(http::serve(
-                    cfg.http.listen,
-                    http::router(health.clone()),
-                    stop.clone(),
-                ));
-                let result = service::run(cfg, Arc::new(def), health, stop).await;
-                web.abort();
-                match result {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Notification service failed.");
-                        ExitCode::FAILURE
-                    }
-                }
+                let listener = match skeleton::bind(cfg.http.listen).await {
+                    Ok(l) => l,
+                    Err(code) => return code,
+                };
+                let app = http::router(health.clone());
+                let work = service::run(cfg, Arc::new(def), health, stop.clone());
+                skeleton::serve_with("Notification service", listener, app, stop, work).await
             })
         }
     }
 }
 
 fn load(path: &Option<PathBuf>) -> Result<(Config, definition::PipelineDef), ExitCode> {
-    let (mut cfg, _) =
-        config::load::<Config>(path.as_deref(), &config::default_path("notification")).map_err(
-            |e| {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            },
-        )?;
-    cfg.signing.resolve().map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(2)
-    })?;
-    let def = definition::load_file(&cfg.pipeline.file).map_err(|e| {
-        eprintln!("error: pipeline does not load:\n{e}");
-        ExitCode::from(2)
-    })?;
+    let mut cfg: Config = skeleton::load_config(path.as_deref(), "notification")?;
+    cfg.signing.resolve().map_err(skeleton::config_error)?;
+    let def = definition::load_file(&cfg.pipeline.file)
+        .map_err(|e| skeleton::config_error(format!("pipeline does not load:\n{e}")))?;
     Ok((cfg, def))
 }
 

@@ -1,7 +1,6 @@
 //! `/health` and `/metrics`, served by every vmeter service.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -56,10 +55,16 @@ pub fn router(health: Health) -> Router {
         )
 }
 
-/// Binds `listen` and serves `app` until shutdown. Errors only if the address cannot be bound.
-pub async fn serve(listen: SocketAddr, app: Router, mut shutdown: Shutdown) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "HTTP endpoint listening.");
+/// Serves `app` on an already bound `listener` until shutdown (see
+/// [`crate::service::serve_with`], which every service uses).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut shutdown: Shutdown,
+) -> std::io::Result<()> {
+    if let Ok(listen) = listener.local_addr() {
+        tracing::info!(%listen, "HTTP endpoint listening.");
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { crate::shutdown::wait(&mut shutdown).await })
         .await

@@ -12,6 +12,8 @@
 //!   name the file, line and key.
 //! - [`telemetry`]: tracing setup and a small Prometheus counter registry.
 //! - [`http`]: the `/health` and `/metrics` endpoints every service exposes.
+//! - [`service`]: the skeleton every service runs in (config exit code 2, runtime, HTTP
+//!   endpoint bound before the work starts, exit codes).
 //! - [`shutdown`]: SIGINT/SIGTERM as a watch channel.
 //! - [`meters`]: meter selection with shell globs and `!` exclusions (pipeline.yaml and
 //!   polling.yaml sources share the rules).
@@ -22,6 +24,7 @@ pub mod contract;
 pub mod http;
 pub mod meters;
 pub mod sample;
+pub mod service;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;

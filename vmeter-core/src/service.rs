@@ -1,0 +1,159 @@
+//! The skeleton every vmeter service runs in: configuration (a bad one is exit code 2),
+//! the runtime, signals, and the HTTP endpoint (`/health`, `/metrics`, and the collector's
+//! API) next to the service's work.
+//!
+//! A service's `main` loads its config with [`load_config`], starts logging, and on the
+//! [`runtime`] binds its listener with [`bind`] *before* its work starts (an address in use
+//! stops the service at once, with a log line naming it), then hands the listener, its
+//! router and its work to [`serve_with`], which runs both until shutdown and turns the
+//! outcome into the exit code.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use axum::Router;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+
+use crate::shutdown::Shutdown;
+
+/// Exit code of a service whose configuration is unusable.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Loads `binary`'s configuration (`explicit`, else `/etc/vmeter/<binary>.yaml` if it
+/// exists, then `VMETER_*` overrides). A bad one is printed (file, line and key) and is
+/// exit code 2.
+pub fn load_config<T>(explicit: Option<&Path>, binary: &str) -> Result<T, ExitCode>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    crate::config::load::<T>(explicit, &crate::config::default_path(binary))
+        .map(|(c, _)| c)
+        .map_err(config_error)
+}
+
+/// Prints a configuration error and gives exit code 2.
+pub fn config_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// The services' runtime: multi-threaded, one worker per core.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Binds the HTTP endpoint's address. Failure (address in use, not permitted) is logged
+/// with the address and is the service's end: exit code 1.
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ExitCode> {
+    match TcpListener::bind(listen).await {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            tracing::error!(%listen, error = %e, "Cannot listen for HTTP; stopping.");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Serves `app` on `listener` and runs `work` until shutdown or until either ends:
+///
+/// - `work` ends well (after shutdown): exit 0;
+/// - `work` fails: logged as `"<name> failed."`, exit 1;
+/// - the HTTP server stops while the service is not shutting down: logged, exit 1 (a
+///   service without `/health` and `/metrics` must not go on unseen).
+pub async fn serve_with<F>(
+    name: &str,
+    listener: TcpListener,
+    app: Router,
+    stop: Shutdown,
+    work: F,
+) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let listen = listener.local_addr().ok();
+    let mut web = tokio::spawn(crate::http::serve_on(listener, app, stop.clone()));
+    tokio::pin!(work);
+    let result = tokio::select! {
+        r = &mut work => r,
+        w = &mut web => {
+            if *stop.borrow() && matches!(w, Ok(Ok(()))) {
+                // Graceful shutdown: the server finished first; let the work finish too.
+                work.await
+            } else {
+                let msg = match w {
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "stopped".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(?listen, error = %msg, "HTTP endpoint failed; stopping.");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    web.abort();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "{name} failed.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_address_in_use_is_the_end_not_a_silent_server_less_service() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        assert!(bind(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn work_and_endpoint_on_a_bound_listener() {
+        let (tx, stop) = tokio::sync::watch::channel(false);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = crate::http::router(crate::http::Health::default());
+        let work = async move {
+            // The endpoint answers while the work runs.
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /health HTTP/1.0\r\n\r\n").await?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await?;
+            anyhow::ensure!(
+                buf.starts_with(b"HTTP/1.0 200"),
+                "{:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            let _ = tx.send(true);
+            Ok(())
+        };
+        assert_eq!(
+            serve_with("test", listener, app, stop, work).await,
+            ExitCode::SUCCESS
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_work_is_exit_code_one() {
+        let (_tx, stop) = tokio::sync::watch::channel(false);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = Router::new();
+        let code = serve_with("test", listener, app, stop, async {
+            anyhow::bail!("broken")
+        })
+        .await;
+        assert_eq!(code, ExitCode::FAILURE);
+    }
+}
