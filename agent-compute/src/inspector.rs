@@ -123,6 +123,8 @@ struct Slot {
     name: String,
     uuid: String,
     since: Option<Instant>,
+    /// `vmeter_agent_libvirt_call_seconds{call}` handles, made once per call kind.
+    timers: Vec<(&'static str, vmeter_core::telemetry::Histogram)>,
 }
 
 /// One libvirt call in progress.
@@ -158,9 +160,31 @@ impl Guard {
         g.since = Some(Instant::now());
     }
 
-    /// Records that no call is in progress.
+    /// Records that no call is in progress, and how long the call took.
     pub fn leave(&self) {
-        self.in_flight.lock().expect("guard poisoned").call = None;
+        let mut g = self.in_flight.lock().expect("guard poisoned");
+        let Some(call) = g.call.take() else {
+            return;
+        };
+        let Some(since) = g.since else {
+            return;
+        };
+        let at = match g.timers.iter().position(|(c, _)| *c == call) {
+            Some(at) => at,
+            None => {
+                g.timers.push((
+                    call,
+                    vmeter_core::telemetry::histogram(
+                        "vmeter_agent_libvirt_call_seconds",
+                        "Time of each libvirt call that returned, by call.",
+                        &[("call", call)],
+                        vmeter_core::telemetry::Buckets::Latency,
+                    ),
+                ));
+                g.timers.len() - 1
+            }
+        };
+        g.timers[at].1.observe_since(since);
     }
 
     /// The call in progress, if any.

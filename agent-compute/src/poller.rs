@@ -314,6 +314,12 @@ pub async fn run(
         "Duration of the last libvirt polling cycle, ms.",
         &[],
     );
+    let cycle_seconds = telemetry::histogram(
+        "vmeter_agent_cycle_seconds",
+        "Time of each complete polling cycle: libvirt calls and encoding, its batches handed to the publisher or the spool.",
+        &[],
+        telemetry::Buckets::Latency,
+    );
 
     // Random start delay, drawn once.
     let delay = Duration::from_secs_f64(cfg.polling.shuffle_time_secs * fastrand::f64());
@@ -409,6 +415,7 @@ pub async fn run(
                         cycles.inc();
                         polled.add(stats.samples as u64);
                         cycle_ms.set(started.elapsed().as_millis() as i64);
+                        cycle_seconds.observe_since(started);
                         record_reads(&stats);
                         tracing::debug!(
                             domains = stats.domains,

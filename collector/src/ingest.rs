@@ -53,6 +53,11 @@ struct Counters {
     stored: Counter,
     dups: Counter,
     batches: Counter,
+    /// Time of one successful write (lookups, samples, late rollups, commits), s.
+    write_seconds: telemetry::Histogram,
+    /// Per stored batch: how old its newest sample is once committed, s (from the time it
+    /// was taken to the time it can be queried: the pipeline's end-to-end lag).
+    sample_age: telemetry::Histogram,
     /// PostgreSQL answers (a trivial query, checked by [`watch_database`] and after
     /// every failed write).
     db_up: Arc<AtomicBool>,
@@ -101,6 +106,18 @@ pub async fn run(
             "vmeter_collector_batches_total",
             "Transactions committed.",
             &[],
+        ),
+        write_seconds: telemetry::histogram(
+            "vmeter_collector_write_seconds",
+            "Time to store one batch (lookups, samples, late rollups, commits), successful writes.",
+            &[],
+            telemetry::Buckets::Latency,
+        ),
+        sample_age: telemetry::histogram(
+            "vmeter_collector_sample_age_seconds",
+            "Age of each stored batch's newest sample when it was committed: taken to queryable.",
+            &[],
+            telemetry::Buckets::Age,
         ),
         db_up: health.part("database"),
         ingest_up: health.part("ingest"),
@@ -333,8 +350,16 @@ async fn write_piece(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut strikes = 0;
     loop {
+        let started = std::time::Instant::now();
         let e = match store.write_in_turn(samples, turn).await {
             Ok(w) => {
+                m.write_seconds.observe_since(started);
+                if let Some(newest) = samples.iter().map(|s| s.timestamp).max() {
+                    let age = (chrono::Utc::now() - newest)
+                        .num_microseconds()
+                        .unwrap_or(0);
+                    m.sample_age.observe(age.max(0) as f64 / 1e6);
+                }
                 m.ingest_up.store(true, Ordering::Relaxed);
                 m.stored.add(w.inserted);
                 m.dups.add(w.duplicates);

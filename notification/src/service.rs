@@ -124,6 +124,8 @@ struct Metrics {
     samples_out: telemetry::Counter,
     dead_lettered: telemetry::Counter,
     evicted: telemetry::Counter,
+    /// From a chunk of messages in hand to its outputs confirmed and its inputs acked, s.
+    chunk_seconds: telemetry::Histogram,
 }
 
 impl Metrics {
@@ -153,6 +155,12 @@ impl Metrics {
                 "vmeter_notification_state_evicted_total",
                 "Series whose transformer state was forgotten after pipeline.state_ttl_secs of quiet.",
                 &[],
+            ),
+            chunk_seconds: telemetry::histogram(
+                "vmeter_notification_chunk_seconds",
+                "From a chunk of raw messages in hand to its outputs confirmed and its messages acked.",
+                &[],
+                telemetry::Buckets::Latency,
             ),
         }
     }
@@ -214,6 +222,7 @@ pub async fn run(
                     _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok::<_, anyhow::Error>(()),
                     chunk = chunks.next() => {
                         let Some(chunk) = chunk else { anyhow::bail!("consumer cancelled by the broker") };
+                        let started = std::time::Instant::now();
                         let deliveries: Vec<lapin::message::Delivery> =
                             chunk.into_iter().collect::<Result<_, _>>()?;
                         for d in &deliveries {
@@ -243,6 +252,7 @@ pub async fn run(
                             fail::fail_point!("notification-before-ack", |_| std::process::abort());
                             acker.ack(BasicAckOptions { multiple: true }).await?;
                         }
+                        metrics.chunk_seconds.observe_since(started);
                     }
                     _ = timer.tick() => {
                         if last_eviction.elapsed() >= EVICT_EVERY {

@@ -291,6 +291,21 @@ async fn real_qemu_guests_spinning_and_idle() {
         bulk_cpu >= 8.0 && per_domain == 0.0,
         "cpu from the bulk call only: bulk {bulk_cpu}, per-domain {per_domain}\n{metrics}"
     );
+    // Each libvirt call that returned is timed, by call; each cycle too.
+    let timed = |call: &str| {
+        vmeter_core::telemetry::scrape(
+            &metrics,
+            &format!("vmeter_agent_libvirt_call_seconds_count{{call=\"{call}\"}}"),
+        )
+    };
+    assert!(
+        timed("bulk stats") >= 4.0 && timed("domain xml") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        vmeter_core::telemetry::scrape(&metrics, "vmeter_agent_cycle_seconds_count ") >= 8.0,
+        "{metrics}"
+    );
 
     // Freeze the idle guest's QEMU: libvirt's next monitor call on it blocks. The agent
     // must give up on that cycle after call_timeout (2 s), count it, and go on polling the

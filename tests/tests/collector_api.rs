@@ -441,6 +441,14 @@ async fn v2_api_reads_statistics_auth_and_errors() {
     assert_eq!(request(&addr, "GET", "/health", &[], None).await.0, 200);
     let (_, metrics) = request(&addr, "GET", "/metrics", &[], None).await;
     assert!(metrics.contains("vmeter_"), "{metrics}");
+    // API latency by route: the statistics route was asked several times above.
+    assert!(
+        vmeter_core::telemetry::scrape(
+            &metrics,
+            "vmeter_api_request_seconds_count{route=\"/v2/meters/{meter}/statistics\",method=\"GET\"}"
+        ) >= 3.0,
+        "{metrics}"
+    );
 
     drop(collector);
     broker::cleanup(&conn, &names).await;

@@ -197,6 +197,22 @@ async fn batches_in_flight_store_redeliveries_once_and_ack_everything() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!((stored, dups), (60 * 100, total - 60 * 100));
+    // Latency histograms: one write time and one sample age per committed batch.
+    let (_, text) = request(&addr, "GET", "/metrics", &[], None).await;
+    let get = |n| vmeter_core::telemetry::scrape(&text, n);
+    let batches = get("vmeter_collector_batches_total");
+    assert!(batches >= 1.0, "{text}");
+    assert_eq!(
+        get("vmeter_collector_write_seconds_count "),
+        batches,
+        "{text}"
+    );
+    assert_eq!(
+        get("vmeter_collector_sample_age_seconds_count "),
+        batches,
+        "{text}"
+    );
+    assert!(get("vmeter_collector_write_seconds_sum ") > 0.0, "{text}");
     let rows: i64 = sqlx::query_scalar("select count(*) from samples")
         .fetch_one(&pool)
         .await

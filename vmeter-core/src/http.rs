@@ -51,7 +51,7 @@ pub fn router(health: Health) -> Router {
         )
         .route(
             "/metrics",
-            get(|| async { ([("content-type", "text/plain; version=0.0.4")], crate::telemetry::render()).into_response() }),
+            get(|| async { ([("content-type", crate::telemetry::CONTENT_TYPE)], crate::telemetry::render()).into_response() }),
         )
 }
 

@@ -1,11 +1,15 @@
-//! Logging setup and a minimal Prometheus counter/gauge registry.
+//! Logging setup and the metrics of every service: counters, gauges and latency histograms
+//! on `prometheus-client`, exposed in the OpenMetrics text format at `/metrics`.
 //!
-//! Metrics are created once by name + labels and cached by their users as cheap handles, so
-//! the hot path is one atomic add. `render()` produces the Prometheus text format.
+//! A metric is asked for by name and labels ([`counter`], [`gauge`], [`histogram`]) and kept
+//! by its user as a cheap handle: the hot path is an atomic add, the registry's lock is taken
+//! only when a handle is made.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
+use prometheus_client::metrics;
+use prometheus_client::registry::Registry;
 
 use serde::{Deserialize, Serialize};
 
@@ -52,100 +56,206 @@ pub fn init_logging(cfg: &LogConfig) {
     };
 }
 
-type Key = (&'static str, String);
+/// Label pairs of one series, in the order given.
+type Labels = Vec<(String, String)>;
 
-struct Entry {
-    help: &'static str,
-    kind: &'static str,
-    value: Value,
+/// A histogram's bucket layout.
+type NewHistogram = fn() -> metrics::histogram::Histogram;
+
+enum Family {
+    Counter(metrics::family::Family<Labels, metrics::counter::Counter>),
+    Gauge(metrics::family::Family<Labels, metrics::gauge::Gauge>),
+    Histogram(metrics::family::Family<Labels, metrics::histogram::Histogram, NewHistogram>),
+    /// Metrics without labels are registered alone: a family would write `name{} 1`.
+    PlainCounter(metrics::counter::Counter),
+    PlainGauge(metrics::gauge::Gauge),
+    PlainHistogram(metrics::histogram::Histogram),
 }
 
-enum Value {
-    Counter(Arc<AtomicU64>),
-    Gauge(Arc<AtomicI64>),
+/// Every metric of the process: prometheus-client's registry, and each family by name so
+/// that a metric can be asked for by name and labels wherever it is counted.
+struct Metrics {
+    registry: Registry,
+    families: HashMap<&'static str, Family>,
 }
 
-static REGISTRY: LazyLock<Mutex<BTreeMap<Key, Entry>>> =
-    LazyLock::new(|| Mutex::new(BTreeMap::new()));
+static METRICS: LazyLock<Mutex<Metrics>> = LazyLock::new(|| {
+    Mutex::new(Metrics {
+        registry: Registry::default(),
+        families: HashMap::new(),
+    })
+});
 
-fn label_string(labels: &[(&str, &str)]) -> String {
-    labels
+/// Label pairs with their values escaped as the exposition format wants (`\\`, `\"`,
+/// `\n`): the encoder writes values as they are.
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
         .iter()
         .map(|(k, v)| {
-            format!(
-                "{k}=\"{}\"",
-                v.replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n")
-            )
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            (k.to_string(), v)
         })
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect()
 }
 
-/// A monotonically increasing count.
+/// A monotonically increasing count (a cheap handle: keep it, counting is one atomic add).
 #[derive(Clone, Debug)]
-pub struct Counter(Arc<AtomicU64>);
+pub struct Counter(metrics::counter::Counter);
 
 impl Counter {
     /// Adds `n`.
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
+
     /// Adds one.
     pub fn inc(&self) {
-        self.add(1);
+        self.0.inc();
     }
+
     /// Current value.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
 /// A value that goes up and down.
 #[derive(Clone, Debug)]
-pub struct Gauge(Arc<AtomicI64>);
+pub struct Gauge(metrics::gauge::Gauge);
 
 impl Gauge {
     /// Sets the value.
     pub fn set(&self, v: i64) {
-        self.0.store(v, Ordering::Relaxed);
+        self.0.set(v);
     }
+
     /// Current value.
     pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
-/// The counter `name{labels}`, created on first use.
-pub fn counter(name: &'static str, help: &'static str, labels: &[(&str, &str)]) -> Counter {
-    let mut reg = REGISTRY.lock().expect("metrics registry poisoned");
-    let e = reg
-        .entry((name, label_string(labels)))
-        .or_insert_with(|| Entry {
-            help,
-            kind: "counter",
-            value: Value::Counter(Arc::default()),
-        });
-    match &e.value {
-        Value::Counter(c) => Counter(c.clone()),
-        Value::Gauge(_) => panic!("metric {name} registered as gauge and counter"),
+/// A distribution of observations in fixed buckets (a cheap handle, like [`Counter`]).
+#[derive(Clone, Debug)]
+pub struct Histogram(metrics::histogram::Histogram);
+
+impl Histogram {
+    /// Records one observation, in the histogram's unit (seconds for every vmeter histogram).
+    pub fn observe(&self, v: f64) {
+        self.0.observe(v);
+    }
+
+    /// Records the time since `start`, s.
+    pub fn observe_since(&self, start: std::time::Instant) {
+        self.0.observe(start.elapsed().as_secs_f64());
+    }
+}
+
+/// Bucket layouts of vmeter's histograms, all in seconds.
+#[derive(Clone, Copy, Debug)]
+pub enum Buckets {
+    /// Work that takes milliseconds to seconds (a batch, a libvirt call, an API request):
+    /// 0.5 ms to ~33 s, doubling.
+    Latency,
+    /// How old a sample is when it is stored: 0.25 s to ~4.5 h, doubling.
+    Age,
+}
+
+fn latency_buckets() -> metrics::histogram::Histogram {
+    metrics::histogram::Histogram::new(metrics::histogram::exponential_buckets(0.0005, 2.0, 17))
+}
+
+fn age_buckets() -> metrics::histogram::Histogram {
+    metrics::histogram::Histogram::new(metrics::histogram::exponential_buckets(0.25, 2.0, 17))
+}
+
+/// Registers `name` on first use. Counters are registered without their `_total` suffix,
+/// which the OpenMetrics encoder adds back; help texts without their final period, which it
+/// adds too.
+fn family<'a>(
+    m: &'a mut Metrics,
+    name: &'static str,
+    help: &'static str,
+    new: impl FnOnce() -> Family,
+) -> &'a Family {
+    let Metrics { registry, families } = m;
+    families.entry(name).or_insert_with(|| {
+        let f = new();
+        let help = help.strip_suffix('.').unwrap_or(help);
+        let bare = name.strip_suffix("_total").unwrap_or(name);
+        match &f {
+            Family::Counter(c) => registry.register(bare, help, c.clone()),
+            Family::PlainCounter(c) => registry.register(bare, help, c.clone()),
+            Family::Gauge(g) => registry.register(name, help, g.clone()),
+            Family::PlainGauge(g) => registry.register(name, help, g.clone()),
+            Family::Histogram(h) => registry.register(name, help, h.clone()),
+            Family::PlainHistogram(h) => registry.register(name, help, h.clone()),
+        }
+        f
+    })
+}
+
+/// The counter `name{labels}` (`name` ends in `_total`), created on first use.
+pub fn counter(name: &'static str, help: &'static str, pairs: &[(&str, &str)]) -> Counter {
+    let mut m = METRICS.lock().expect("metrics registry poisoned");
+    let plain = pairs.is_empty();
+    match family(&mut m, name, help, || {
+        if plain {
+            Family::PlainCounter(Default::default())
+        } else {
+            Family::Counter(Default::default())
+        }
+    }) {
+        Family::Counter(f) if !plain => Counter(f.get_or_create_owned(&labels(pairs))),
+        Family::PlainCounter(c) if plain => Counter(c.clone()),
+        _ => panic!("metric {name} asked for as another kind or with other labels"),
     }
 }
 
 /// The gauge `name{labels}`, created on first use.
-pub fn gauge(name: &'static str, help: &'static str, labels: &[(&str, &str)]) -> Gauge {
-    let mut reg = REGISTRY.lock().expect("metrics registry poisoned");
-    let e = reg
-        .entry((name, label_string(labels)))
-        .or_insert_with(|| Entry {
-            help,
-            kind: "gauge",
-            value: Value::Gauge(Arc::default()),
-        });
-    match &e.value {
-        Value::Gauge(g) => Gauge(g.clone()),
-        Value::Counter(_) => panic!("metric {name} registered as counter and gauge"),
+pub fn gauge(name: &'static str, help: &'static str, pairs: &[(&str, &str)]) -> Gauge {
+    let mut m = METRICS.lock().expect("metrics registry poisoned");
+    let plain = pairs.is_empty();
+    match family(&mut m, name, help, || {
+        if plain {
+            Family::PlainGauge(Default::default())
+        } else {
+            Family::Gauge(Default::default())
+        }
+    }) {
+        Family::Gauge(f) if !plain => Gauge(f.get_or_create_owned(&labels(pairs))),
+        Family::PlainGauge(g) if plain => Gauge(g.clone()),
+        _ => panic!("metric {name} asked for as another kind or with other labels"),
+    }
+}
+
+/// The histogram `name{labels}` (`name` ends in `_seconds`), created on first use with
+/// `buckets` (a family keeps the layout it was created with).
+pub fn histogram(
+    name: &'static str,
+    help: &'static str,
+    pairs: &[(&str, &str)],
+    buckets: Buckets,
+) -> Histogram {
+    let mut m = METRICS.lock().expect("metrics registry poisoned");
+    let new: NewHistogram = match buckets {
+        Buckets::Latency => latency_buckets,
+        Buckets::Age => age_buckets,
+    };
+    let plain = pairs.is_empty();
+    match family(&mut m, name, help, || {
+        if plain {
+            Family::PlainHistogram(new())
+        } else {
+            Family::Histogram(metrics::family::Family::new_with_constructor(new))
+        }
+    }) {
+        Family::Histogram(f) if !plain => Histogram(f.get_or_create_owned(&labels(pairs))),
+        Family::PlainHistogram(h) if plain => Histogram(h.clone()),
+        _ => panic!("metric {name} asked for as another kind or with other labels"),
     }
 }
 
@@ -159,29 +269,15 @@ pub fn scrape(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-/// All metrics in the Prometheus text exposition format.
+/// The content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// All metrics in the OpenMetrics text format (which Prometheus scrapes).
 pub fn render() -> String {
-    let reg = REGISTRY.lock().expect("metrics registry poisoned");
+    let m = METRICS.lock().expect("metrics registry poisoned");
     let mut out = String::new();
-    let mut last = "";
-    for ((name, labels), e) in reg.iter() {
-        if *name != last {
-            out.push_str(&format!(
-                "# HELP {name} {}\n# TYPE {name} {}\n",
-                e.help, e.kind
-            ));
-            last = name;
-        }
-        let v = match &e.value {
-            Value::Counter(c) => c.load(Ordering::Relaxed).to_string(),
-            Value::Gauge(g) => g.load(Ordering::Relaxed).to_string(),
-        };
-        if labels.is_empty() {
-            out.push_str(&format!("{name} {v}\n"));
-        } else {
-            out.push_str(&format!("{name}{{{labels}}} {v}\n"));
-        }
-    }
+    prometheus_client::encoding::text::encode(&mut out, &m.registry)
+        .expect("writing to a String cannot fail");
     out
 }
 
@@ -240,5 +336,46 @@ mod tests {
             text.contains("# TYPE vmeter_test_depth gauge\nvmeter_test_depth -2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn histograms_render_buckets_sum_and_count() {
+        let h = histogram(
+            "vmeter_test_call_seconds",
+            "Calls.",
+            &[("call", "x")],
+            Buckets::Latency,
+        );
+        h.observe(0.003);
+        h.observe(20.0);
+        let text = render();
+        assert!(
+            text.contains("# TYPE vmeter_test_call_seconds histogram"),
+            "{text}"
+        );
+        assert_eq!(
+            scrape(&text, "vmeter_test_call_seconds_count{call=\"x\"}"),
+            2.0
+        );
+        assert_eq!(
+            scrape(&text, "vmeter_test_call_seconds_sum{call=\"x\"}"),
+            20.003
+        );
+        // 0.5 ms doubling: 4 ms is the first bucket to hold 3 ms; 20 s only +Inf's and
+        // 32.768 s's.
+        assert_eq!(
+            scrape(
+                &text,
+                "vmeter_test_call_seconds_bucket{le=\"0.004\",call=\"x\"}"
+            ) + scrape(
+                &text,
+                "vmeter_test_call_seconds_bucket{call=\"x\",le=\"0.004\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+        let plain = histogram("vmeter_test_plain_seconds", "Plain.", &[], Buckets::Age);
+        plain.observe(1.0);
+        assert_eq!(scrape(&render(), "vmeter_test_plain_seconds_count "), 1.0);
     }
 }

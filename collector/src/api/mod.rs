@@ -104,7 +104,28 @@ pub fn router(api: Api) -> Router {
         .route("/v2/events/{*rest}", any(meta::gone_events))
         .route("/v2/event_types", any(meta::gone_events))
         .route("/v2/event_types/{*rest}", any(meta::gone_events))
+        .route_layer(axum::middleware::from_fn(timed))
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .with_state(api)
+}
+
+/// Times every request to a known route into `vmeter_api_request_seconds{route, method}`
+/// (until the answer's head is ready; a streamed body goes on after).
+async fn timed(
+    route: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let res = next.run(req).await;
+    vmeter_core::telemetry::histogram(
+        "vmeter_api_request_seconds",
+        "API requests to known routes, until the answer's head, by route and method.",
+        &[("route", route.as_str()), ("method", method.as_str())],
+        vmeter_core::telemetry::Buckets::Latency,
+    )
+    .observe_since(started);
+    res
 }
