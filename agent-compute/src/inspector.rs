@@ -265,7 +265,7 @@ pub struct MdBlob {
     /// One msgpack map.
     pub bytes: Box<[u8]>,
     /// The contract rule the resource breaks, if any: its samples are not published.
-    pub refused: Option<&'static str>,
+    pub refused: Option<vmeter_core::contract::Rule>,
 }
 
 impl MdBlob {
@@ -294,7 +294,7 @@ impl MdBlob {
             .and_then(|()| contract.check_metadata(md));
         if let Err(v) = verdict {
             tracing::warn!(domain, resource = %rid.chars().take(80).collect::<String>(), reason = v.reason(), error = %v, "Resource breaks the sample contract: its samples are dropped and counted until its XML changes.");
-            blob.refused = Some(v.reason());
+            blob.refused = Some(v.rule());
         }
         blob
     }
@@ -1043,7 +1043,8 @@ impl<'a, 'o, 's> Emit<'a, 'o, 's> {
         if !self.kept[m] {
             return;
         }
-        if let Some(reason) = md.refused {
+        if let Some(rule) = md.refused {
+            let reason = vmeter_core::telemetry::DropReason::Contract(rule);
             vmeter_core::telemetry::dropped("agent-compute", reason).inc();
             return;
         }

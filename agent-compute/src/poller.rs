@@ -482,7 +482,7 @@ pub async fn run(
 fn hand_over(out: &mpsc::Sender<(Vec<u8>, u64)>, batch: (Vec<u8>, u64)) {
     let n = batch.1;
     if out.blocking_send(batch).is_err() {
-        telemetry::dropped("agent-compute", "libvirt_timeout").add(n);
+        telemetry::dropped("agent-compute", telemetry::DropReason::LibvirtTimeout).add(n);
     }
 }
 
@@ -573,7 +573,7 @@ fn spool_push(spool: &mut Spool, cfg: &Config, body: &[u8], n: u64) {
         Ok(evicted) => {
             let lost: u64 = evicted.iter().map(|e| e.samples).sum();
             if lost > 0 {
-                telemetry::dropped("agent-compute", "spool_full").add(lost);
+                telemetry::dropped("agent-compute", telemetry::DropReason::SpoolFull).add(lost);
                 tracing::warn!(
                     dropped_samples = lost,
                     max_bytes = cfg.spool.max_bytes,
@@ -582,7 +582,7 @@ fn spool_push(spool: &mut Spool, cfg: &Config, body: &[u8], n: u64) {
             }
         }
         Err(e) => {
-            telemetry::dropped("agent-compute", "spool_write_error").add(n);
+            telemetry::dropped("agent-compute", telemetry::DropReason::SpoolWriteError).add(n);
             tracing::error!(error = %e, samples = n, "Could not spool a batch; its samples are lost.");
         }
     }
@@ -604,7 +604,8 @@ async fn drain_spool(p: &Publisher, cfg: &Config, spool: &mut Spool) -> Result<u
             Err(e) => {
                 // An unreadable batch would block the spool forever: give it up, counted.
                 let lost = spool.discard_front().map_or(0, |e| e.samples);
-                telemetry::dropped("agent-compute", "spool_unreadable").add(lost);
+                telemetry::dropped("agent-compute", telemetry::DropReason::SpoolUnreadable)
+                    .add(lost);
                 tracing::error!(error = %e, samples = lost, "Spooled batch unreadable; dropped.");
                 continue;
             }

@@ -439,17 +439,14 @@ async fn dead_letter_refused(
         .find(|(_, r)| r.contains(&i))
         .map(|(d, _)| &batch.deliveries[*d])
         .expect("every sample comes from a good delivery");
-    let reason = match e.sqlstate() {
-        Some(code) => format!("rejected_by_database:{code}"),
-        None => "rejected_by_database".to_string(),
-    };
+    let reason = telemetry::DropReason::rejected_by_database(e.sqlstate().as_deref());
     publisher
         .dead_letter_samples(
             &cfg.broker,
             delivery.routing_key.as_str(),
             &[&batch.samples[i]],
             SERVICE,
-            &reason,
+            reason,
             &e.to_string(),
         )
         .await?;

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use vmeter_core::Sample;
 
 use crate::definition::PipelineDef;
-use crate::transformers::{Cx, Dropped, Transformer};
+use crate::transformers::{Cx, DropReason, Dropped, Transformer};
 
 /// Samples a pipeline publishes at once (one `publish_samples` call per publisher).
 #[derive(Debug)]
@@ -221,7 +221,7 @@ impl Runtime {
                 routed.push((Some(s), r, last));
             } else {
                 self.drops.push(Dropped {
-                    reason: "not_selected",
+                    reason: DropReason::NotSelected,
                     detail: format!("{} {}: no source selects this meter", s.name, s.resource_id),
                 });
             }
@@ -313,7 +313,7 @@ impl Runtime {
                 valid.push(s);
             } else {
                 self.drops.push(Dropped {
-                    reason: "invalid_volume",
+                    reason: DropReason::InvalidVolume,
                     detail: format!(
                         "{} {}: volume {} is not a finite number",
                         s.name, s.resource_id, s.volume
@@ -551,7 +551,7 @@ sinks:
         run(&mut rt, vec![vec![s]]);
         let drops = rt.take_drops();
         assert_eq!(drops.len(), 1, "{drops:?}");
-        assert_eq!(drops[0].reason, "not_selected");
+        assert_eq!(drops[0].reason, DropReason::NotSelected);
     }
 
     #[test]

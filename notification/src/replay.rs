@@ -232,7 +232,7 @@ pub fn run(
         let emissions = rt.publish_context(samples, now);
         for d in rt.take_drops() {
             *sum.dropped.entry(d.reason.to_string()).or_default() += 1;
-            if !d.is_expected() {
+            if !d.reason.is_expected() {
                 writeln!(
                     err,
                     "line {lineno}: sample dropped ({}): {}",

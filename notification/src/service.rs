@@ -305,7 +305,8 @@ pub async fn run(
             }
         }
     } else if !pending.is_empty() {
-        telemetry::dropped(SERVICE, "unpublished_at_shutdown").add(pending.len() as u64);
+        telemetry::dropped(SERVICE, telemetry::DropReason::UnpublishedAtShutdown)
+            .add(pending.len() as u64);
         tracing::warn!(
             samples = pending.len(),
             "Stopped with unpublished outputs and no state_file configured: they are lost."
@@ -576,7 +577,7 @@ fn route(rt: &Runtime, emissions: Vec<Emission>, pending: &mut Vec<Sample>) {
                 }
                 PublisherUrl::File(path) => {
                     if let Err(err) = append_jsonl(path, &e.samples) {
-                        telemetry::dropped(SERVICE, "file_publisher_error")
+                        telemetry::dropped(SERVICE, telemetry::DropReason::FilePublisherError)
                             .add(e.samples.len() as u64);
                         tracing::warn!(path = %path.display(), error = %err, samples = e.samples.len(), "file:// publisher failed; samples dropped.");
                     }
@@ -605,16 +606,16 @@ fn append_jsonl(path: &std::path::Path, samples: &[Sample]) -> std::io::Result<(
 
 fn report_drops(rt: &mut Runtime) {
     // One counter update per reason and message, not per sample (the registry is locked).
-    let mut counts: Vec<(&'static str, u64)> = Vec::new();
+    let mut counts: Vec<(telemetry::DropReason, u64)> = Vec::new();
     for d in rt.take_drops() {
         match counts.iter_mut().find(|(r, _)| *r == d.reason) {
             Some((_, n)) => *n += 1,
             None => counts.push((d.reason, 1)),
         }
-        if d.is_expected() {
-            tracing::debug!(reason = d.reason, detail = %d.detail, "Sample not transformed.");
+        if d.reason.is_expected() {
+            tracing::debug!(reason = %d.reason, detail = %d.detail, "Sample not transformed.");
         } else {
-            tracing::warn!(reason = d.reason, detail = %d.detail, "Sample dropped.");
+            tracing::warn!(reason = %d.reason, detail = %d.detail, "Sample dropped.");
         }
     }
     for (reason, n) in counts {

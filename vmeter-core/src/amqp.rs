@@ -618,12 +618,13 @@ impl Publisher {
         routing_key: &str,
         samples: &[&Sample],
         service: &str,
-        reason: &str,
+        why: crate::telemetry::DropReason,
         detail: &str,
     ) -> Result<(), PublishError> {
         if samples.is_empty() {
             return Ok(());
         }
+        let reason = why.label();
         let batch = prepare(&self.signer, samples);
         let mut headers = batch.headers;
         headers.insert(
@@ -642,11 +643,11 @@ impl Publisher {
             .await?
             .confirmed()
             .await?;
-        crate::telemetry::dropped(service, reason).add(samples.len() as u64);
-        crate::telemetry::dead_lettered(service, reason);
+        crate::telemetry::dropped(service, why).add(samples.len() as u64);
+        crate::telemetry::dead_lettered(service, &reason);
         tracing::warn!(
             service,
-            reason,
+            reason = %reason,
             detail,
             samples = samples.len(),
             "Samples dead-lettered; the rest of their message goes on."
@@ -664,19 +665,20 @@ impl Publisher {
         bad: &[(Sample, crate::contract::Violation)],
         service: &str,
     ) -> Result<(), PublishError> {
-        let mut rules: Vec<&'static str> = bad.iter().map(|(_, v)| v.reason()).collect();
+        let mut rules: Vec<crate::contract::Rule> = bad.iter().map(|(_, v)| v.rule()).collect();
         rules.sort_unstable();
         rules.dedup();
         for rule in rules {
             let mut samples = Vec::new();
             let mut detail = String::new();
-            for (s, v) in bad.iter().filter(|(_, v)| v.reason() == rule) {
+            for (s, v) in bad.iter().filter(|(_, v)| v.rule() == rule) {
                 if samples.is_empty() {
                     detail = v.to_string();
                 }
                 samples.push(s);
             }
-            self.dead_letter_samples(cfg, routing_key, &samples, service, rule, &detail)
+            let why = crate::telemetry::DropReason::Contract(rule);
+            self.dead_letter_samples(cfg, routing_key, &samples, service, why, &detail)
                 .await?;
         }
         Ok(())

@@ -103,19 +103,57 @@ pub enum Violation {
 }
 
 impl Violation {
+    /// The rule broken.
+    pub fn rule(&self) -> Rule {
+        match self {
+            Violation::Empty(_) => Rule::EmptyField,
+            Violation::TooLong(..) => Rule::FieldTooLong,
+            Violation::ControlChar(_) => Rule::ControlCharacter,
+            Violation::VolumeNotFinite => Rule::VolumeNotFinite,
+            Violation::TooOld(_) => Rule::TimestampTooOld,
+            Violation::InFuture(_) => Rule::TimestampInFuture,
+            Violation::MetadataTooDeep(_) => Rule::MetadataTooDeep,
+            Violation::MetadataTooLarge(_) => Rule::MetadataTooLarge,
+            Violation::MetadataNul => Rule::MetadataNul,
+            Violation::MetadataNotFinite => Rule::MetadataNotFinite,
+        }
+    }
+
     /// Short label for metrics and the dead-letter reason header.
     pub fn reason(&self) -> &'static str {
+        self.rule().label()
+    }
+}
+
+/// A rule of the contract, without the particulars of one violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rule {
+    EmptyField,
+    FieldTooLong,
+    ControlCharacter,
+    VolumeNotFinite,
+    TimestampTooOld,
+    TimestampInFuture,
+    MetadataTooDeep,
+    MetadataTooLarge,
+    MetadataNul,
+    MetadataNotFinite,
+}
+
+impl Rule {
+    /// Short label for metrics and the dead-letter reason header.
+    pub fn label(self) -> &'static str {
         match self {
-            Violation::Empty(_) => "contract_empty_field",
-            Violation::TooLong(..) => "contract_field_too_long",
-            Violation::ControlChar(_) => "contract_control_character",
-            Violation::VolumeNotFinite => "contract_volume_not_finite",
-            Violation::TooOld(_) => "contract_timestamp_too_old",
-            Violation::InFuture(_) => "contract_timestamp_in_future",
-            Violation::MetadataTooDeep(_) => "contract_metadata_too_deep",
-            Violation::MetadataTooLarge(_) => "contract_metadata_too_large",
-            Violation::MetadataNul => "contract_metadata_nul",
-            Violation::MetadataNotFinite => "contract_metadata_not_finite",
+            Rule::EmptyField => "contract_empty_field",
+            Rule::FieldTooLong => "contract_field_too_long",
+            Rule::ControlCharacter => "contract_control_character",
+            Rule::VolumeNotFinite => "contract_volume_not_finite",
+            Rule::TimestampTooOld => "contract_timestamp_too_old",
+            Rule::TimestampInFuture => "contract_timestamp_in_future",
+            Rule::MetadataTooDeep => "contract_metadata_too_deep",
+            Rule::MetadataTooLarge => "contract_metadata_too_large",
+            Rule::MetadataNul => "contract_metadata_nul",
+            Rule::MetadataNotFinite => "contract_metadata_not_finite",
         }
     }
 }

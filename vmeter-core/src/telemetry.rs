@@ -281,20 +281,116 @@ pub fn render() -> String {
     out
 }
 
-/// Counts a dropped sample with its reason and logs it. Every place that drops a sample calls
-/// this, so `vmeter_samples_dropped_total` is the complete account of losses.
-pub fn sample_dropped(service: &str, reason: &str, detail: &str) {
+/// Why a sample was dropped: the `reason` label of `vmeter_samples_dropped_total`. Every
+/// place that drops a sample names one of these, so the metric is the complete account
+/// of losses and its labels are a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The sample breaks a rule of the sample contract (every door).
+    Contract(crate::contract::Rule),
+    /// Agent: a libvirt call overran `libvirt.call_timeout_secs`; the rest of the cycle is lost.
+    LibvirtTimeout,
+    /// Agent: the spool was full; its oldest batch went.
+    SpoolFull,
+    /// Agent: a batch could not be written to the spool.
+    SpoolWriteError,
+    /// Agent: a spooled batch could not be read back.
+    SpoolUnreadable,
+    /// Notification: outputs not published when shutdown came.
+    UnpublishedAtShutdown,
+    /// Notification: the `file://` publisher could not write.
+    FilePublisherError,
+    /// Notification: a sample no pipeline source selects.
+    NotSelected,
+    /// Notification: a volume a transformer cannot use.
+    InvalidVolume,
+    /// Notification: the first sample of a series (a rate needs two).
+    NoPredecessor,
+    /// Notification: older than its series' last sample.
+    OutOfOrder,
+    /// Notification: a redelivery of a sample already transformed.
+    Duplicate,
+    /// Notification: a cumulative counter went down (`delta`).
+    NegativeDelta,
+    /// Notification: a `scale` expression failed.
+    ScaleError,
+    /// Notification: an arithmetic expression failed or gave a non-finite value.
+    ExprError,
+    /// Collector: PostgreSQL refused the sample, with its SQLSTATE if it gave one.
+    RejectedByDatabase(Option<[u8; 5]>),
+}
+
+impl DropReason {
+    /// The metric label (and dead-letter reason header).
+    pub fn label(&self) -> std::borrow::Cow<'static, str> {
+        use std::borrow::Cow;
+        Cow::Borrowed(match self {
+            DropReason::Contract(rule) => rule.label(),
+            DropReason::LibvirtTimeout => "libvirt_timeout",
+            DropReason::SpoolFull => "spool_full",
+            DropReason::SpoolWriteError => "spool_write_error",
+            DropReason::SpoolUnreadable => "spool_unreadable",
+            DropReason::UnpublishedAtShutdown => "unpublished_at_shutdown",
+            DropReason::FilePublisherError => "file_publisher_error",
+            DropReason::NotSelected => "not_selected",
+            DropReason::InvalidVolume => "invalid_volume",
+            DropReason::NoPredecessor => "no_predecessor",
+            DropReason::OutOfOrder => "out_of_order",
+            DropReason::Duplicate => "duplicate",
+            DropReason::NegativeDelta => "negative_delta",
+            DropReason::ScaleError => "scale_error",
+            DropReason::ExprError => "expr_error",
+            DropReason::RejectedByDatabase(None) => "rejected_by_database",
+            DropReason::RejectedByDatabase(Some(code)) => {
+                return Cow::Owned(format!(
+                    "rejected_by_database:{}",
+                    String::from_utf8_lossy(code)
+                ));
+            }
+        })
+    }
+
+    /// Drops that are part of normal operation (the first sample of a series, a
+    /// redelivery, a counter reset, a sample no pipeline wants): logged at debug level;
+    /// every other reason is a warning.
+    pub fn is_expected(&self) -> bool {
+        matches!(
+            self,
+            DropReason::NoPredecessor
+                | DropReason::Duplicate
+                | DropReason::NegativeDelta
+                | DropReason::NotSelected
+        )
+    }
+
+    /// [`RejectedByDatabase`](Self::RejectedByDatabase) from a SQLSTATE as PostgreSQL gives
+    /// it (five characters; anything else is kept as unknown).
+    pub fn rejected_by_database(sqlstate: Option<&str>) -> DropReason {
+        DropReason::RejectedByDatabase(
+            sqlstate.and_then(|c| <[u8; 5]>::try_from(c.as_bytes()).ok()),
+        )
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// Counts a dropped sample with its reason and logs it.
+pub fn sample_dropped(service: &str, reason: DropReason, detail: &str) {
     dropped(service, reason).inc();
-    tracing::warn!(service, reason, detail, "Sample dropped.");
+    tracing::warn!(service, reason = %reason, detail, "Sample dropped.");
 }
 
 /// The `vmeter_samples_dropped_total{service,reason}` counter, for callers that count
 /// several samples at once and log once.
-pub fn dropped(service: &str, reason: &str) -> Counter {
+pub fn dropped(service: &str, reason: DropReason) -> Counter {
     counter(
         "vmeter_samples_dropped_total",
         "Samples dropped, by service and reason.",
-        &[("service", service), ("reason", reason)],
+        &[("service", service), ("reason", &reason.label())],
     )
 }
 

@@ -15,8 +15,8 @@ use uuid::Uuid;
 use vmeter_core::{Sample, SampleType};
 
 use super::{
-    Cx, RawSource, RawTarget, Scale, Target, Transformer, lenient_f64, lenient_i64, params,
-    scale_value,
+    Cx, DropReason, RawSource, RawTarget, Scale, Target, Transformer, lenient_f64, lenient_i64,
+    params, scale_value,
 };
 
 #[derive(Deserialize, Default)]
@@ -179,7 +179,10 @@ impl Transformer for Aggregator {
         let volume = match self.scaled(&s) {
             Ok(v) => v,
             Err(e) => {
-                cx.drop("scale_error", format!("{} {}: {e}", s.name, s.resource_id));
+                cx.drop(
+                    DropReason::ScaleError,
+                    format!("{} {}: {e}", s.name, s.resource_id),
+                );
                 return None;
             }
         };

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 use vmeter_core::Sample;
 
-use super::{Cx, RawTarget, Transformer, params};
+use super::{Cx, DropReason, RawTarget, Transformer, params};
 use crate::expr::{Expr, Scope, Val};
 
 #[derive(Deserialize, Default)]
@@ -160,11 +160,11 @@ impl Transformer for Arithmetic {
                     out.push(s);
                 }
                 Ok(v) => cx.drop(
-                    "expr_error",
+                    DropReason::ExprError,
                     format!("arithmetic {expr} for {rid}: result {v} is not finite"),
                 ),
                 Err(e) => cx.drop(
-                    "expr_error",
+                    DropReason::ExprError,
                     format!("arithmetic {expr} for {rid}: {}", e.0),
                 ),
             }

@@ -6,8 +6,8 @@ use serde_yaml_ng::Value;
 use vmeter_core::{Sample, SampleType};
 
 use super::{
-    Cx, Predecessor, RawSource, RawTarget, SeriesMap, Target, Transformer, lenient_bool, params,
-    seconds_between,
+    Cx, DropReason, Predecessor, RawSource, RawTarget, SeriesMap, Target, Transformer,
+    lenient_bool, params, seconds_between,
 };
 
 #[derive(Deserialize, Default)]
@@ -66,14 +66,14 @@ impl Transformer for Delta {
         let Some(slot) = self.cache.get_mut(&s) else {
             self.cache.insert(&s, Predecessor::of(&s));
             cx.drop(
-                "no_predecessor",
+                DropReason::NoPredecessor,
                 format!("{} {}: first sample of the series", s.name, s.resource_id),
             );
             return None;
         };
         if slot.id == s.message_id {
             cx.drop(
-                "duplicate",
+                DropReason::Duplicate,
                 format!(
                     "{} {}: redelivered sample {}",
                     s.name, s.resource_id, s.message_id
@@ -89,7 +89,7 @@ impl Transformer for Delta {
         ) < 0.0
         {
             cx.drop(
-                "out_of_order",
+                DropReason::OutOfOrder,
                 format!(
                     "{} {}: sample older than its predecessor",
                     s.name, s.resource_id
@@ -101,7 +101,7 @@ impl Transformer for Delta {
         let delta = s.volume - prev.volume;
         if self.spec.growth_only && delta < 0.0 {
             cx.drop(
-                "negative_delta",
+                DropReason::NegativeDelta,
                 format!(
                     "{} {}: value went down by {}",
                     s.name, s.resource_id, -delta

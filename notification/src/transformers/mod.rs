@@ -24,25 +24,15 @@ use uuid::Uuid;
 use vmeter_core::{Sample, SampleType};
 
 use crate::expr::{Expr, Scope, Val};
+pub use vmeter_core::telemetry::DropReason;
 
-/// A sample a transformer dropped, with a fixed reason label.
+/// A sample a transformer dropped, with its reason.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dropped {
-    /// Metric label: `no_predecessor`, `out_of_order`, `duplicate`, `scale_error`, …
-    pub reason: &'static str,
+    /// Why (the metric label); [`DropReason::is_expected`] says whether it is a warning.
+    pub reason: DropReason,
     /// Human detail for the log (meter, resource, error).
     pub detail: String,
-}
-
-impl Dropped {
-    /// Reasons that are part of normal operation (first sample of a series, redelivery) and
-    /// therefore logged at debug level; every other reason is a warning.
-    pub fn is_expected(&self) -> bool {
-        matches!(
-            self.reason,
-            "no_predecessor" | "duplicate" | "negative_delta" | "not_selected"
-        )
-    }
 }
 
 /// What a transformer sees besides the sample: wall clock, where it sits, where drops go.
@@ -90,7 +80,7 @@ impl Cx<'_> {
     }
 
     /// Records a dropped sample.
-    pub fn drop(&mut self, reason: &'static str, detail: String) {
+    pub fn drop(&mut self, reason: DropReason, detail: String) {
         self.drops.push(Dropped { reason, detail });
     }
 }

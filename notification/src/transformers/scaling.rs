@@ -6,8 +6,8 @@ use serde_yaml_ng::Value;
 use vmeter_core::Sample;
 
 use super::{
-    Cx, Predecessor, RawSource, RawTarget, Scale, SeriesMap, Target, Transformer, derived, params,
-    scale_value, seconds_between,
+    Cx, DropReason, Predecessor, RawSource, RawTarget, Scale, SeriesMap, Target, Transformer,
+    derived, params, scale_value, seconds_between,
 };
 
 #[derive(Deserialize, Default)]
@@ -70,7 +70,7 @@ impl Transformer for UnitConversion {
                 Ok(v) => v,
                 Err(err) => {
                     cx.drop(
-                        "scale_error",
+                        DropReason::ScaleError,
                         format!("{} {}: scale {e}: {}", s.name, s.resource_id, err.0),
                     );
                     return None;
@@ -118,14 +118,14 @@ impl Transformer for RateOfChange {
         let Some(slot) = self.cache.get_mut(&s) else {
             self.cache.insert(&s, Predecessor::of(&s));
             cx.drop(
-                "no_predecessor",
+                DropReason::NoPredecessor,
                 format!("{} {}: first sample of the series", s.name, s.resource_id),
             );
             return None;
         };
         if slot.id == s.message_id {
             cx.drop(
-                "duplicate",
+                DropReason::Duplicate,
                 format!(
                     "{} {}: redelivered sample {}",
                     s.name, s.resource_id, s.message_id
@@ -142,7 +142,7 @@ impl Transformer for RateOfChange {
         if dt < 0.0 {
             // Out of order: keep the newer predecessor.
             cx.drop(
-                "out_of_order",
+                DropReason::OutOfOrder,
                 format!(
                     "{} {}: sample is {:.6} s older than its predecessor",
                     s.name, s.resource_id, -dt
@@ -163,7 +163,10 @@ impl Transformer for RateOfChange {
             Some(Ok(f)) => f,
             Some(Err(e)) => {
                 // The sample still became the predecessor (as upstream).
-                cx.drop("scale_error", format!("{} {}: {e}", s.name, s.resource_id));
+                cx.drop(
+                    DropReason::ScaleError,
+                    format!("{} {}: {e}", s.name, s.resource_id),
+                );
                 return None;
             }
         };
@@ -232,7 +235,7 @@ mod tests {
             run(&mut t, b.clone(), &mut d).is_none(),
             "a redelivered sample must not yield 0 %"
         );
-        assert_eq!(d.last().unwrap().reason, "duplicate");
+        assert_eq!(d.last().unwrap().reason, DropReason::Duplicate);
         let c = sample("cpu", Cumulative, 60e9, "r", 120);
         assert_eq!(run(&mut t, c, &mut d).unwrap().volume, 50.0);
     }
@@ -243,7 +246,7 @@ mod tests {
         let mut d = Vec::new();
         run(&mut t, sample("cpu", Cumulative, 0.0, "r", 0), &mut d);
         assert!(run(&mut t, sample("cpu", Cumulative, 5e9, "r", -10), &mut d).is_none());
-        assert_eq!(d.last().unwrap().reason, "out_of_order");
+        assert_eq!(d.last().unwrap().reason, DropReason::OutOfOrder);
         assert_eq!(
             run(&mut t, sample("cpu", Cumulative, 15e9, "r", 60), &mut d)
                 .unwrap()
