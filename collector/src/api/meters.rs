@@ -2,6 +2,7 @@
 
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
+use base64::Engine as _;
 use serde_json::json;
 use sqlx::{QueryBuilder, Row};
 
@@ -11,28 +12,6 @@ use super::error::ApiError;
 use super::query::{Fields, limit, request};
 use super::sql::push_cond;
 use super::stream::stream_list;
-
-/// Standard base64 (for Ceilometer's `meter_id`).
-pub(super) fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
 
 /// `GET /v2/meters`: one entry per (meter, resource, project, user, source)
 /// (`unique=true`: one per meter).
@@ -76,7 +55,7 @@ pub(super) async fn list_meters(
             "project_id": r.try_get::<Option<String>, _>(4)?,
             "user_id": r.try_get::<Option<String>, _>(5)?,
             "source": r.try_get::<Option<String>, _>(6)?,
-            "meter_id": rid.as_ref().map(|rid| base64(format!("{rid}+{name}").as_bytes())),
+            "meter_id": rid.as_ref().map(|rid| base64::engine::general_purpose::STANDARD.encode(format!("{rid}+{name}"))),
         }))
     })
     .await

@@ -51,30 +51,6 @@ impl Query {
     }
 }
 
-pub(super) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Parses `q.field=…&q.op=…&q.value=…` (repeated, `op` defaults to `eq`) and `limit`.
 ///
 /// Two orders are in use and both are read. Ceilometer pairs the i-th `q.field` with the
@@ -89,9 +65,8 @@ pub fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
     // Interleaved reading: a q.op or q.value belongs to the q.field before it.
     let mut triplets: Vec<(String, Option<String>, Option<String>)> = Vec::new();
     let mut orphan = false;
-    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (percent_decode(k), percent_decode(v));
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        let (k, v) = (k.into_owned(), v.into_owned());
         match k.as_str() {
             "q.field" => {
                 fields.push(v.clone());
@@ -380,4 +355,14 @@ mod tests {
         assert!(parse_query(Some("q.field=x")).is_err());
         assert!(parse_query(Some("bogus=1")).is_err());
     }
+
+    #[test]
+    fn percent_decoding_is_form_urlencoded() {
+        let q = parse_query(Some("q.field=resource_id&q.value=a%41%20b+c%+5%4")).unwrap();
+        // `%+5` is no escape (the old decoder read it as 0x05): `%` stays, `+` is a space.
+        assert_eq!(q.filters[0].value, "aA b c% 5%4", "{q:?}");
+        let q = parse_query(Some("q.field=resource_id&q.value=%E2%9C%93")).unwrap();
+        assert_eq!(q.filters[0].value, "✓");
+    }
+
 }
