@@ -364,5 +364,4 @@ mod tests {
         let q = parse_query(Some("q.field=resource_id&q.value=%E2%9C%93")).unwrap();
         assert_eq!(q.filters[0].value, "✓");
     }
-
 }
