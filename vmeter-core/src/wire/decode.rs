@@ -85,7 +85,7 @@ pub(super) fn from_slice_limited<'a, T: Deserialize<'a>>(
     T::deserialize(&mut de)
 }
 
-/// Decodes a batch of format 1, 2 or 3 (`version` is the value of [`FORMAT_HEADER`]; absent is
+/// Decodes a batch of format 1, 2 or 3 (`version` is the value of [`FORMAT_HEADER`](super::FORMAT_HEADER); absent is
 /// accepted, the body says which). Uses a throw-away [`Decoder`]; services keep one.
 pub fn decode(body: &[u8], version: Option<i64>) -> Result<Vec<Sample>, DecodeError> {
     Decoder::default().decode(body, version)
