@@ -193,7 +193,7 @@ pub fn array<T: Sync>(
 
 /// A JSON array written item by item and handed out in chunks of about `chunk_bytes`, so
 /// that sending can start before the last item is written. The chunks joined are what
-/// [`array`] writes.
+/// [`array()`] writes.
 pub struct ArrayChunks {
     j: JsonBuf,
     chunk_bytes: usize,

@@ -1,7 +1,7 @@
 //! Shared pieces of vmeter, used by all three services.
 //!
 //! Module map:
-//! - [`sample`]: the [`Sample`](sample::Sample) type — Ceilometer's fields plus `monotonic_time`.
+//! - [`sample`]: the [`Sample`] type — Ceilometer's fields plus `monotonic_time`.
 //! - [`contract`]: the sample contract (lengths, characters, finite volumes, timestamp
 //!   window, metadata depth and size) that every door checks.
 //! - [`wire`]: one AMQP message = one msgpack batch of samples; headers and format version.

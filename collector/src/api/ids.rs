@@ -38,7 +38,7 @@ pub fn parse_named_sample_id(id: &str) -> Option<(String, String, DateTime<Utc>)
     Some((meter, resource, DateTime::from_timestamp_micros(us)?))
 }
 
-/// Inverse of [`write_sample_id`]; `None` for anything else.
+/// Inverse of `write_sample_id`; `None` for anything else.
 pub fn parse_sample_id(id: &str) -> Option<(i32, i32, DateTime<Utc>)> {
     let mut it = id.split('-');
     let m = i32::from_str_radix(it.next()?, 16).ok()?;
