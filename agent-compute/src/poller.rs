@@ -262,6 +262,48 @@ fn record_reads(stats: &CycleStats) {
     }
 }
 
+/// When each polling source is due: a fixed grid per source from the first cycle
+/// (`start`, `start + interval`, …), so that a source's samples stay evenly spaced
+/// whatever the cycles cost.
+#[derive(Debug)]
+pub struct Schedule {
+    intervals: Vec<Duration>,
+    due: Vec<tokio::time::Instant>,
+}
+
+impl Schedule {
+    /// Every source due at `start`. Intervals are at least 1 ms.
+    pub fn new(intervals: Vec<Duration>, start: tokio::time::Instant) -> Schedule {
+        let intervals: Vec<Duration> = intervals
+            .into_iter()
+            .map(|i| i.max(Duration::from_millis(1)))
+            .collect();
+        Schedule {
+            due: vec![start; intervals.len()],
+            intervals,
+        }
+    }
+
+    /// The earliest time a source is due.
+    pub fn next(&self) -> tokio::time::Instant {
+        *self.due.iter().min().expect("at least one source")
+    }
+
+    /// The sources due at `now` (by index), each moved to its next slot on its grid after
+    /// `now`: slots missed while a cycle ran long are skipped, not made up.
+    pub fn take_due(&mut self, now: tokio::time::Instant) -> Vec<usize> {
+        let active: Vec<usize> = (0..self.due.len())
+            .filter(|&i| self.due[i] <= now)
+            .collect();
+        for &i in &active {
+            while self.due[i] <= now {
+                self.due[i] += self.intervals[i];
+            }
+        }
+        active
+    }
+}
+
 /// Runs polling and publishing until shutdown.
 pub async fn run(
     cfg: Config,
@@ -335,8 +377,10 @@ pub async fn run(
     // Each source has its own schedule on a fixed grid from the first cycle; a cycle polls
     // libvirt once and keeps the samples of the sources that are due.
     let sources = Arc::new(sources);
-    let start = tokio::time::Instant::now();
-    let mut due: Vec<tokio::time::Instant> = vec![start; sources.len()];
+    let mut schedule = Schedule::new(
+        sources.iter().map(|s| s.interval).collect(),
+        tokio::time::Instant::now(),
+    );
     for s in sources.iter() {
         tracing::info!(source = %s.name, interval_secs = s.interval.as_secs_f64(), "Polling source.");
     }
@@ -358,21 +402,13 @@ pub async fn run(
     let mut next_broker_try = tokio::time::Instant::now();
 
     loop {
-        let next = *due.iter().min().expect("at least one source");
         let jitter = Duration::from_secs_f64(cfg.polling.jitter_secs * fastrand::f64());
         tokio::select! {
             biased;
             _ = vmeter_core::shutdown::wait(&mut shutdown) => break,
-            _ = tokio::time::sleep_until(next + jitter) => {}
+            _ = tokio::time::sleep_until(schedule.next() + jitter) => {}
         }
-        let now = tokio::time::Instant::now();
-        let active: Vec<usize> = (0..sources.len()).filter(|&i| due[i] <= now).collect();
-        for &i in &active {
-            // Next slot on the grid; slots missed while a cycle ran long are skipped.
-            while due[i] <= now {
-                due[i] += sources[i].interval;
-            }
-        }
+        let active = schedule.take_due(tokio::time::Instant::now());
         // Reach the broker first (when down and its back-off allows), so that fresh
         // batches can go straight out as the libvirt thread produces them.
         if publisher.is_none() && tokio::time::Instant::now() >= next_broker_try {
@@ -653,5 +689,41 @@ mod tests {
         assert_eq!(v, ["cpu"], "a single source still selects");
         assert_eq!(kept(srcs.clone(), vec![0, 1]).len(), 2);
         assert_eq!(kept(sources::every_meter(60.0), vec![0]).len(), 3);
+    }
+
+    /// The schedule on tokio's paused clock: sleeping until `next()` advances virtual time
+    /// exactly, so the grid is checked to the millisecond without waiting for it.
+    #[tokio::test(start_paused = true)]
+    async fn sources_fire_on_their_grids_and_skip_missed_slots() {
+        let t0 = tokio::time::Instant::now();
+        let mut s = Schedule::new(vec![Duration::from_secs(1), Duration::from_secs(3)], t0);
+        let mut fired: Vec<(u64, Vec<usize>)> = Vec::new();
+        while fired.len() < 7 {
+            tokio::time::sleep_until(s.next()).await;
+            let now = tokio::time::Instant::now();
+            fired.push(((now - t0).as_millis() as u64, s.take_due(now)));
+        }
+        assert_eq!(
+            fired,
+            vec![
+                (0, vec![0, 1]),
+                (1000, vec![0]),
+                (2000, vec![0]),
+                (3000, vec![0, 1]),
+                (4000, vec![0]),
+                (5000, vec![0]),
+                (6000, vec![0, 1]),
+            ]
+        );
+        // A cycle that overruns by 2.5 s: source 0 missed 7 s and 8 s; it runs once now and
+        // goes back to its grid (9 s), as does source 1 (due at 9 s, not yet).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let now = tokio::time::Instant::now();
+        assert_eq!((now - t0).as_millis(), 8500);
+        assert_eq!(s.take_due(now), vec![0]);
+        assert_eq!((s.next() - t0).as_millis(), 9000);
+        tokio::time::sleep_until(s.next()).await;
+        assert_eq!(s.take_due(tokio::time::Instant::now()), vec![0, 1]);
+        assert_eq!((s.next() - t0).as_millis(), 10_000);
     }
 }

@@ -91,11 +91,30 @@ async fn repeated_stored_and_concurrently_inserted_keys_are_stored_once() {
             .await;
         (store, w)
     });
-    // The write waits on the other writer's row until it commits.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The write waits on the other writer's row until it commits: PostgreSQL shows a
+    // backend of this database waiting for a lock (the data, not a guess of how long).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            !writer.is_finished(),
+            "the write did not wait for the uncommitted row"
+        );
+        assert!(Instant::now() < deadline, "no write waits on the row");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         !writer.is_finished(),
-        "the write did not wait for the uncommitted row"
+        "a write waiting on a lock cannot have finished"
     );
     other.commit().await.unwrap();
     let (_store, w) = writer.await.unwrap();

@@ -326,8 +326,11 @@ mod tests {
             second.wait().await;
             second
         });
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The test runtime has one thread: each yield lets the spawned waiter run. Had it
+        // not waited for the first turn, it would be done after its first poll.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         assert!(
             !waiting.is_finished(),
             "the second went before the first passed"
