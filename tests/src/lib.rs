@@ -300,6 +300,33 @@ pub mod broker {
         }
     }
 
+    /// Waits until `queue` has a consumer: the service that consumes it has declared and
+    /// bound it (a queue that merely exists may not be bound yet, and a mandatory publish
+    /// to it would come back unroutable).
+    pub async fn wait_for_consumer(conn: &Connection, queue: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ch = conn.create_channel().await.unwrap();
+            let consumers = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.consumer_count())
+                .unwrap_or(0);
+            if consumers > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nobody consumes queue {queue}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Publishes one signed batch (persistent, mandatory, confirmed) as an agent would.
     pub async fn publish(
         conn: &Connection,

@@ -86,7 +86,7 @@ async fn collector_dies_between_commit_and_ack() {
     crashing.push(("FAILPOINTS".into(), "collector-before-ack=return".into()));
     let mut collector = Service::start("collector-crash", "collector", &[], &crashing, &logs);
     let conn = broker::connect().await;
-    broker::wait_for_queue(&conn, &names.processed_queue, Duration::from_secs(30)).await;
+    broker::wait_for_consumer(&conn, &names.processed_queue, Duration::from_secs(30)).await;
     let t0 = chrono::Utc::now() - chrono::Duration::hours(1);
     for m in 0..5 {
         let batch: Vec<_> = (0..10)

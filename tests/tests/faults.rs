@@ -536,8 +536,8 @@ async fn pipeline_survives_every_fault_under_load() {
     stack.start_collector();
     stack.start_notification();
     let conn = broker::connect().await;
-    broker::wait_for_queue(&conn, &stack.names.raw_queue, Duration::from_secs(30)).await;
-    broker::wait_for_queue(&conn, &stack.names.processed_queue, Duration::from_secs(30)).await;
+    broker::wait_for_consumer(&conn, &stack.names.raw_queue, Duration::from_secs(30)).await;
+    broker::wait_for_consumer(&conn, &stack.names.processed_queue, Duration::from_secs(30)).await;
     // A tap: a copy of every message published with the raw routing key, to know exactly
     // what the real agent published (what the broker routed), whatever crashed when.
     let tap = format!("{}.tap", stack.names.raw_queue);

@@ -483,7 +483,7 @@ async fn collector_isolates_poison_to_the_sample() {
     ];
     let (admin, addr, mut collector, logs) = start_collector(&names, &env).await;
     let conn = broker::connect().await;
-    broker::wait_for_queue(&conn, &names.processed_queue, Duration::from_secs(30)).await;
+    broker::wait_for_consumer(&conn, &names.processed_queue, Duration::from_secs(30)).await;
 
     let t0 = chrono::Utc::now() - chrono::Duration::hours(1);
     let (mut good, mut poison_db, mut poison_contract) = (0usize, 0usize, 0usize);
@@ -615,7 +615,7 @@ async fn notification_dead_letters_violators_and_keeps_their_neighbours() {
     env.push(("VMETER_HTTP__LISTEN".into(), metrics_addr.clone()));
     let mut notification = Service::start("notification", "notification", &[], &env, &logs);
     let conn = broker::connect().await;
-    broker::wait_for_queue(&conn, &names.raw_queue, Duration::from_secs(30)).await;
+    broker::wait_for_consumer(&conn, &names.raw_queue, Duration::from_secs(30)).await;
     broker::wait_for_queue(&conn, &names.processed_queue, Duration::from_secs(30)).await;
 
     let now = chrono::Utc::now();

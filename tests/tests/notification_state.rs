@@ -164,7 +164,7 @@ async fn planned_restart_keeps_state_and_a_crash_does_not() {
     let st = Setup::new("r", CPU_AND_MEMORY).await;
     let mut n1 = st.start("notification-1");
     broker::wait_for_queue(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
-    wait_log(&n1, "Consuming", Duration::from_secs(30));
+    broker::wait_for_consumer(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
 
     st.publish(&[cpu("vm-a", 0), gauge("memory", "vm-a", 512.0)])
         .await;
@@ -250,7 +250,7 @@ async fn hot_reload_keeps_unchanged_sinks_and_refuses_bad_files() {
     let st = Setup::new("h", RELOAD_V1).await;
     let n = st.start("notification");
     broker::wait_for_queue(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
-    wait_log(&n, "Consuming", Duration::from_secs(30));
+    broker::wait_for_consumer(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
 
     st.publish(&[cpu("vm-b", 0)]).await;
     st.publish(&[cpu("vm-b", 1)]).await;
@@ -316,7 +316,7 @@ async fn hot_standby_takes_over_within_seconds() {
     let st = Setup::new("f", RELOAD_V1).await;
     let mut active = st.start("notification-active");
     broker::wait_for_queue(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
-    wait_log(&active, "Consuming", Duration::from_secs(30));
+    broker::wait_for_consumer(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
     // The standby has its own state file: it must not pick up the active one's.
     let standby = st.start_with_state("notification-standby", &st.dir.join("standby-state.json"));
     wait_log(&standby, "Consuming", Duration::from_secs(30));
