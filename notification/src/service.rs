@@ -341,6 +341,14 @@ fn restore_state(
     pending: &mut Vec<Sample>,
 ) {
     let max_age = Duration::from_secs(cfg.pipeline.state_max_age_secs);
+    let outcome = |result: &str| {
+        telemetry::counter(
+            "vmeter_notification_state_loads_total",
+            "State file reads at start-up, by result (restored, fresh: none saved, unusable).",
+            &[("result", result)],
+        )
+        .inc();
+    };
     match state::take(path, max_age, Utc::now()) {
         Ok(Some(saved)) => {
             let age = (Utc::now() - saved.saved_at).num_seconds();
@@ -356,9 +364,16 @@ fn restore_state(
                 unpublished = pending.len(),
                 "Transformer state restored."
             );
+            outcome("restored");
         }
-        Ok(None) => tracing::info!(path = %path.display(), "No saved state; starting fresh."),
-        Err(e) => tracing::warn!(error = %e, "Saved state not used; starting fresh."),
+        Ok(None) => {
+            tracing::info!(path = %path.display(), "No saved state; starting fresh.");
+            outcome("fresh");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Saved state not used; starting fresh.");
+            outcome("unusable");
+        }
     }
 }
 
@@ -444,6 +459,12 @@ fn apply_reload(rt: &mut Runtime, def: Arc<PipelineDef>) {
         return;
     }
     let kept = rt.reload(def.clone());
+    telemetry::counter(
+        "vmeter_notification_reloads_applied_total",
+        "Pipeline definitions swapped in (a changed file that validated).",
+        &[],
+    )
+    .inc();
     let fresh: Vec<&str> = def
         .sinks
         .iter()

@@ -304,6 +304,12 @@ pub mod broker {
     /// bound it (a queue that merely exists may not be bound yet, and a mandatory publish
     /// to it would come back unroutable).
     pub async fn wait_for_consumer(conn: &Connection, queue: &str, timeout: Duration) {
+        wait_for_consumers(conn, queue, 1, timeout).await
+    }
+
+    /// Waits until `queue` has at least `n` consumers (a single-active-consumer queue
+    /// counts its waiting standbys too).
+    pub async fn wait_for_consumers(conn: &Connection, queue: &str, n: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let ch = conn.create_channel().await.unwrap();
@@ -319,7 +325,7 @@ pub mod broker {
                 .await
                 .map(|q| q.consumer_count())
                 .unwrap_or(0);
-            if consumers > 0 {
+            if consumers >= n {
                 return;
             }
             assert!(Instant::now() < deadline, "nobody consumes queue {queue}");

@@ -93,12 +93,14 @@ impl Setup {
         }
     }
 
-    fn start(&self, name: &'static str) -> Service {
+    /// An instance and the address of its `/metrics`.
+    fn start(&self, name: &'static str) -> (Service, String) {
         self.start_with_state(name, &self.state)
     }
 
     /// An instance with its own state file (a standby on another host has its own).
-    fn start_with_state(&self, name: &'static str, state: &Path) -> Service {
+    fn start_with_state(&self, name: &'static str, state: &Path) -> (Service, String) {
+        let http = format!("127.0.0.1:{}", free_port());
         let mut env = self.names.env(SECRET);
         env.push((
             "VMETER_PIPELINE__FILE".into(),
@@ -109,11 +111,11 @@ impl Setup {
             state.display().to_string(),
         ));
         env.push(("VMETER_PIPELINE__RELOAD_CHECK_SECS".into(), "1".into()));
-        env.push((
-            "VMETER_HTTP__LISTEN".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ));
-        Service::start(name, "notification", &[], &env, &self.dir)
+        env.push(("VMETER_HTTP__LISTEN".into(), http.clone()));
+        (
+            Service::start(name, "notification", &[], &env, &self.dir),
+            http,
+        )
     }
 
     async fn publish(&self, samples: &[Sample]) {
@@ -138,16 +140,28 @@ impl Setup {
     }
 }
 
-fn wait_log(s: &Service, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !s.log_text().contains(needle) {
+/// Waits until the counter `series` on `http`'s `/metrics` reaches `at_least` (what the
+/// process did, not how it worded its log).
+async fn wait_metric(s: &Service, http: &str, series: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Not listening yet: the process is still starting.
+        let m = if tokio::net::TcpStream::connect(http).await.is_ok() {
+            vmeter_e2e::http::request(http, "GET", "/metrics", &[], None)
+                .await
+                .1
+        } else {
+            String::new()
+        };
+        if vmeter_core::telemetry::scrape(&m, series) >= at_least {
+            return;
+        }
         assert!(
             Instant::now() < deadline,
-            "{} never logged {needle:?}:\n{}",
-            s.name,
+            "{series} never reached {at_least}\n{m}\n{}",
             s.log_text()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -162,7 +176,7 @@ fn exists(p: &Path) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_restart_keeps_state_and_a_crash_does_not() {
     let st = Setup::new("r", CPU_AND_MEMORY).await;
-    let mut n1 = st.start("notification-1");
+    let (mut n1, _) = st.start("notification-1");
     broker::wait_for_queue(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
     broker::wait_for_consumer(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
 
@@ -181,8 +195,14 @@ async fn planned_restart_keeps_state_and_a_crash_does_not() {
         "state file written on graceful shutdown:\n{}",
         n1.log_text()
     );
-    let mut n2 = st.start("notification-2");
-    wait_log(&n2, "Transformer state restored", Duration::from_secs(30));
+    let (mut n2, n2_http) = st.start("notification-2");
+    wait_metric(
+        &n2,
+        &n2_http,
+        "vmeter_notification_state_loads_total{result=\"restored\"}",
+        1.0,
+    )
+    .await;
     assert!(!exists(&st.state), "the state file is consumed at start");
 
     st.publish(&[cpu("vm-a", 1), gauge("memory", "vm-a", 600.0)])
@@ -208,12 +228,14 @@ async fn planned_restart_keeps_state_and_a_crash_does_not() {
     n2.child.kill().unwrap();
     n2.child.wait().unwrap();
     assert!(!exists(&st.state));
-    let n3 = st.start("notification-3");
-    wait_log(
+    let (n3, n3_http) = st.start("notification-3");
+    wait_metric(
         &n3,
-        "No saved state; starting fresh",
-        Duration::from_secs(30),
-    );
+        &n3_http,
+        "vmeter_notification_state_loads_total{result=\"fresh\"}",
+        1.0,
+    )
+    .await;
     st.publish(&[cpu("vm-a", 2)]).await;
     let out = st.outputs(1).await;
     assert!(
@@ -248,7 +270,7 @@ sinks:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_keeps_unchanged_sinks_and_refuses_bad_files() {
     let st = Setup::new("h", RELOAD_V1).await;
-    let n = st.start("notification");
+    let (n, n_http) = st.start("notification");
     broker::wait_for_queue(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
     broker::wait_for_consumer(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
 
@@ -264,7 +286,13 @@ async fn hot_reload_keeps_unchanged_sinks_and_refuses_bad_files() {
         "{target: {name: cpu.delta2}, growth_only: true}",
     );
     std::fs::write(&st.pipeline, &v2).unwrap();
-    wait_log(&n, "Pipeline reloaded", Duration::from_secs(15));
+    wait_metric(
+        &n,
+        &n_http,
+        "vmeter_notification_reloads_applied_total",
+        1.0,
+    )
+    .await;
     st.publish(&[cpu("vm-b", 2)]).await;
     let out = st.outputs(2).await;
     assert_eq!(
@@ -296,7 +324,13 @@ async fn hot_reload_keeps_unchanged_sinks_and_refuses_bad_files() {
             .code(),
         Some(0)
     );
-    wait_log(&n, "Pipeline reload refused", Duration::from_secs(15));
+    wait_metric(
+        &n,
+        &n_http,
+        "vmeter_notification_reloads_total{result=\"refused\"}",
+        1.0,
+    )
+    .await;
     assert!(
         n.log_text()
             .contains("No transformer named no_such_transformer"),
@@ -314,12 +348,27 @@ async fn hot_reload_keeps_unchanged_sinks_and_refuses_bad_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_standby_takes_over_within_seconds() {
     let st = Setup::new("f", RELOAD_V1).await;
-    let mut active = st.start("notification-active");
+    let (mut active, _) = st.start("notification-active");
     broker::wait_for_queue(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
     broker::wait_for_consumer(&st.conn, &st.names.raw_queue, Duration::from_secs(30)).await;
     // The standby has its own state file: it must not pick up the active one's.
-    let standby = st.start_with_state("notification-standby", &st.dir.join("standby-state.json"));
-    wait_log(&standby, "Consuming", Duration::from_secs(30));
+    let (standby, standby_http) =
+        st.start_with_state("notification-standby", &st.dir.join("standby-state.json"));
+    // The standby's consumer is registered (its broker part turns up once basic.consume
+    // is accepted, active or waiting): /health answers 200.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = tokio::net::TcpStream::connect(&standby_http).await.is_ok()
+            && vmeter_e2e::http::request(&standby_http, "GET", "/health", &[], None)
+                .await
+                .0
+                == 200;
+        if up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", standby.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     st.publish(&[cpu("vm-c", 0)]).await;
     st.publish(&[cpu("vm-c", 1)]).await;
