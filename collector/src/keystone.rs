@@ -220,8 +220,8 @@ impl Keystone {
                 let body: Value = res.json().await?;
                 Ok(Some(self.identity(&body)?))
             }
-            // The subject token is unknown, expired or revoked.
-            404 => Ok(None),
+            // The subject token is unknown, expired, revoked (404) or malformed (400).
+            400 | 404 => Ok(None),
             401 if !renewed => Box::pin(self.ask(token, true)).await,
             _ => Err(KeystoneError::Status {
                 what: "token validation",

@@ -275,26 +275,27 @@ pub mod broker {
             .expect("RabbitMQ from deploy/setup.sh must be running")
     }
 
+    /// The consumer count of `queue`, `None` while it does not exist.
+    async fn consumers(conn: &Connection, queue: &str) -> Option<u32> {
+        // A failed passive declare closes the channel: use a fresh one per try.
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.consumer_count())
+    }
+
     /// Waits until `queue` exists (a service declares its topology at start).
     pub async fn wait_for_queue(conn: &Connection, queue: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        loop {
-            // A failed passive declare closes the channel: use a fresh one per try.
-            let ch = conn.create_channel().await.unwrap();
-            let ok = ch
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .is_ok();
-            if ok {
-                return;
-            }
+        while consumers(conn, queue).await.is_none() {
             assert!(Instant::now() < deadline, "queue {queue} never appeared");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -304,30 +305,8 @@ pub mod broker {
     /// bound it (a queue that merely exists may not be bound yet, and a mandatory publish
     /// to it would come back unroutable).
     pub async fn wait_for_consumer(conn: &Connection, queue: &str, timeout: Duration) {
-        wait_for_consumers(conn, queue, 1, timeout).await
-    }
-
-    /// Waits until `queue` has at least `n` consumers (a single-active-consumer queue
-    /// counts its waiting standbys too).
-    pub async fn wait_for_consumers(conn: &Connection, queue: &str, n: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        loop {
-            let ch = conn.create_channel().await.unwrap();
-            let consumers = ch
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|q| q.consumer_count())
-                .unwrap_or(0);
-            if consumers >= n {
-                return;
-            }
+        while consumers(conn, queue).await.unwrap_or(0) == 0 {
             assert!(Instant::now() < deadline, "nobody consumes queue {queue}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

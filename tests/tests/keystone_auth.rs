@@ -169,26 +169,10 @@ async fn keystone_tokens_scope_projects_and_the_real_client_logs_in() {
     .unwrap();
     let admin_pw = format!("admin-{}", names.id);
     manage(&conf, &["db_sync"]);
-    manage(
-        &conf,
-        &[
-            "fernet_setup",
-            "--keystone-user",
-            "root",
-            "--keystone-group",
-            "root",
-        ],
-    );
-    manage(
-        &conf,
-        &[
-            "credential_setup",
-            "--keystone-user",
-            "root",
-            "--keystone-group",
-            "root",
-        ],
-    );
+    for keys in ["fernet_setup", "credential_setup"] {
+        let owner = ["--keystone-user", "root", "--keystone-group", "root"];
+        manage(&conf, &[&[keys][..], &owner[..]].concat());
+    }
     manage(
         &conf,
         &[
@@ -387,6 +371,14 @@ async fn keystone_tokens_scope_projects_and_the_real_client_logs_in() {
         401
     );
     assert_eq!(get_json(&addr, "/v2/samples", None).await.0, 401);
+    // Hostile tokens: oversized, and bytes a fernet token never has. Refused (401), never
+    // a Keystone failure (503) or a crash.
+    let huge = "A".repeat(16 * 1024);
+    assert_eq!(get_json(&addr, "/v2/samples", Some(&huge)).await.0, 401);
+    assert_eq!(
+        get_json(&addr, "/v2/samples", Some("%00'\";--")).await.0,
+        401
+    );
 
     // The real python-ceilometerclient, logging in to Keystone as alice and finding the
     // collector in the catalog.
