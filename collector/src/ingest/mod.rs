@@ -21,9 +21,11 @@
 //! dead-lettered with its SQLSTATE and counted as dropped. `/health` has two parts here:
 //! `database` (PostgreSQL answers, checked every 2 s) and `ingest` (no batch held up by an
 //! outage); refused data turns neither down.
+//!
+//! Where things are: this file runs the loop and acks; `batch.rs` reads batches off the
+//! queue; `poison.rs` writes them and isolates what PostgreSQL refuses.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,13 +35,18 @@ use futures::stream::FuturesOrdered;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use vmeter_core::Sample;
-use vmeter_core::amqp::{self, Backoff, Publisher};
+use vmeter_core::amqp::{self, Publisher};
 use vmeter_core::http::Health;
 use vmeter_core::shutdown::Shutdown;
 use vmeter_core::telemetry::{self, Counter};
 
 use crate::config::Config;
-use crate::store::{InsertTurn, Store, StoreError};
+use crate::store::{InsertTurn, Store};
+use batch::read_batches;
+use poison::{Piece, isolate, write_piece};
+
+mod batch;
+mod poison;
 
 /// Batches written at once: two keep PostgreSQL inserting one batch while the other's
 /// lookups, upserts and commit run (docs/storage.md, "Ingest").
@@ -323,290 +330,4 @@ async fn write_batch(
     .await;
     let mut deliveries = batch.deliveries;
     (store, deliveries.pop(), result)
-}
-
-/// A conflict ([`StoreError::Contended`]) that repeats this often on the same samples while
-/// PostgreSQL answers other queries is taken for a refusal of those samples.
-const CONTENDED_STRIKES: u32 = 5;
-
-/// How one attempt to store some samples ended.
-enum Piece {
-    Stored,
-    /// PostgreSQL refuses these samples (and answers other queries).
-    Rejected(StoreError),
-    Shutdown,
-}
-
-/// Writes `samples`, retrying outages with back-off until they are stored, refused, or
-/// shutdown comes. Counts what was stored; keeps the health flags true to the database's
-/// state: an outage turns `ingest` down, a refusal of data never does.
-async fn write_piece(
-    store: &mut Store,
-    turn: &mut InsertTurn,
-    samples: &[Sample],
-    m: &Counters,
-    shutdown: &mut Shutdown,
-) -> Piece {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut strikes = 0;
-    loop {
-        let started = std::time::Instant::now();
-        let e = match store.write_in_turn(samples, turn).await {
-            Ok(w) => {
-                m.write_seconds.observe_since(started);
-                if let Some(newest) = samples.iter().map(|s| s.timestamp).max() {
-                    let age = (chrono::Utc::now() - newest)
-                        .num_microseconds()
-                        .unwrap_or(0);
-                    m.sample_age.observe(age.max(0) as f64 / 1e6);
-                }
-                m.ingest_up.store(true, Ordering::Relaxed);
-                m.stored.add(w.inserted);
-                m.dups.add(w.duplicates);
-                m.batches.inc();
-                return Piece::Stored;
-            }
-            Err(e) if e.is_data() => return Piece::Rejected(e),
-            Err(e) => e,
-        };
-        let answers = crate::store::ping(store.pool(), Duration::from_secs(3)).await;
-        m.db_up.store(answers, Ordering::Relaxed);
-        if answers && matches!(e, StoreError::Contended(_)) {
-            strikes += 1;
-            if strikes >= CONTENDED_STRIKES {
-                return Piece::Rejected(e);
-            }
-        } else {
-            m.ingest_up.store(false, Ordering::Relaxed);
-        }
-        let wait = backoff.next_delay();
-        tracing::warn!(error = %e, database_answers = answers, retry_in_ms = wait.as_millis() as u64, "Samples not stored; nothing acked, retrying.");
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = vmeter_core::shutdown::wait(shutdown) => return Piece::Shutdown,
-        }
-    }
-}
-
-/// Bisects `range` of the batch (known to be refused with `error`) until every refused
-/// sample stands alone: stores every other sample, dead-letters each refused one with the
-/// SQLSTATE in its reason and counts it as dropped. A batch of n samples with k offenders
-/// takes about 2·k·log2(n) writes.
-#[allow(clippy::too_many_arguments)]
-async fn isolate(
-    store: &mut Store,
-    turn: &mut InsertTurn,
-    batch: &Batch,
-    range: std::ops::Range<usize>,
-    error: StoreError,
-    publisher: &Publisher,
-    cfg: &Config,
-    m: &Counters,
-    shutdown: &mut Shutdown,
-) -> anyhow::Result<bool> {
-    let mut refused = vec![(range, error)];
-    while let Some((r, e)) = refused.pop() {
-        if r.len() == 1 {
-            dead_letter_refused(batch, r.start, &e, publisher, cfg).await?;
-            continue;
-        }
-        let mid = r.start + r.len() / 2;
-        // The second half goes on the stack first: halves are resolved in batch order.
-        let mut halves = Vec::with_capacity(2);
-        for half in [r.start..mid, mid..r.end] {
-            match write_piece(store, turn, &batch.samples[half.clone()], m, shutdown).await {
-                Piece::Stored => {}
-                Piece::Shutdown => return Ok(false),
-                Piece::Rejected(e) => halves.push((half, e)),
-            }
-        }
-        refused.extend(halves.into_iter().rev());
-    }
-    Ok(true)
-}
-
-/// Dead-letters sample `i` of the batch, refused by PostgreSQL with `e`.
-async fn dead_letter_refused(
-    batch: &Batch,
-    i: usize,
-    e: &StoreError,
-    publisher: &Publisher,
-    cfg: &Config,
-) -> anyhow::Result<()> {
-    let delivery = batch
-        .good
-        .iter()
-        .find(|(_, r)| r.contains(&i))
-        .map(|(d, _)| &batch.deliveries[*d])
-        .expect("every sample comes from a good delivery");
-    let reason = telemetry::DropReason::rejected_by_database(e.sqlstate().as_deref());
-    publisher
-        .dead_letter_samples(
-            &cfg.broker,
-            delivery.routing_key.as_str(),
-            &[&batch.samples[i]],
-            SERVICE,
-            reason,
-            &e.to_string(),
-        )
-        .await?;
-    Ok(())
-}
-
-/// The reader task: gathers and decodes batches until the consumer fails or `tx` closes.
-async fn read_batches(
-    mut consumer: lapin::Consumer,
-    cfg: crate::config::DatabaseConfig,
-    contract: vmeter_core::contract::Contract,
-    signer: vmeter_core::signing::Signer,
-    tx: tokio::sync::mpsc::Sender<Batch>,
-) -> anyhow::Result<()> {
-    let mut decoder = vmeter_core::wire::Decoder::default();
-    // Long-lived, as the decoder: each resource's metadata is walked once, not per message.
-    let mut checker = vmeter_core::contract::Checker::new(&contract);
-    let hasher = std::collections::hash_map::RandomState::new();
-    loop {
-        let deliveries = next_batch(&mut consumer, &cfg).await?;
-        let mut batch = Batch {
-            deliveries,
-            samples: Vec::new(),
-            good: Vec::new(),
-            bad: Vec::new(),
-            violations: Vec::new(),
-            keys: HashSet::new(),
-        };
-        let now = chrono::Utc::now();
-        for (i, d) in batch.deliveries.iter().enumerate() {
-            match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
-                Ok(s) => {
-                    let (s, violations) = checker.partition(s, now);
-                    if !violations.is_empty() {
-                        batch.violations.push((i, violations));
-                    }
-                    let start = batch.samples.len();
-                    batch.samples.extend(s);
-                    batch.good.push((i, start..batch.samples.len()));
-                }
-                Err(e) => {
-                    tracing::warn!(reason = e.reason(), error = %e, "Message can never be stored; dead-lettering it.");
-                    batch.bad.push((i, e.reason()));
-                }
-            }
-        }
-        batch.keys.reserve(batch.samples.len());
-        for s in &batch.samples {
-            batch
-                .keys
-                .insert(hasher.hash_one((&s.name, &s.resource_id, s.timestamp)));
-        }
-        if tx.send(batch).await.is_err() {
-            return Ok(());
-        }
-    }
-}
-
-/// Waits for the first delivery, then collects more until `batch_max_messages` messages or
-/// `batch_max_samples` samples (by the sender's `x-vmeter-samples` header) are in hand, or
-/// `batch_max_wait_ms` passed since the first: large transactions under load, low latency
-/// when traffic is light.
-async fn next_batch(
-    consumer: &mut lapin::Consumer,
-    cfg: &crate::config::DatabaseConfig,
-) -> anyhow::Result<Vec<Delivery>> {
-    let limits = BatchLimits {
-        messages: cfg.batch_max_messages.max(1),
-        samples: cfg.batch_max_samples,
-        wait: Duration::from_millis(cfg.batch_max_wait_ms),
-    };
-    let mut deliveries = consumer.map(|d| d.map_err(anyhow::Error::from));
-    gather(&mut deliveries, &limits, samples_in).await
-}
-
-/// When a batch is complete.
-struct BatchLimits {
-    messages: usize,
-    samples: usize,
-    /// Counted from the first item's arrival.
-    wait: Duration,
-}
-
-/// The batching rule of [`next_batch`] over any stream: waits for a first item, then takes
-/// more until `limits` says the batch is complete (`size` gives an item's samples). The
-/// stream ending is an error (the broker cancelled the consumer).
-async fn gather<T, S>(
-    items: &mut S,
-    limits: &BatchLimits,
-    size: impl Fn(&T) -> usize,
-) -> anyhow::Result<Vec<T>>
-where
-    S: futures::Stream<Item = anyhow::Result<T>> + Unpin,
-{
-    let first = match items.next().await {
-        Some(d) => d?,
-        None => anyhow::bail!("consumer cancelled by the broker"),
-    };
-    let deadline = tokio::time::Instant::now() + limits.wait;
-    let mut samples = size(&first);
-    let mut out = vec![first];
-    while out.len() < limits.messages && samples < limits.samples {
-        match tokio::time::timeout_at(deadline, items.next()).await {
-            Ok(Some(d)) => {
-                let d = d?;
-                samples += size(&d);
-                out.push(d);
-            }
-            Ok(None) => anyhow::bail!("consumer cancelled by the broker"),
-            Err(_) => break,
-        }
-    }
-    Ok(out)
-}
-
-/// The sample count a vmeter publisher put in the headers (1 when absent).
-fn samples_in(d: &Delivery) -> usize {
-    amqp::sample_count(&d.properties).unwrap_or(1).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{BatchLimits, gather};
-    use std::time::Duration;
-
-    /// The batch timer on tokio's paused clock: items arrive at chosen virtual times.
-    #[tokio::test(start_paused = true)]
-    async fn a_batch_closes_at_its_wait_or_its_size() {
-        let t0 = tokio::time::Instant::now();
-        let (tx, mut rx) = futures::channel::mpsc::unbounded::<anyhow::Result<(u32, usize)>>();
-        let feeder = tokio::spawn(async move {
-            // (arrival in ms, item, samples)
-            for (at, item, n) in [
-                (0, 1, 10),
-                (100, 2, 10),
-                (150, 3, 10),
-                (300, 4, 10),
-                (310, 5, 990),
-            ] {
-                tokio::time::sleep_until(t0 + Duration::from_millis(at)).await;
-                let _ = tx.unbounded_send(Ok((item, n)));
-            }
-        });
-        let limits = BatchLimits {
-            messages: 100,
-            samples: 1000,
-            wait: Duration::from_millis(200),
-        };
-        let size = |x: &(u32, usize)| x.1;
-        // Items 1..3 arrive within 200 ms of the first; item 4 (at 300 ms) is too late.
-        let b = gather(&mut rx, &limits, size).await.unwrap();
-        assert_eq!(b.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!((tokio::time::Instant::now() - t0).as_millis(), 200);
-        // The next batch starts with item 4; item 5 brings it to 1,000 samples: complete at
-        // once, without waiting out its 200 ms.
-        let b = gather(&mut rx, &limits, size).await.unwrap();
-        assert_eq!(b.iter().map(|x| x.0).collect::<Vec<_>>(), vec![4, 5]);
-        assert_eq!((tokio::time::Instant::now() - t0).as_millis(), 310);
-        feeder.await.unwrap();
-        // The stream ending (the broker cancelled the consumer) is an error, not a batch.
-        assert!(gather(&mut rx, &limits, size).await.is_err());
-    }
 }
