@@ -210,3 +210,87 @@ async fn late_samples_from_several_collectors_at_once_stay_exact() {
     pool.close().await;
     drop_database(&admin, &names).await;
 }
+
+/// A write that waits for its turn (the previous batch's insert) must not hold
+/// `ROLLUP_LOCK` while it waits: with the rollup job queued for the lock exclusively, the
+/// previous batch's shared request queues behind the job, and neither batch ever finishes
+/// (PostgreSQL cannot see the wait for the turn). A collector restarted after a crash, with
+/// its rollup job starting while two redelivered batches were written, stored nothing more
+/// for a minute in CI this way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_its_turn_does_not_block_the_rollup_job() {
+    use collector::store::{InsertTurn, locks};
+
+    let names = Names::new("rollturn");
+    let admin = create_database(&names).await;
+    let pool = collector::store::pool(&names.db_url(), 4).unwrap();
+    let mut first = Store::new(pool.clone());
+    first.migrate().await.unwrap();
+    let now = Utc::now();
+    first.write(&[sample(1.0, now)]).await.unwrap();
+
+    // The second batch's write starts first: its turn comes after the first batch's insert.
+    let mut last = None;
+    let turn1 = InsertTurn::next(&mut last);
+    let turn2 = InsertTurn::next(&mut last);
+    let mut second = Store::new(pool.clone());
+    let write2 = tokio::spawn(async move {
+        let mut turn2 = turn2;
+        second
+            .write_in_turn(&[sample(2.0, now + Duration::seconds(2))], &mut turn2)
+            .await
+    });
+    // Until it waits for its turn: its own rows (meter, series) are committed before that,
+    // and (before the fix) it then took ROLLUP_LOCK shared.
+    let held = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_locks where locktype = 'advisory' and granted
+               and ((classid::bigint << 32) | objid::bigint) = $1",
+        )
+        .bind(locks::ROLLUP_LOCK)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while held(pool.clone()).await == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!write2.is_finished(), "the second write waits for its turn");
+
+    // The rollup job asks for the lock exclusively, on a connection of its own.
+    let job = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            locks::exclusive(&mut tx, locks::ROLLUP_LOCK).await.unwrap();
+            tx.commit().await.unwrap();
+        })
+    };
+    // Then the first batch is written; both writes and the job must finish.
+    let mut turn1 = turn1;
+    let mut store1 = Store::new(pool.clone());
+    let within = std::time::Duration::from_secs(20);
+    let w1 = tokio::time::timeout(
+        within,
+        store1.write_in_turn(&[sample(3.0, now + Duration::seconds(1))], &mut turn1),
+    )
+    .await
+    .expect("the first batch's write is not blocked by the second's turn")
+    .unwrap();
+    assert_eq!(w1.inserted, 1);
+    drop(turn1);
+    let w2 = tokio::time::timeout(within, write2)
+        .await
+        .expect("the second batch's write finishes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(w2.inserted, 1);
+    tokio::time::timeout(within, job)
+        .await
+        .expect("the rollup job gets its lock")
+        .unwrap();
+
+    pool.close().await;
+    drop_database(&admin, &names).await;
+}

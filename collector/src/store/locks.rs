@@ -6,6 +6,11 @@
 //! |---|---|---|
 //! | [`ROLLUP_LOCK`] | the rollup job (advancing the watermark), retention | every sample write, until it commits |
 //! | [`PARTITION_LOCK`] | creating a partition, retention (dropping partitions) | — |
+//!
+//! Never wait for anything in this process (a turn, a channel, another task) while holding
+//! one of these locks: PostgreSQL's deadlock detector cannot see that wait. A shared request
+//! queues behind a waiting exclusive one, so a writer holding [`ROLLUP_LOCK`] shared while it
+//! waits for an earlier writer deadlocks as soon as the rollup job asks for it.
 
 use sqlx::PgConnection;
 

@@ -259,11 +259,16 @@ impl Store {
         upsert_series(&mut tx, &series).await?;
         tx.commit().await?;
 
-        // 2. The samples and the late hours' rollups, in one transaction.
+        // 2. The samples and the late hours' rollups, in one transaction. The turn is
+        //    waited for before the transaction takes ROLLUP_LOCK: waiting for the previous
+        //    batch while holding it shared deadlocks once the rollup job queues for it
+        //    exclusively (the previous batch's shared request then queues behind the job,
+        //    which waits for this batch, which waits for the previous one; PostgreSQL cannot
+        //    see the wait in this process). Seen as a collector that stored nothing more.
+        turn.wait().await;
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let watermark = rollup::writer_watermark(&mut tx).await?;
         let oldest = ts.iter().min().copied();
-        turn.wait().await;
         // Samples of rolled-up hours: learn which hours got new rows, and fold them in.
         let late_before = watermark.filter(|w| oldest.is_some_and(|o| o < *w));
         let inserted = if let Some(w) = late_before {
