@@ -1,19 +1,23 @@
-//! Configuration loading shared by every vmeter binary.
+//! Configuration loading shared by every vmeter binary, on the `config` crate.
 //!
-//! Each binary reads one YAML file (its own typed struct, `deny_unknown_fields` everywhere)
-//! and then applies environment overrides `VMETER_<SECTION>__<KEY>` (nested keys joined by
-//! `__`, case-insensitive). Rules:
+//! Three layers, each over the one before: the binary's built-in defaults, one YAML file
+//! (its own typed struct, `deny_unknown_fields` everywhere), then environment overrides
+//! `VMETER_<SECTION>__<KEY>` (nested keys joined by `__`, case-insensitive). Rules:
 //! - `--config PATH` given: the file must exist and parse. Not given: the binary's default path
 //!   is read if it exists, otherwise every key takes its built-in default.
-//! - Errors in the file name the file, the line and column, and the key path.
-//! - An override's value is read as YAML (`5`, `true`, `[a, b]`, `"007"` for a string of digits).
+//! - Errors in the file name the file, the line and column, and the key path: the file is
+//!   checked on its own with `serde_yaml_ng` before the layers are merged (the `config`
+//!   crate's own YAML errors have no line numbers, env-spike.md §6.1).
+//! - An override's value is read as YAML (`5`, `true`, `[a, b]`, `"007"` for a string of
+//!   digits): the `config` crate's own environment source would read `007` as the number 7,
+//!   so the overrides are a source of ours ([`Overrides`]) that keeps this rule.
 //! - Overrides for sections this binary does not have are ignored (one environment file can
-//!   serve all services on a host); an unknown key inside a known section is an error.
-//!
-//! The `config` crate was not used: it loses line numbers for type errors (env-spike.md §6.1).
+//!   serve all services on a host); an unknown key inside a known section is an error that
+//!   names the variables.
 
 use std::path::{Path, PathBuf};
 
+use config::{FileFormat, Value as Layered, ValueKind};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 
@@ -71,57 +75,154 @@ where
         None if default_path.exists() => Some(default_path.to_path_buf()),
         None => None,
     };
-    let (mut tree, parsed): (Value, T) = match &path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+    let internal = |e: config::ConfigError| ConfigError::Invalid {
+        origin: "defaults".into(),
+        key: "-".into(),
+        message: e.to_string(),
+    };
+    // 1. The built-in defaults.
+    let mut layers = config::Config::builder()
+        .add_source(config::Config::try_from(&T::default()).map_err(internal)?);
+    // 2. The file, checked on its own first: its errors carry line, column and the key path.
+    if let Some(p) = &path {
+        let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        if !text.trim().is_empty() {
+            serde_yaml_ng::from_str::<T>(&text).map_err(|e| ConfigError::Parse {
                 path: p.clone(),
-                source,
+                message: e.to_string(),
             })?;
-            if text.trim().is_empty() {
-                (Value::Mapping(Default::default()), T::default())
+            layers = layers.add_source(config::File::from_str(&text, FileFormat::Yaml));
+        }
+    }
+    // 3. The environment's overrides of this binary's sections.
+    let overrides = Overrides::from_env::<T>(env);
+    let vars = overrides.names();
+    layers = layers.add_source(overrides);
+    let merged = layers
+        .build()
+        .and_then(|c| c.try_deserialize::<T>())
+        .map_err(|e| match &path {
+            // The file alone deserialised above: what fails now came with the overrides.
+            _ if !vars.is_empty() => ConfigError::Env {
+                vars: vars.clone(),
+                message: e.to_string(),
+            },
+            Some(p) => ConfigError::Parse {
+                path: p.clone(),
+                message: e.to_string(),
+            },
+            None => internal(e),
+        })?;
+    Ok((merged, path))
+}
+
+/// The `VMETER_<SECTION>__<KEY>` overrides of the sections `T` has, each value read as YAML:
+/// a `config` source whose values name their variable as their origin.
+#[derive(Debug, Clone, Default)]
+struct Overrides {
+    /// (variable, key path in lower case, value), sorted by variable.
+    vars: Vec<(String, Vec<String>, Value)>,
+}
+
+impl Overrides {
+    fn from_env<T: Serialize + Default>(env: impl IntoIterator<Item = (String, String)>) -> Self {
+        let sections = known_sections::<T>();
+        let mut vars = Vec::new();
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
+            if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) || !sections.contains(&keys[0]) {
+                continue;
+            }
+            let value =
+                serde_yaml_ng::from_str::<Value>(&raw).unwrap_or(Value::String(raw.clone()));
+            let value = if value.is_null() && !raw.trim().is_empty() {
+                Value::String(raw)
             } else {
-                let parse_err = |e: serde_yaml_ng::Error| ConfigError::Parse {
-                    path: p.clone(),
-                    message: e.to_string(),
+                value
+            };
+            vars.push((name, keys, value));
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Overrides { vars }
+    }
+
+    /// The variables applied, for error messages.
+    fn names(&self) -> String {
+        let names: Vec<&str> = self.vars.iter().map(|v| v.0.as_str()).collect();
+        names.join(", ")
+    }
+}
+
+impl config::Source for Overrides {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, Layered>, config::ConfigError> {
+        let mut root = config::Map::new();
+        for (name, keys, value) in &self.vars {
+            let origin = format!("environment variable {name}");
+            let (last, parents) = keys.split_last().expect("two keys or more");
+            let mut table = &mut root;
+            for k in parents {
+                let entry = table.entry(k.clone()).or_insert_with(|| {
+                    Layered::new(Some(&origin), config::Map::<String, Layered>::new())
+                });
+                if !matches!(entry.kind, ValueKind::Table(_)) {
+                    *entry = Layered::new(Some(&origin), config::Map::<String, Layered>::new());
+                }
+                let ValueKind::Table(t) = &mut entry.kind else {
+                    unreachable!("made a table above")
                 };
-                // Typed parse first: its errors carry line, column and the key path.
-                let typed: T = serde_yaml_ng::from_str(&text).map_err(parse_err)?;
-                let tree: Value = serde_yaml_ng::from_str(&text).map_err(parse_err)?;
-                (tree, typed)
+                table = t;
+            }
+            table.insert(last.clone(), layered(value, &origin));
+        }
+        Ok(root)
+    }
+}
+
+/// A YAML value as a `config` value from `origin`.
+fn layered(v: &Value, origin: &String) -> Layered {
+    let kind = match v {
+        Value::Null => ValueKind::Nil,
+        Value::Bool(b) => ValueKind::Boolean(*b),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ValueKind::I64(i)
+            } else if let Some(u) = n.as_u64() {
+                ValueKind::U64(u)
+            } else {
+                ValueKind::Float(n.as_f64().unwrap_or(f64::NAN))
             }
         }
-        None => (Value::Mapping(Default::default()), T::default()),
-    };
-
-    let sections = known_sections::<T>();
-    let mut applied = Vec::new();
-    let mut env: Vec<(String, String)> = env.into_iter().collect();
-    env.sort();
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
-        if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) || !sections.contains(&keys[0]) {
-            continue;
+        Value::String(s) => ValueKind::String(s.clone()),
+        Value::Sequence(items) => {
+            ValueKind::Array(items.iter().map(|i| layered(i, origin)).collect())
         }
-        let value = serde_yaml_ng::from_str::<Value>(&raw).unwrap_or(Value::String(raw.clone()));
-        let value = if value.is_null() && !raw.trim().is_empty() {
-            Value::String(raw)
-        } else {
-            value
-        };
-        set_path(&mut tree, &keys, value);
-        applied.push(name);
-    }
-    if applied.is_empty() {
-        return Ok((parsed, path));
-    }
-    let merged: T = serde_yaml_ng::from_value(tree).map_err(|e| ConfigError::Env {
-        vars: applied.join(", "),
-        message: e.to_string(),
-    })?;
-    Ok((merged, path))
+        Value::Mapping(m) => ValueKind::Table(
+            m.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Value::String(s) => s.clone(),
+                        other => serde_yaml_ng::to_string(other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string(),
+                    };
+                    (key, layered(v, origin))
+                })
+                .collect(),
+        ),
+        Value::Tagged(t) => return layered(&t.value, origin),
+    };
+    Layered::new(Some(origin), kind)
 }
 
 fn known_sections<T: Serialize + Default>() -> Vec<String> {
@@ -132,20 +233,6 @@ fn known_sections<T: Serialize + Default>() -> Vec<String> {
             .collect(),
         _ => Vec::new(),
     }
-}
-
-fn set_path(tree: &mut Value, keys: &[String], value: Value) {
-    if !tree.is_mapping() {
-        *tree = Value::Mapping(Default::default());
-    }
-    let map = tree.as_mapping_mut().expect("just made a mapping");
-    let key = Value::String(keys[0].clone());
-    if keys.len() == 1 {
-        map.insert(key, value);
-        return;
-    }
-    let child = map.entry(key).or_insert(Value::Mapping(Default::default()));
-    set_path(child, &keys[1..], value);
 }
 
 /// Where a binary looks for its config file when `--config` is not given.
@@ -236,6 +323,9 @@ mod tests {
     struct Agent {
         interval_secs: u64,
         secret: String,
+        tokens: std::collections::BTreeMap<String, String>,
+        hosts: Vec<String>,
+        ratio: Option<f64>,
     }
 
     fn file(text: &str) -> tempfile_lite::TempFile {
@@ -337,6 +427,41 @@ mod tests {
             .to_string();
         assert!(
             e.contains("VMETER_BROKER__URLL") && e.contains("urll"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn layers_keep_map_keys_as_written_and_read_lists_from_the_environment() {
+        let f =
+            file("agent:\n  interval_secs: 30\n  tokens: {AbC.d-1: p1, lower: p2}\n  hosts: [a]\n");
+        let env = vec![
+            ("VMETER_AGENT__HOSTS".to_string(), "[x, y]".to_string()),
+            ("VMETER_AGENT__RATIO".to_string(), "0.5".to_string()),
+        ];
+        let (c, _): (Cfg, _) = load_with_env(Some(&f.0), Path::new("/x"), env).unwrap();
+        assert_eq!(c.agent.interval_secs, 30, "the file over the default");
+        assert_eq!(
+            c.broker.prefetch, 100,
+            "the default where the file is silent"
+        );
+        assert_eq!(
+            c.agent.tokens.get("AbC.d-1").map(String::as_str),
+            Some("p1")
+        );
+        assert_eq!(c.agent.tokens.len(), 2);
+        assert_eq!(c.agent.hosts, ["x", "y"], "the environment over the file");
+        assert_eq!(c.agent.ratio, Some(0.5));
+    }
+
+    #[test]
+    fn env_bad_type_names_the_variable_and_key() {
+        let env = vec![("VMETER_BROKER__PREFETCH".to_string(), "many".to_string())];
+        let e = load_with_env::<Cfg, _>(None, Path::new("/x"), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("VMETER_BROKER__PREFETCH") && e.contains("broker.prefetch"),
             "{e}"
         );
     }

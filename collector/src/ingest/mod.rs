@@ -137,113 +137,111 @@ pub async fn run(
         counters.db_up.clone(),
         shutdown.clone(),
     ));
-    while !*shutdown.borrow() {
+    let session = async |conn: &lapin::Connection,
+                         publisher: &Publisher,
+                         shutdown: &mut Shutdown|
+           -> anyhow::Result<()> {
         // One store (its own caches) per batch in flight.
         let mut free: Vec<Store> = (0..IN_FLIGHT).map(|_| Store::new(pool.clone())).collect();
-        let Some(conn) =
-            amqp::connect_retrying(&cfg.broker, "vmeter-collector", &mut shutdown).await
-        else {
-            break;
-        };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(1);
-        let mut reader: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
-        let session = async {
-            let publisher = Publisher::open(&conn, signer.clone()).await?;
-            amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
-            let consumer = amqp::consume(
-                &conn,
-                &cfg.broker,
-                &cfg.broker.processed_queue,
-                &format!("collector-{}", std::process::id()),
-            )
-            .await?;
-            broker_up.store(true, Ordering::Relaxed);
-            tracing::info!(queue = %cfg.broker.processed_queue, "Consuming.");
-            reader = Some(tokio::spawn(read_batches(
-                consumer,
-                cfg.database.clone(),
-                cfg.contract.clone(),
-                signer.clone(),
-                tx,
-            )));
-            let publisher = &publisher;
-            let mut inflight = FuturesOrdered::new();
-            let mut inflight_keys: VecDeque<HashSet<u64>> = VecDeque::new();
-            // Sample inserts take turns in batch order (store::InsertTurn).
-            let mut last_turn = None;
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = vmeter_core::shutdown::wait(&mut shutdown) => {
-                        // Batches in flight finish (or give up at their next retry) and are
-                        // acked; the reader's batch is redelivered.
-                        drain(&mut inflight, &mut inflight_keys, &mut free).await?;
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    Some(done) = inflight.next(), if !inflight.is_empty() => {
-                        inflight_keys.pop_front();
-                        if !finish(done, &mut free).await? {
-                            return Ok(());
-                        }
-                    }
-                    batch = rx.recv(), if !free.is_empty() => {
-                        let Some(mut batch) = batch else {
-                            // The reader stopped: its error ends the session.
-                            match reader.take().expect("reader started").await {
-                                Ok(Err(e)) => return Err(e),
-                                Ok(Ok(())) => anyhow::bail!("batch reader stopped"),
-                                Err(e) => anyhow::bail!("batch reader failed: {e}"),
-                            }
-                        };
-                        for &(i, reason) in &batch.bad {
-                            publisher
-                                .dead_letter_delivery(&cfg.broker, &batch.deliveries[i], SERVICE, reason)
-                                .await?;
-                        }
-                        for (i, bad) in std::mem::take(&mut batch.violations) {
-                            let rk = batch.deliveries[i].routing_key.as_str();
-                            publisher.dead_letter_violations(&cfg.broker, rk, &bad, SERVICE).await?;
-                        }
-                        if inflight_keys.iter().any(|k| !k.is_disjoint(&batch.keys))
-                            && !drain(&mut inflight, &mut inflight_keys, &mut free).await?
-                        {
-                            // Redeliveries of samples still being written go after them;
-                            // shutdown came first.
-                            return Ok(());
-                        }
-                        let store = free.pop().expect("a free store");
-                        inflight_keys.push_back(std::mem::take(&mut batch.keys));
-                        inflight.push_back(write_batch(
-                            store,
-                            InsertTurn::next(&mut last_turn),
-                            batch,
-                            publisher,
-                            &cfg,
-                            counters.clone(),
-                            shutdown.clone(),
-                        ));
+        let consumer = amqp::consume(
+            conn,
+            &cfg.broker,
+            &cfg.broker.processed_queue,
+            &format!("collector-{}", std::process::id()),
+        )
+        .await?;
+        broker_up.store(true, Ordering::Relaxed);
+        tracing::info!(queue = %cfg.broker.processed_queue, "Consuming.");
+        let mut reader = Some(tokio::spawn(read_batches(
+            consumer,
+            cfg.database.clone(),
+            cfg.contract.clone(),
+            signer.clone(),
+            tx,
+        )));
+        // However the session ends, its reader ends with it.
+        let _reader_ends = AbortOnDrop(reader.as_ref().expect("spawned").abort_handle());
+        let mut inflight = FuturesOrdered::new();
+        let mut inflight_keys: VecDeque<HashSet<u64>> = VecDeque::new();
+        // Sample inserts take turns in batch order (store::InsertTurn).
+        let mut last_turn = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = vmeter_core::shutdown::wait(shutdown) => {
+                    // Batches in flight finish (or give up at their next retry) and are
+                    // acked; the reader's batch is redelivered.
+                    drain(&mut inflight, &mut inflight_keys, &mut free).await?;
+                    return Ok(());
+                }
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    inflight_keys.pop_front();
+                    if !finish(done, &mut free).await? {
+                        return Ok(());
                     }
                 }
+                batch = rx.recv(), if !free.is_empty() => {
+                    let Some(mut batch) = batch else {
+                        // The reader stopped: its error ends the session.
+                        match reader.take().expect("reader started").await {
+                            Ok(Err(e)) => return Err(e),
+                            Ok(Ok(())) => anyhow::bail!("batch reader stopped"),
+                            Err(e) => anyhow::bail!("batch reader failed: {e}"),
+                        }
+                    };
+                    for &(i, reason) in &batch.bad {
+                        publisher
+                            .dead_letter_delivery(&cfg.broker, &batch.deliveries[i], SERVICE, reason)
+                            .await?;
+                    }
+                    for (i, bad) in std::mem::take(&mut batch.violations) {
+                        let rk = batch.deliveries[i].routing_key.as_str();
+                        publisher.dead_letter_violations(&cfg.broker, rk, &bad, SERVICE).await?;
+                    }
+                    if inflight_keys.iter().any(|k| !k.is_disjoint(&batch.keys))
+                        && !drain(&mut inflight, &mut inflight_keys, &mut free).await?
+                    {
+                        // Redeliveries of samples still being written go after them;
+                        // shutdown came first.
+                        return Ok(());
+                    }
+                    let store = free.pop().expect("a free store");
+                    inflight_keys.push_back(std::mem::take(&mut batch.keys));
+                    inflight.push_back(write_batch(
+                        store,
+                        InsertTurn::next(&mut last_turn),
+                        batch,
+                        publisher,
+                        &cfg,
+                        counters.clone(),
+                        shutdown.clone(),
+                    ));
+                }
             }
-        };
-        let result = session.await;
-        if let Some(r) = reader {
-            r.abort();
         }
-        broker_up.store(false, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                let _ = conn.close(200, "shutdown".into()).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Broker session ended; reconnecting (unacked messages will be redelivered).");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
+    };
+    amqp::run_sessions(
+        &cfg.broker,
+        "vmeter-collector",
+        &signer,
+        &broker_up,
+        &mut shutdown,
+        session,
+    )
+    .await;
     watcher.abort();
     tracing::info!("Collector ingest stopped.");
     Ok(())
+}
+
+/// Aborts a task when dropped (a session's reader, whatever ends the session).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How often [`watch_database`] asks PostgreSQL whether it answers.

@@ -118,100 +118,92 @@ pub async fn run(
     );
     let mut last_eviction = tokio::time::Instant::now();
 
-    while !*shutdown.borrow() {
-        let Some(conn) =
-            amqp::connect_retrying(&cfg.broker, "vmeter-notification", &mut shutdown).await
-        else {
-            break;
-        };
-        let session = async {
-            let publisher = Publisher::open(&conn, signer.clone()).await?;
-            amqp::declare_topology(publisher.channel(), &cfg.broker).await?;
-            // Outputs left over from a broken connection go first.
-            publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
-            let consumer = amqp::consume(
-                &conn,
-                &cfg.broker,
-                &cfg.broker.raw_queue,
-                &format!("notification-{}", std::process::id()),
-            )
-            .await?;
-            broker_up.store(true, Ordering::Relaxed);
-            tracing::info!(queue = %cfg.broker.raw_queue, "Consuming (single active consumer; a second instance waits as hot standby).");
-            let mut chunks = consumer.ready_chunks(cfg.pipeline.max_chunk_messages.max(1));
-            let mut timer = tokio::time::interval(flush_every);
-            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = vmeter_core::shutdown::wait(&mut shutdown) => return Ok::<_, anyhow::Error>(()),
-                    chunk = chunks.next() => {
-                        let Some(chunk) = chunk else { anyhow::bail!("consumer cancelled by the broker") };
-                        let started = std::time::Instant::now();
-                        let deliveries: Vec<lapin::message::Delivery> =
-                            chunk.into_iter().collect::<Result<_, _>>()?;
-                        for d in &deliveries {
-                            metrics.messages_in.inc();
-                            // Verifying and decoding on worker threads was measured slower
-                            // (cross-thread frees of every sample); see docs/performance.md.
-                            match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
-                                Ok(samples) => {
-                                    metrics.samples_in.add(samples.len() as u64);
-                                    let now = Utc::now();
-                                    let samples = keep_contract(&cfg, &mut checker, &publisher, d, samples, now).await?;
-                                    let em = rt.publish_context(samples, now);
-                                    route(&rt, em, &mut pending);
-                                    report_drops(&mut rt);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(reason = e.reason(), error = %e, "Message can never be processed; dead-lettering it.");
-                                    publisher.dead_letter_delivery(&cfg.broker, d, SERVICE, e.reason()).await?;
-                                    metrics.dead_lettered.inc();
-                                }
+    let session = async |conn: &lapin::Connection,
+                         publisher: &Publisher,
+                         shutdown: &mut Shutdown|
+           -> anyhow::Result<()> {
+        // Outputs left over from a broken connection go first.
+        publish_outputs(publisher, &signer, &cfg, &mut pending, &metrics).await?;
+        let consumer = amqp::consume(
+            conn,
+            &cfg.broker,
+            &cfg.broker.raw_queue,
+            &format!("notification-{}", std::process::id()),
+        )
+        .await?;
+        broker_up.store(true, Ordering::Relaxed);
+        tracing::info!(queue = %cfg.broker.raw_queue, "Consuming (single active consumer; a second instance waits as hot standby).");
+        let mut chunks = consumer.ready_chunks(cfg.pipeline.max_chunk_messages.max(1));
+        let mut timer = tokio::time::interval(flush_every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = vmeter_core::shutdown::wait(shutdown) => return Ok::<_, anyhow::Error>(()),
+                chunk = chunks.next() => {
+                    let Some(chunk) = chunk else { anyhow::bail!("consumer cancelled by the broker") };
+                    let started = std::time::Instant::now();
+                    let deliveries: Vec<lapin::message::Delivery> =
+                        chunk.into_iter().collect::<Result<_, _>>()?;
+                    for d in &deliveries {
+                        metrics.messages_in.inc();
+                        // Verifying and decoding on worker threads was measured slower
+                        // (cross-thread frees of every sample); see docs/performance.md.
+                        match amqp::open_delivery_with(&signer, &mut decoder, &d.properties, &d.data) {
+                            Ok(samples) => {
+                                metrics.samples_in.add(samples.len() as u64);
+                                let now = Utc::now();
+                                let samples = keep_contract(&cfg, &mut checker, publisher, d, samples, now).await?;
+                                let em = rt.publish_context(samples, now);
+                                route(&rt, em, &mut pending);
+                                report_drops(&mut rt);
+                            }
+                            Err(e) => {
+                                tracing::warn!(reason = e.reason(), error = %e, "Message can never be processed; dead-lettering it.");
+                                publisher.dead_letter_delivery(&cfg.broker, d, SERVICE, e.reason()).await?;
+                                metrics.dead_lettered.inc();
                             }
                         }
-                        let last = deliveries.last().map(|d| &d.acker);
-                        publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
-                        if let Some(acker) = last {
-                            // A crash here: outputs confirmed, inputs not acked.
-                            fail::fail_point!("notification-before-ack", |_| std::process::abort());
-                            acker.ack(BasicAckOptions { multiple: true }).await?;
+                    }
+                    let last = deliveries.last().map(|d| &d.acker);
+                    publish_outputs(publisher, &signer, &cfg, &mut pending, &metrics).await?;
+                    if let Some(acker) = last {
+                        // A crash here: outputs confirmed, inputs not acked.
+                        fail::fail_point!("notification-before-ack", |_| std::process::abort());
+                        acker.ack(BasicAckOptions { multiple: true }).await?;
+                    }
+                    metrics.chunk_seconds.observe_since(started);
+                }
+                _ = timer.tick() => {
+                    if last_eviction.elapsed() >= EVICT_EVERY {
+                        last_eviction = tokio::time::Instant::now();
+                        let n = rt.evict_quiet(state_ttl, Utc::now());
+                        if n > 0 {
+                            metrics.evicted.add(n as u64);
+                            tracing::info!(series = n, "Forgot the transformer state of quiet series.");
                         }
-                        metrics.chunk_seconds.observe_since(started);
                     }
-                    _ = timer.tick() => {
-                        if last_eviction.elapsed() >= EVICT_EVERY {
-                            last_eviction = tokio::time::Instant::now();
-                            let n = rt.evict_quiet(state_ttl, Utc::now());
-                            if n > 0 {
-                                metrics.evicted.add(n as u64);
-                                tracing::info!(series = n, "Forgot the transformer state of quiet series.");
-                            }
-                        }
-                        let em = rt.flush(Utc::now());
-                        route(&rt, em, &mut pending);
-                        report_drops(&mut rt);
-                        publish_outputs(&publisher, &signer, &cfg, &mut pending, &metrics).await?;
-                    }
-                    Ok(()) = reloads.changed() => {
-                        let new = reloads.borrow_and_update().clone();
-                        apply_reload(&mut rt, new);
-                    }
+                    let em = rt.flush(Utc::now());
+                    route(&rt, em, &mut pending);
+                    report_drops(&mut rt);
+                    publish_outputs(publisher, &signer, &cfg, &mut pending, &metrics).await?;
+                }
+                Ok(()) = reloads.changed() => {
+                    let new = reloads.borrow_and_update().clone();
+                    apply_reload(&mut rt, new);
                 }
             }
-        };
-        let result = session.await;
-        broker_up.store(false, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                let _ = conn.close(200, "shutdown".into()).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, pending = pending.len(), "Broker session ended; reconnecting.");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
         }
-    }
+    };
+    amqp::run_sessions(
+        &cfg.broker,
+        "vmeter-notification",
+        &signer,
+        &broker_up,
+        &mut shutdown,
+        session,
+    )
+    .await;
     if let Some(path) = cfg.pipeline.state_path() {
         let saved = state::Saved {
             format: state::FORMAT,

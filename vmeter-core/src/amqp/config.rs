@@ -42,6 +42,9 @@ pub struct BrokerConfig {
     pub prefetch: u16,
     /// Upper bound of the reconnect back-off, seconds.
     pub reconnect_max_secs: u64,
+    /// Longest wait for a connection's AMQP handshake, seconds; then the attempt counts as
+    /// failed and the back-off goes on.
+    pub connect_timeout_secs: u64,
     /// Largest AMQP frame this client accepts, bytes (the broker may lower it). The client
     /// keeps two I/O buffers of 32 frames each, so this bounds them: 128 KiB (RabbitMQ's
     /// default) costs 8 MiB per connection, 16 KiB 1 MiB. Unset: the service's default
@@ -64,6 +67,7 @@ impl Default for BrokerConfig {
             queue_type: QueueType::Quorum,
             prefetch: 200,
             reconnect_max_secs: 30,
+            connect_timeout_secs: 10,
             frame_max: None,
         }
     }

@@ -15,12 +15,14 @@ mod config;
 mod connection;
 mod delivery;
 mod publisher;
+mod session;
 mod topology;
 
 pub use config::{BrokerConfig, QueueType, SigningConfig, redact_url};
-pub use connection::{Backoff, connect, connect_retrying};
+pub use connection::{Backoff, ConnectError, connect, connect_retrying};
 pub use delivery::{Undeliverable, consume, open_delivery, open_delivery_with, sample_count};
 pub use publisher::{Pending, Prepared, Publisher, count_header, prepare};
+pub use session::run_sessions;
 pub use topology::{declare_topology, open_producer};
 
 /// Errors of one publish.
