@@ -70,7 +70,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Names unique to one test run, so tests never see each other's traffic.
+/// Names unique to one test run, so tests never see each other's traffic. Dropped (at the
+/// end of the test, or while a failed test unwinds), they take with them what the test made
+/// under them: its queues and exchanges, its database and its directories ([`Names::dir`]).
+/// A test's own cleanup at its end is then only the first of two.
 pub struct Names {
     pub id: String,
     pub exchange: String,
@@ -79,6 +82,67 @@ pub struct Names {
     pub dlx: String,
     pub dead_queue: String,
     pub database: String,
+    /// Directories to remove on drop.
+    dirs: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+impl Drop for Names {
+    fn drop(&mut self) {
+        for d in self.dirs.get_mut().map(std::mem::take).unwrap_or_default() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let queues = [
+            self.raw_queue.clone(),
+            self.processed_queue.clone(),
+            self.dead_queue.clone(),
+        ];
+        let exchanges = [self.exchange.clone(), self.dlx.clone()];
+        let database = self.database.clone();
+        // On a thread of its own: a drop cannot await, and the runtime of the test may be the
+        // one unwinding. Bounded, so a broker or database that is away cannot hang the suite.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let cleanup = async {
+                    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+                    let props = lapin::ConnectionProperties::default();
+                    if let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await
+                        && let Ok(ch) = conn.create_channel().await
+                    {
+                        for q in &queues {
+                            let _ = ch
+                                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                                .await;
+                        }
+                        for e in &exchanges {
+                            let _ = ch
+                                .exchange_delete(
+                                    e.as_str().into(),
+                                    ExchangeDeleteOptions::default(),
+                                )
+                                .await;
+                        }
+                        let _ = conn.close(200, "cleanup".into()).await;
+                    }
+                    if let Ok(admin) = sqlx::PgPool::connect(&pg_admin_url()).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "drop database if exists {database} with (force)"
+                        )))
+                        .execute(&admin)
+                        .await;
+                        admin.close().await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(20), cleanup).await;
+            });
+        })
+        .join();
+    }
 }
 
 impl Names {
@@ -92,7 +156,17 @@ impl Names {
             dead_queue: format!("e2e.{id}.dead"),
             database: format!("vmeter_e2e_{id}"),
             id,
+            dirs: Default::default(),
         }
+    }
+
+    /// A new directory `vmeter-<what>-<id>` under the system's temporary directory, removed
+    /// when these names are dropped.
+    pub fn dir(&self, what: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmeter-{what}-{}", self.id));
+        std::fs::create_dir_all(&d).expect("a temporary directory");
+        self.dirs.lock().expect("not poisoned").push(d.clone());
+        d
     }
 
     /// Environment overrides that point a service at these names.

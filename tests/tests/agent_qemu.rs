@@ -137,8 +137,7 @@ async fn real_qemu_guests_spinning_and_idle() {
         );
     }
     let names = Names::new("q");
-    let dir = std::env::temp_dir().join(format!("vmeter-qemu-{}", names.id));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = names.dir("qemu");
     let suffix = &names.id[names.id.len().saturating_sub(6)..];
     let spin = format!("vmeter-t-spin-{}", names.id);
     let idle = format!("vmeter-t-idle-{}", names.id);

@@ -12,8 +12,7 @@ const SECRET: &str = "sources-secret";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_poll_their_meters_at_their_intervals() {
     let names = Names::new("o");
-    let dir = std::env::temp_dir().join(format!("vmeter-sources-{}", names.id));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = names.dir("sources");
     let polling = dir.join("polling.yaml");
     std::fs::write(
         &polling,

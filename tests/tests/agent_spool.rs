@@ -22,8 +22,7 @@ fn spooled(dir: &Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_keeps_batches_over_a_restart_and_sends_them_first() {
     let names = Names::new("s");
-    let logs = std::env::temp_dir().join(format!("vmeter-spool-e2e-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("spool-e2e");
     let spool = logs.join("spool");
     let node = repo_root().join("deploy/demo-node.xml");
     let env = |broker_url: &str| {

@@ -59,8 +59,7 @@ fn table(text: &str) -> Vec<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_ceilometer_client_works_against_the_collector() {
     let names = Names::new("pcc");
-    let logs = std::env::temp_dir().join(format!("vmeter-pcc-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("pcc");
     let admin = create_database(&names).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = names.env("pcc-secret");

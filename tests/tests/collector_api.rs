@@ -40,8 +40,7 @@ async fn start_api(
     names: &Names,
     extra: &[(String, String)],
 ) -> (sqlx::PgPool, String, Service, std::path::PathBuf) {
-    let logs = std::env::temp_dir().join(format!("vmeter-api-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("api");
     let admin = create_database(names).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = names.env("api-secret");

@@ -149,8 +149,7 @@ async fn repeated_stored_and_concurrently_inserted_keys_are_stored_once() {
 async fn batches_in_flight_store_redeliveries_once_and_ack_everything() {
     let names = Names::new("ingfl");
     let admin = create_database(&names).await;
-    let logs = std::env::temp_dir().join(format!("vmeter-e2e-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("e2e");
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = names.env(SECRET);
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));

@@ -76,8 +76,7 @@ fn collector_env(names: &Names, http: &str) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_dies_between_commit_and_ack() {
     let names = Names::new("fpc");
-    let logs = std::env::temp_dir().join(format!("vmeter-fp-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("fp");
     let admin = create_database(&names).await;
     let http = format!("127.0.0.1:{}", free_port());
     let mut env = collector_env(&names, &http);
@@ -133,8 +132,7 @@ async fn collector_dies_between_commit_and_ack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notification_dies_between_confirm_and_ack() {
     let names = Names::new("fpn");
-    let logs = std::env::temp_dir().join(format!("vmeter-fp-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("fp");
     let admin = create_database(&names).await;
     let http = format!("127.0.0.1:{}", free_port());
     let collector = Service::start(
@@ -225,7 +223,7 @@ fn spool_files(dir: &Path, ext: &str) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_dies_mid_spool_write_and_survives_a_full_disk() {
     let names = Names::new("fpa");
-    let logs = std::env::temp_dir().join(format!("vmeter-fp-{}", names.id));
+    let logs = names.dir("fp");
     let spool = logs.join("spool");
     std::fs::create_dir_all(&logs).unwrap();
     let http = format!("127.0.0.1:{}", free_port());

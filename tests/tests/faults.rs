@@ -521,8 +521,7 @@ async fn pipeline_survives_every_fault_under_load() {
     let soak = Duration::from_secs(env_num("VMETER_SOAK_SECS", 0));
     let resources = env_num("VMETER_SOAK_RESOURCES", 20) as usize;
     let names = Names::new("f");
-    let logs = std::env::temp_dir().join(format!("vmeter-faults-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("faults");
     let admin = create_database(&names).await;
     let mut stack = Stack {
         names,

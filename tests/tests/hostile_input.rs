@@ -23,8 +23,7 @@ async fn start_collector(
     names: &Names,
     extra: &[(String, String)],
 ) -> (sqlx::PgPool, String, Service, std::path::PathBuf) {
-    let logs = std::env::temp_dir().join(format!("vmeter-hostile-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("hostile");
     let admin = create_database(names).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = names.env(SECRET);
@@ -602,8 +601,7 @@ async fn collector_isolates_poison_to_the_sample() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notification_dead_letters_violators_and_keeps_their_neighbours() {
     let names = Names::new("n");
-    let logs = std::env::temp_dir().join(format!("vmeter-hostile-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("hostile");
     let mut env = names.env(SECRET);
     env.push((
         "VMETER_PIPELINE__FILE".into(),

@@ -151,7 +151,7 @@ fn scrape(metrics: &str, result: &str) -> f64 {
 async fn keystone_tokens_scope_projects_and_the_real_client_logs_in() {
     let venv = venv();
     let names = Names::new("ks");
-    let dir = std::env::temp_dir().join(format!("vmeter-ks-{}", names.id));
+    let dir = names.dir("ks");
     std::fs::create_dir_all(dir.join("fernet")).unwrap();
     std::fs::create_dir_all(dir.join("credential")).unwrap();
     let kport = free_port();

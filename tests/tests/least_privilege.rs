@@ -44,8 +44,7 @@ async fn each_service_runs_with_only_its_permissions() {
         return;
     };
     let names = Names::new("lp");
-    let logs = std::env::temp_dir().join(format!("vmeter-lp-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("lp");
     let admin = create_database(&names).await;
     // Default names and vhost; only the database is this test's own.
     let base = |role: &str| {

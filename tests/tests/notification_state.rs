@@ -80,8 +80,7 @@ struct Setup {
 impl Setup {
     async fn new(tag: &str, pipeline_text: &str) -> Self {
         let names = Names::new(tag);
-        let dir = std::env::temp_dir().join(format!("vmeter-state-e2e-{}", names.id));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = names.dir("state-e2e");
         let pipeline = dir.join("pipeline.yaml");
         std::fs::write(&pipeline, pipeline_text).unwrap();
         Setup {

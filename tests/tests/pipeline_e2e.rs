@@ -50,8 +50,7 @@ async fn count(pool: &sqlx::PgPool, sql: &'static str, arg: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     let names = Names::new("p");
-    let logs = std::env::temp_dir().join(format!("vmeter-e2e-{}", names.id));
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = names.dir("e2e");
 
     // Fresh database for this run.
     let admin = create_database(&names).await;

@@ -21,8 +21,7 @@ fn exit_code(s: &mut Service) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_http_address_stops_every_service() {
     let names = Names::new("skel");
-    let dir = std::env::temp_dir().join(format!("vmeter-skel-{}", names.id));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = names.dir("skel");
     let admin = create_database(&names).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();

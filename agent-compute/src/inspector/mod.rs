@@ -404,9 +404,17 @@ impl Inspector {
 mod tests {
     use super::*;
 
+    /// The demo node in the repository, for libvirt's test driver (no temporary copy).
+    fn demo_uri() -> String {
+        format!(
+            "test://{}/../deploy/demo-node.xml",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    }
+
     fn demo() -> Inspector {
         virt::error::clear_error_callback();
-        let uri = resolve_uri("demo").unwrap();
+        let uri = demo_uri();
         let opts = Options {
             host: "h1".into(),
             bulk: true,
@@ -558,7 +566,7 @@ mod tests {
         let (a, _) = insp.poll().unwrap();
         let mut opts = insp.opts.clone();
         opts.bulk = false;
-        let uri = resolve_uri("demo").unwrap();
+        let uri = demo_uri();
         let mut per = Inspector::open(&uri, opts, Arc::new(Guard::default())).unwrap();
         let (b, _) = per.poll().unwrap();
         let names = |v: &[Sample]| {
