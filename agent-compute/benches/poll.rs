@@ -219,8 +219,35 @@ fn main() {
         );
         return;
     }
+    // The broker's admin: the agent's own user may publish only to the production exchange
+    // (deploy/setup.sh), and the bench keeps its samples out of the production queues.
     let amqp = std::env::var("VMETER_BENCH_AMQP")
-        .unwrap_or_else(|_| vmeter_core::config::local_amqp_url("AGENT"));
+        .unwrap_or_else(|_| vmeter_core::config::local_amqp_url("ADMIN"));
+    // The bench's own exchange and raw queue, declared first (the agent only checks that its
+    // exchange is there) and deleted afterwards.
+    let topology = vmeter_core::amqp::BrokerConfig {
+        url: vmeter_core::config::local_amqp_url("ADMIN"),
+        exchange: "bench.agent".into(),
+        raw_queue: "bench.agent.raw".into(),
+        processed_queue: "bench.agent.processed".into(),
+        dead_letter_exchange: "bench.agent.dlx".into(),
+        dead_letter_queue: "bench.agent.dead".into(),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin = rt.block_on(async {
+        let conn = vmeter_core::amqp::connect(&topology, "vmeter-bench")
+            .await
+            .expect("RabbitMQ from deploy/setup.sh, as its admin");
+        let ch = conn.create_channel().await.unwrap();
+        vmeter_core::amqp::declare_topology(&ch, &topology)
+            .await
+            .unwrap();
+        (conn, ch)
+    });
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -238,8 +265,17 @@ fn main() {
         .env("VMETER_POLLING__INTERVAL_SECS", interval.to_string())
         .env("VMETER_POLLING__SHUFFLE_TIME_SECS", "0")
         .env("VMETER_BROKER__URL", &amqp)
-        .env("VMETER_BROKER__RAW_QUEUE", "bench.agent.raw")
-        .env("VMETER_BROKER__EXCHANGE", "bench.agent")
+        .env("VMETER_BROKER__RAW_QUEUE", &topology.raw_queue)
+        .env("VMETER_BROKER__PROCESSED_QUEUE", &topology.processed_queue)
+        .env("VMETER_BROKER__EXCHANGE", &topology.exchange)
+        .env(
+            "VMETER_BROKER__DEAD_LETTER_EXCHANGE",
+            &topology.dead_letter_exchange,
+        )
+        .env(
+            "VMETER_BROKER__DEAD_LETTER_QUEUE",
+            &topology.dead_letter_queue,
+        )
         .env("VMETER_SIGNING__TELEMETRY_SECRET", "\"bench\"")
         .env("VMETER_SPOOL__DIR", &spool)
         .env("VMETER_HTTP__LISTEN", &addr)
@@ -268,12 +304,32 @@ fn main() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&spool);
     let published = vmeter_core::telemetry::scrape(&m, "vmeter_agent_samples_published_total");
+    rt.block_on(async {
+        let (conn, ch) = admin;
+        for q in [
+            &topology.raw_queue,
+            &topology.processed_queue,
+            &topology.dead_letter_queue,
+        ] {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+        for e in [&topology.exchange, &topology.dead_letter_exchange] {
+            let _ = ch
+                .exchange_delete(e.as_str().into(), Default::default())
+                .await;
+        }
+        let _ = conn.close(200, "bench done".into()).await;
+    });
     println!(
         "  daemon (test+unix:// via libvirtd, {n} domains, publishing to RabbitMQ): RSS {:.1} MiB, peak {:.1} MiB   target ≤ 30 MiB",
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
-    if c1 > c0 {
+    if c1 > c0 && published == 0.0 {
+        println!(
+            "  daemon CPU: FAILED — cycles ran but no sample was published (broker permissions?)"
+        );
+    } else if c1 > c0 {
         println!(
             "  daemon CPU: {:.3} s per cycle over {} cycles (poll over RPC + encode + sign + publish), {:.0} samples published",
             (cpu1 - cpu0) / (c1 - c0),
