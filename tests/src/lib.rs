@@ -61,13 +61,40 @@ pub fn pg_admin_url() -> String {
     vmeter_core::config::local_pg_url()
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback (for what is not one of our services: an address nobody
+/// listens on, another program's port). Our services take [`listen_addr`].
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Listening sockets made by [`listen_addr`], by address, until a service takes them.
+static LISTENERS: std::sync::Mutex<Vec<(String, std::net::TcpListener)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// An HTTP address for a service: a socket bound now on port 0 and kept listening, which
+/// [`Service::start`] hands to the service whose `VMETER_HTTP__LISTEN` is this address
+/// (descriptor 3, `LISTEN_FDS=1`, as systemd's socket activation does). No port is free
+/// between choosing it and the service listening on it, so nothing can take it meanwhile.
+/// A service started again on the address binds it itself.
+pub fn listen_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let addr = l.local_addr().unwrap().to_string();
+    LISTENERS
+        .lock()
+        .expect("not poisoned")
+        .push((addr.clone(), l));
+    addr
+}
+
+/// The socket [`listen_addr`] made for `addr`, if no service has taken it yet.
+fn take_listener(addr: &str) -> Option<std::net::TcpListener> {
+    let mut all = LISTENERS.lock().expect("not poisoned");
+    let at = all.iter().position(|(a, _)| a == addr)?;
+    Some(all.swap_remove(at).1)
 }
 
 /// Names unique to one test run, so tests never see each other's traffic. Dropped (at the
@@ -277,6 +304,23 @@ impl Service {
         env: &[(String, String)],
         log_dir: &Path,
     ) -> Service {
+        let listener = env
+            .iter()
+            .find(|(k, _)| k == "VMETER_HTTP__LISTEN")
+            .and_then(|(_, addr)| take_listener(addr));
+        Self::start_with_socket(name, bin, args, env, log_dir, listener)
+    }
+
+    /// [`start`](Self::start), handing `listener` (if any) to the service as its HTTP socket
+    /// (descriptor 3, `LISTEN_FDS=1`).
+    pub fn start_with_socket(
+        name: &'static str,
+        bin: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log_dir: &Path,
+        listener: Option<std::net::TcpListener>,
+    ) -> Service {
         let log = log_dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         let path = bin_dir().join(bin);
@@ -285,14 +329,39 @@ impl Service {
             "{} is not built; run `cargo build --workspace --bins` first (deploy/test.sh does)",
             path.display()
         );
-        let child = Command::new(&path)
-            .args(args)
-            .envs(env.iter().cloned())
+        let mut cmd = Command::new(&path);
+        cmd.args(args)
             .env_remove("VMETER_CONFIG")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .envs(env.iter().cloned())
             .stdout(Stdio::null())
-            .stderr(f)
+            .stderr(f);
+        if let Some(l) = &listener {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = l.as_raw_fd();
+            cmd.env("LISTEN_FDS", "1");
+            // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) on
+            // descriptors this process owns; descriptor 3 is the child's listening socket.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == 3 {
+                        if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(fd, 3) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
+        // The child has its copy of the socket; this process's goes.
+        drop(listener);
         Service { name, child, log }
     }
 

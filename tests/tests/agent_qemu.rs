@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmeter_core::Sample;
-use vmeter_e2e::{Names, Service, broker, free_port, http};
+use vmeter_e2e::{Names, Service, broker, http, listen_addr};
 
 const SECRET: &str = "qemu-secret";
 const URI: &str = "qemu:///system";
@@ -191,7 +191,7 @@ async fn real_qemu_guests_spinning_and_idle() {
     let idle_id = virsh(&["domuuid", &idle]).unwrap();
 
     // The agent as in production: polling every second, publishing to RabbitMQ.
-    let http_addr = format!("127.0.0.1:{}", free_port());
+    let http_addr = listen_addr();
     let mut env = names.env(SECRET);
     for (k, v) in [
         ("VMETER_LIBVIRT__URI", URI.to_string()),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use vmeter_e2e::{Names, Service, bin_dir, broker, free_port, repo_root};
+use vmeter_e2e::{Names, Service, bin_dir, broker, listen_addr, repo_root};
 
 const SECRET: &str = "sources-secret";
 
@@ -34,10 +34,7 @@ async fn sources_poll_their_meters_at_their_intervals() {
         "VMETER_SPOOL__DIR".into(),
         dir.join("spool").display().to_string(),
     ));
-    env.push((
-        "VMETER_HTTP__LISTEN".into(),
-        format!("127.0.0.1:{}", free_port()),
-    ));
+    env.push(("VMETER_HTTP__LISTEN".into(), listen_addr()));
 
     // A bad file is refused with file and line.
     let bad = dir.join("bad.yaml");

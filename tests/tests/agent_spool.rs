@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmeter_e2e::{Names, Service, broker, free_port, repo_root};
+use vmeter_e2e::{Names, Service, broker, free_port, listen_addr, repo_root};
 
 const SECRET: &str = "spool-secret";
 
@@ -36,10 +36,7 @@ async fn spool_keeps_batches_over_a_restart_and_sends_them_first() {
         env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "1".into()));
         env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
         env.push(("VMETER_SPOOL__DIR".into(), spool.display().to_string()));
-        env.push((
-            "VMETER_HTTP__LISTEN".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ));
+        env.push(("VMETER_HTTP__LISTEN".into(), listen_addr()));
         env
     };
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vmeter_e2e::http::request;
-use vmeter_e2e::{Names, Service, broker, create_database, drop_database, free_port};
+use vmeter_e2e::{Names, Service, broker, create_database, drop_database, listen_addr};
 
 const ADMIN: &str = "pcc-admin-token";
 
@@ -61,7 +61,7 @@ async fn the_real_ceilometer_client_works_against_the_collector() {
     let names = Names::new("pcc");
     let logs = names.dir("pcc");
     let admin = create_database(&names).await;
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = listen_addr();
     let mut env = names.env("pcc-secret");
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
     env.push(("VMETER_HTTP__LISTEN".into(), addr.clone()));

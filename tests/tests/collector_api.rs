@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use vmeter_e2e::http::{get_json, request};
-use vmeter_e2e::{Names, Service, broker, create_database, drop_database, free_port};
+use vmeter_e2e::{Names, Service, broker, create_database, drop_database, listen_addr};
 
 const ADMIN: &str = "admin-token-1";
 const P1: &str = "project-1-token";
@@ -42,7 +42,7 @@ async fn start_api(
 ) -> (sqlx::PgPool, String, Service, std::path::PathBuf) {
     let logs = names.dir("api");
     let admin = create_database(names).await;
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = listen_addr();
     let mut env = names.env("api-secret");
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
     env.push(("VMETER_HTTP__LISTEN".into(), addr.clone()));

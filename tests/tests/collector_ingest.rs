@@ -15,7 +15,7 @@ use collector::store::Store;
 use vmeter_core::Sample;
 use vmeter_e2e::http::request;
 use vmeter_e2e::{
-    Names, Service, broker, cpu_util_sample, create_database, drop_database, free_port,
+    Names, Service, broker, cpu_util_sample, create_database, drop_database, listen_addr,
 };
 
 const SECRET: &str = "e2e-ingest-secret";
@@ -150,7 +150,7 @@ async fn batches_in_flight_store_redeliveries_once_and_ack_everything() {
     let names = Names::new("ingfl");
     let admin = create_database(&names).await;
     let logs = names.dir("e2e");
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = listen_addr();
     let mut env = names.env(SECRET);
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
     env.push(("VMETER_HTTP__LISTEN".into(), addr.clone()));

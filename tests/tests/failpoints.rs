@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use vmeter_core::telemetry::scrape;
 use vmeter_e2e::http::request;
 use vmeter_e2e::{
-    Names, Service, broker, cpu_util_sample, create_database, drop_database, free_port, repo_root,
+    Names, Service, broker, cpu_util_sample, create_database, drop_database, free_port,
+    listen_addr, repo_root,
 };
 
 const SECRET: &str = "failpoint-secret";
@@ -78,7 +79,7 @@ async fn collector_dies_between_commit_and_ack() {
     let names = Names::new("fpc");
     let logs = names.dir("fp");
     let admin = create_database(&names).await;
-    let http = format!("127.0.0.1:{}", free_port());
+    let http = listen_addr();
     let mut env = collector_env(&names, &http);
     env.push(("VMETER_DATABASE__BATCH_MAX_MESSAGES".into(), "1".into()));
     let mut crashing = env.clone();
@@ -134,7 +135,7 @@ async fn notification_dies_between_confirm_and_ack() {
     let names = Names::new("fpn");
     let logs = names.dir("fp");
     let admin = create_database(&names).await;
-    let http = format!("127.0.0.1:{}", free_port());
+    let http = listen_addr();
     let collector = Service::start(
         "collector",
         "collector",
@@ -148,10 +149,7 @@ async fn notification_dies_between_confirm_and_ack() {
         repo_root().join("pipeline.yaml").display().to_string(),
     ));
     env.push(("VMETER_PIPELINE__STATE_FILE".into(), "\"\"".into()));
-    env.push((
-        "VMETER_HTTP__LISTEN".into(),
-        format!("127.0.0.1:{}", free_port()),
-    ));
+    env.push(("VMETER_HTTP__LISTEN".into(), listen_addr()));
     let mut crashing = env.clone();
     crashing.push(("FAILPOINTS".into(), "notification-before-ack=return".into()));
     let conn = broker::connect().await;
@@ -226,7 +224,7 @@ async fn agent_dies_mid_spool_write_and_survives_a_full_disk() {
     let logs = names.dir("fp");
     let spool = logs.join("spool");
     std::fs::create_dir_all(&logs).unwrap();
-    let http = format!("127.0.0.1:{}", free_port());
+    let http = listen_addr();
     let env = |broker_url: &str, failpoints: Option<&str>| {
         let mut env = names.agent_env(SECRET, &spool, &http);
         env.retain(|(k, _)| k != "VMETER_BROKER__URL");

@@ -30,7 +30,7 @@ use vmeter_core::signing::Signer;
 use vmeter_core::{Metadata, Sample, SampleType, wire};
 use vmeter_e2e::http::request;
 use vmeter_e2e::{
-    Names, Service, amqp_url, broker, create_database, drop_database, free_port, repo_root,
+    Names, Service, amqp_url, broker, create_database, drop_database, listen_addr, repo_root,
 };
 
 const SECRET: &str = "fault-secret";
@@ -180,11 +180,9 @@ impl Stack {
     /// The real agent on the demo node (libvirt's test driver), polling every second, its
     /// spool kept over restarts.
     fn start_agent(&mut self) {
-        let env = self.names.agent_env(
-            SECRET,
-            &self.logs.join("agent-spool"),
-            &format!("127.0.0.1:{}", free_port()),
-        );
+        let env = self
+            .names
+            .agent_env(SECRET, &self.logs.join("agent-spool"), &listen_addr());
         self.agent = Some(Service::start(
             "agent",
             "agent-compute",
@@ -526,8 +524,8 @@ async fn pipeline_survives_every_fault_under_load() {
     let mut stack = Stack {
         names,
         logs,
-        collector_http: format!("127.0.0.1:{}", free_port()),
-        notification_http: format!("127.0.0.1:{}", free_port()),
+        collector_http: listen_addr(),
+        notification_http: listen_addr(),
         collector: None,
         notification: None,
         agent: None,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use vmeter_core::telemetry::scrape;
 use vmeter_e2e::http::{get_json, request};
 use vmeter_e2e::{
-    Names, Service, broker, cpu_util_sample, create_database, drop_database, free_port, repo_root,
+    Names, Service, broker, cpu_util_sample, create_database, drop_database, listen_addr, repo_root,
 };
 
 const SECRET: &str = "hostile-secret";
@@ -25,7 +25,7 @@ async fn start_collector(
 ) -> (sqlx::PgPool, String, Service, std::path::PathBuf) {
     let logs = names.dir("hostile");
     let admin = create_database(names).await;
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = listen_addr();
     let mut env = names.env(SECRET);
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
     env.push(("VMETER_HTTP__LISTEN".into(), addr.clone()));
@@ -609,7 +609,7 @@ async fn notification_dead_letters_violators_and_keeps_their_neighbours() {
     ));
     env.push(("VMETER_PIPELINE__STATE_FILE".into(), "\"\"".into()));
     env.push(("VMETER_CONTRACT__MAX_AGE_DAYS".into(), "90".into()));
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let metrics_addr = listen_addr();
     env.push(("VMETER_HTTP__LISTEN".into(), metrics_addr.clone()));
     let mut notification = Service::start("notification", "notification", &[], &env, &logs);
     let conn = broker::connect().await;

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vmeter_e2e::http::{get_json, request};
-use vmeter_e2e::{Names, Service, create_database, drop_database, free_port, repo_root};
+use vmeter_e2e::{
+    Names, Service, create_database, drop_database, free_port, listen_addr, repo_root,
+};
 
 fn venv() -> PathBuf {
     let dir = PathBuf::from(
@@ -234,7 +236,7 @@ async fn keystone_tokens_scope_projects_and_the_real_client_logs_in() {
     ks.grant(&tenant_a, &alice, &member).await;
     ks.grant(&service_project, &svc, &service_role).await;
 
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = listen_addr();
     let metering = ks
         .create(
             "/services",

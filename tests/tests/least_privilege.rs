@@ -10,7 +10,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptio
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use vmeter_core::config::{local_amqp_url, local_credentials};
-use vmeter_e2e::{Names, Service, create_database, drop_database, free_port, repo_root};
+use vmeter_e2e::{Names, Service, create_database, drop_database, listen_addr, repo_root};
 
 /// Whether the broker refused `what` with ACCESS_REFUSED (403), on its own channel.
 async fn refused<F, Fut, T>(conn: &Connection, what: F) -> bool
@@ -54,10 +54,7 @@ async fn each_service_runs_with_only_its_permissions() {
                 "VMETER_SIGNING__TELEMETRY_SECRET".into(),
                 format!("\"{secret}\""),
             ),
-            (
-                "VMETER_HTTP__LISTEN".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ),
+            ("VMETER_HTTP__LISTEN".into(), listen_addr()),
         ]
     };
     let mut env = base("COLLECTOR");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeZone, Utc};
 use lapin::Connection;
 use vmeter_core::{Sample, SampleType};
-use vmeter_e2e::{Names, Service, broker, free_port};
+use vmeter_e2e::{Names, Service, broker, listen_addr};
 
 const SECRET: &str = "state-test-secret";
 
@@ -99,7 +99,7 @@ impl Setup {
 
     /// An instance with its own state file (a standby on another host has its own).
     fn start_with_state(&self, name: &'static str, state: &Path) -> (Service, String) {
-        let http = format!("127.0.0.1:{}", free_port());
+        let http = listen_addr();
         let mut env = self.names.env(SECRET);
         env.push((
             "VMETER_PIPELINE__FILE".into(),

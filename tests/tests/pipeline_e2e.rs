@@ -18,7 +18,7 @@ use lapin::types::AMQPValue;
 use sqlx::Row;
 use vmeter_core::{Sample, SampleType};
 use vmeter_e2e::http::get_json;
-use vmeter_e2e::{Names, Service, broker, create_database, drop_database, free_port, repo_root};
+use vmeter_e2e::{Names, Service, broker, create_database, drop_database, listen_addr, repo_root};
 
 const SECRET: &str = "e2e-shared-secret";
 
@@ -57,13 +57,10 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
 
     let mut env = names.env(SECRET);
     let node = repo_root().join("deploy/demo-node.xml");
-    let collector_port = free_port();
+    let collector_addr = listen_addr();
     let common = env.clone();
     env.push(("VMETER_DATABASE__URL".into(), names.db_url()));
-    env.push((
-        "VMETER_HTTP__LISTEN".into(),
-        format!("127.0.0.1:{collector_port}"),
-    ));
+    env.push(("VMETER_HTTP__LISTEN".into(), collector_addr.clone()));
     let collector = Service::start("collector", "collector", &[], &env, &logs);
 
     let mut env = common.clone();
@@ -71,10 +68,7 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
         "VMETER_PIPELINE__FILE".into(),
         repo_root().join("pipeline.yaml").display().to_string(),
     ));
-    env.push((
-        "VMETER_HTTP__LISTEN".into(),
-        format!("127.0.0.1:{}", free_port()),
-    ));
+    env.push(("VMETER_HTTP__LISTEN".into(), listen_addr()));
     let notification = Service::start("notification", "notification", &[], &env, &logs);
 
     let mut env = common.clone();
@@ -88,10 +82,7 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
         "VMETER_SPOOL__DIR".into(),
         logs.join("agent-spool").display().to_string(),
     ));
-    env.push((
-        "VMETER_HTTP__LISTEN".into(),
-        format!("127.0.0.1:{}", free_port()),
-    ));
+    env.push(("VMETER_HTTP__LISTEN".into(), listen_addr()));
     let agent = Service::start("agent", "agent-compute", &[], &env, &logs);
     let started = Instant::now();
 
@@ -175,7 +166,7 @@ async fn cpu_util_reaches_postgres_and_forged_messages_are_dead_lettered() {
     }
 
     // The API answers with the same data.
-    let addr = format!("127.0.0.1:{collector_port}");
+    let addr = collector_addr.clone();
     let (code, json) = get_json(&addr, "/v2/meters/cpu_util?limit=5", None).await;
     assert_eq!(code, 200, "{json}");
     let arr = json.as_array().expect("a JSON list");

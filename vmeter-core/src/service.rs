@@ -49,9 +49,25 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Binds the HTTP endpoint's address. Failure (address in use, not permitted) is logged
-/// with the address and is the service's end: exit code 1.
+/// Binds the HTTP endpoint's address, or takes the listening socket the service was started
+/// with ([`inherited_listener`]: systemd socket activation, or a test that bound port 0).
+/// Failure (address in use, not permitted, an inherited descriptor that is not a listening
+/// TCP socket) is logged with the address and is the service's end: exit code 1.
 pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ExitCode> {
+    match inherited_listener() {
+        Ok(Some(l)) => {
+            let at = l.local_addr().ok();
+            if at.is_some_and(|a| a != listen) {
+                tracing::info!(configured = %listen, inherited = ?at, "HTTP endpoint on the inherited socket; http.listen is not used.");
+            }
+            return Ok(l);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "The inherited HTTP socket (LISTEN_FDS) cannot be used; stopping.");
+            return Err(ExitCode::FAILURE);
+        }
+    }
     match TcpListener::bind(listen).await {
         Ok(l) => Ok(l),
         Err(e) => {
@@ -59,6 +75,63 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ExitCode> {
             Err(ExitCode::FAILURE)
         }
     }
+}
+
+/// First descriptor passed by the socket-activation protocol (`sd_listen_fds(3)`).
+const LISTEN_FDS_START: std::os::fd::RawFd = 3;
+
+/// The listening socket passed as descriptor 3 with `LISTEN_FDS` ≥ 1 (and `LISTEN_PID` this
+/// process, when set), as systemd's socket activation passes it: the HTTP endpoint is then
+/// bound before the service starts (no port to race for, no privilege to bind). `None`
+/// without `LISTEN_FDS`. Call once: the descriptor is taken over.
+pub fn inherited_listener() -> std::io::Result<Option<TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let fds = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok());
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .is_none_or(|p| p.parse::<u32>().ok() == Some(std::process::id()));
+    if fds.unwrap_or(0) < 1 || !for_us {
+        return Ok(None);
+    }
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(None);
+    }
+    // Descriptor 3 must be a listening socket before it is taken over: without the socket
+    // it is whatever this process opened first (the runtime's epoll), which must stay open.
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, which we own; on a
+    // descriptor that is closed or not a socket it fails without side effects.
+    let r = unsafe {
+        libc::getsockopt(
+            LISTEN_FDS_START,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("LISTEN_FDS is set but descriptor 3 is not a socket: {e}"),
+        ));
+    }
+    if accepting == 0 {
+        return Err(std::io::Error::other(
+            "LISTEN_FDS is set but descriptor 3 is not a listening socket",
+        ));
+    }
+    // SAFETY: descriptor 3 is a listening socket passed to this process by the protocol; it
+    // is taken over once (TAKEN).
+    let std = unsafe { std::net::TcpListener::from_raw_fd(LISTEN_FDS_START) };
+    std.local_addr()?;
+    std.set_nonblocking(true)?;
+    TcpListener::from_std(std).map(Some)
 }
 
 /// Serves `app` on `listener` and runs `work` until shutdown or until either ends:
