@@ -1,0 +1,120 @@
+//! The compacted-hour codec (issue 18, `collector::store::hourcodec`; not used by the storage
+//! yet) decoded by its PL/pgSQL decoders in a real PostgreSQL: what SQL users will read must
+//! be, bit for bit, what the collector encoded. Streams that are not the codec's raise an
+//! error (SQLSTATE XX001), never a wrong answer. Prints the decoders' speed.
+
+use std::time::Instant;
+
+use collector::store::hourcodec::{SQL_DECODERS, encode_timestamps, encode_volumes};
+use vmeter_e2e::{Names, create_database, drop_database};
+
+/// Series shaped as an agent's hour and edge cases: (timestamps µs, volumes).
+fn series() -> Vec<(Vec<i64>, Vec<f64>)> {
+    let mut rng = fastrand::Rng::with_seed(18);
+    let hour = 1_800_000_000_000_000i64;
+    let jittered: Vec<i64> = (0..360)
+        .map(|k| hour + k * 10_000_000 + rng.i64(-4_000..4_000))
+        .collect();
+    let mut c = 1e12;
+    let counter: Vec<f64> = (0..360)
+        .map(|_| {
+            c += (rng.u32(0..4000) * 512) as f64;
+            c
+        })
+        .collect();
+    let rate: Vec<f64> = (0..360).map(|_| rng.f64() * 100.0).collect();
+    let mut out = vec![
+        (jittered.clone(), counter),
+        (jittered.clone(), rate),
+        (jittered, vec![4096.0; 360]),
+        (vec![hour], vec![-0.0]),
+        (vec![], vec![]),
+        // Irregular gaps (a delta-of-delta in every bucket) and extreme finite volumes.
+        (
+            vec![
+                hour,
+                hour + 1,
+                hour + 200,
+                hour + 20_000,
+                hour + 2_000_000,
+                hour + 3_599_999_999,
+                -5,
+                0,
+            ],
+            vec![
+                0.0,
+                5e-324,
+                f64::MIN_POSITIVE,
+                f64::MAX,
+                f64::MIN,
+                1.0 / 3.0,
+                -1e-300,
+                123456789.125,
+            ],
+        ),
+    ];
+    // Random finite doubles of every exponent.
+    let random: Vec<f64> = (0..2000)
+        .map(|_| f64::from_bits(rng.u64(..)))
+        .filter(|v| v.is_finite())
+        .collect();
+    let ts: Vec<i64> = (0..random.len() as i64).map(|k| hour + k * 997).collect();
+    out.push((ts, random));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_decoders_read_what_the_collector_encodes() {
+    let names = Names::new("hcodec");
+    let admin = create_database(&names).await;
+    let pool = sqlx::PgPool::connect(&names.db_url()).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(SQL_DECODERS))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let (mut samples, mut spent) = (0usize, 0f64);
+    for (ts, v) in series() {
+        let (tb, vb) = (encode_timestamps(&ts), encode_volumes(&v));
+        let started = Instant::now();
+        let (got_ts, got_v): (Vec<i64>, Vec<f64>) =
+            sqlx::query_as("select vmeter_hour_timestamps($1), vmeter_hour_volumes($2)")
+                .bind(&tb)
+                .bind(&vb)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        spent += started.elapsed().as_secs_f64();
+        samples += v.len();
+        assert_eq!(got_ts, ts);
+        assert_eq!(got_v.len(), v.len());
+        for (i, (g, w)) in got_v.iter().zip(&v).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "volume {i}: {g:e} for {w:e}");
+        }
+    }
+    println!(
+        "PL/pgSQL decoding: {samples} samples, {:.1} µs/sample (timestamps and volumes)",
+        spent * 1e6 / samples as f64
+    );
+
+    // Streams that are not the codec's: an error with SQLSTATE XX001, never rows.
+    let good = encode_volumes(&[1.0, 2.0, 3.0]);
+    let mut short = good.clone();
+    short[4] = 200;
+    let forged: Vec<u8> = vec![1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0b1000_0000];
+    for bad in [vec![7u8, 0, 0, 0, 0], vec![1u8, 0], short, forged] {
+        let e = sqlx::query("select vmeter_hour_volumes($1)")
+            .bind(&bad)
+            .execute(&pool)
+            .await
+            .expect_err("a broken stream is an error");
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .unwrap_or_default();
+        assert_eq!(code, "XX001", "{bad:?}: {e}");
+    }
+
+    pool.close().await;
+    drop_database(&admin, &names).await;
+}
