@@ -73,8 +73,16 @@ async fn the_sql_decoders_read_what_the_collector_encodes() {
         .await
         .unwrap();
 
+    // Warm-up: the session compiles the functions at their first call.
+    sqlx::query("select vmeter_hour_timestamps($1), vmeter_hour_volumes($2)")
+        .bind(encode_timestamps(&[1, 2, 3]))
+        .bind(encode_volumes(&[1.0, 2.5, 3.0]))
+        .execute(&pool)
+        .await
+        .unwrap();
     let (mut samples, mut spent) = (0usize, 0f64);
-    for (ts, v) in series() {
+    let mut agent = (0usize, 0f64);
+    for (i, (ts, v)) in series().into_iter().enumerate() {
         let (tb, vb) = (encode_timestamps(&ts), encode_volumes(&v));
         let started = Instant::now();
         let (got_ts, got_v): (Vec<i64>, Vec<f64>) =
@@ -84,8 +92,13 @@ async fn the_sql_decoders_read_what_the_collector_encodes() {
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-        spent += started.elapsed().as_secs_f64();
+        let took = started.elapsed().as_secs_f64();
+        spent += took;
         samples += v.len();
+        if i < 3 {
+            // The agent-shaped hours: a counter, a rate, a flat gauge.
+            agent = (agent.0 + v.len(), agent.1 + took);
+        }
         assert_eq!(got_ts, ts);
         assert_eq!(got_v.len(), v.len());
         for (i, (g, w)) in got_v.iter().zip(&v).enumerate() {
@@ -93,7 +106,8 @@ async fn the_sql_decoders_read_what_the_collector_encodes() {
         }
     }
     println!(
-        "PL/pgSQL decoding: {samples} samples, {:.1} µs/sample (timestamps and volumes)",
+        "PL/pgSQL decoding (timestamps and volumes, one query per series-hour): agent-shaped hours {:.1} µs/sample; all {samples} samples (with 2,000 random doubles) {:.1} µs/sample",
+        agent.1 * 1e6 / agent.0 as f64,
         spent * 1e6 / samples as f64
     );
 

@@ -326,6 +326,7 @@ create or replace function vmeter_hour_timestamps(b bytea) returns bigint[]
 language plpgsql immutable strict as $f$
 declare
   n int; pos bigint := 40; out bigint[]; prev bigint; delta bigint := 0; z bigint; w int;
+  len bigint := length(b)::bigint * 8;
 begin
   if length(b) < 5 or get_byte(b, 0) <> 1 then
     raise exception 'compacted hour: not a timestamp stream of format 1' using errcode = 'data_corrupted';
@@ -335,12 +336,20 @@ begin
   prev := vmeter_hour_bits(b, pos, 64); pos := pos + 64;
   out := array[prev];
   for i in 2..n loop
-    if vmeter_hour_bits(b, pos, 1) = 0 then w := 0; pos := pos + 1;
-    elsif vmeter_hour_bits(b, pos + 1, 1) = 0 then w := 7; pos := pos + 2;
-    elsif vmeter_hour_bits(b, pos + 2, 1) = 0 then w := 14; pos := pos + 3;
-    elsif vmeter_hour_bits(b, pos + 3, 1) = 0 then w := 20; pos := pos + 4;
-    else w := 64; pos := pos + 4;
-    end if;
+    -- The bucket prefix, bit by bit without a function call (most are one bit).
+    w := -1;
+    for k in 0..3 loop
+      if pos >= len then
+        raise exception 'compacted hour: stream ends early' using errcode = 'data_corrupted';
+      end if;
+      if ((get_byte(b, (pos >> 3)::int) >> (7 - (pos & 7)::int)) & 1) = 0 then
+        w := (array[0, 7, 14, 20])[k + 1];
+        pos := pos + 1;
+        exit;
+      end if;
+      pos := pos + 1;
+    end loop;
+    if w < 0 then w := 64; end if;
     if w > 0 then
       z := vmeter_hour_bits(b, pos, w); pos := pos + w;
       delta := delta + (((z >> 1) & 9223372036854775807) # -(z & 1));
@@ -355,6 +364,7 @@ create or replace function vmeter_hour_volumes(b bytea) returns float8[]
 language plpgsql immutable strict as $f$
 declare
   n int; pos bigint := 40; out float8[]; prev bigint; lead int := -1; trail int := 0; m int;
+  len bigint := length(b)::bigint * 8; last float8;
 begin
   if length(b) < 5 or get_byte(b, 0) <> 1 then
     raise exception 'compacted hour: not a volume stream of format 1' using errcode = 'data_corrupted';
@@ -363,8 +373,13 @@ begin
   if n = 0 then return '{}'; end if;
   prev := vmeter_hour_bits(b, pos, 64); pos := pos + 64;
   out := array[vmeter_float8_of_bits(prev)];
+  last := out[1];
   for i in 2..n loop
-    if vmeter_hour_bits(b, pos, 1) = 1 then
+    if pos >= len then
+      raise exception 'compacted hour: stream ends early' using errcode = 'data_corrupted';
+    end if;
+    -- `0`: the same volume again (one bit, read without a function call).
+    if ((get_byte(b, (pos >> 3)::int) >> (7 - (pos & 7)::int)) & 1) = 1 then
       if vmeter_hour_bits(b, pos + 1, 1) = 0 then
         if lead < 0 then
           raise exception 'compacted hour: window used before it was opened' using errcode = 'data_corrupted';
@@ -382,10 +397,11 @@ begin
       end if;
       prev := prev # (vmeter_hour_bits(b, pos, m) << trail);
       pos := pos + m;
+      last := vmeter_float8_of_bits(prev);
     else
       pos := pos + 1;
     end if;
-    out := out || vmeter_float8_of_bits(prev);
+    out := out || last;
   end loop;
   return out;
 end $f$;
