@@ -132,3 +132,126 @@ async fn the_sql_decoders_read_what_the_collector_encodes() {
     pool.close().await;
     drop_database(&admin, &names).await;
 }
+
+/// A compacted hour replaces its rollup row only if the per-minute aggregates computed from
+/// its decoded samples are the rollup job's, bit for bit. They are when both add in time
+/// order: the samples are written in shuffled batches (their rows' physical order is not
+/// time order), rolled up by the job, and each minute is compared with
+/// `rollup::minutes_of` over the same samples in time order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollup_jobs_minutes_are_the_samples_minutes_in_time_order() {
+    use chrono::{DurationRound, TimeZone, Utc};
+    use collector::store::Store;
+    use collector::store::rollup::{self, minutes_of};
+    use vmeter_core::Sample;
+
+    let names = Names::new("hminutes");
+    let admin = create_database(&names).await;
+    // Sequential scans only: the job then meets the rows in their physical order, as it may
+    // on any plan; an index scan would hand them over in time order by chance.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "alter database {} set enable_indexscan = off",
+        names.database
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "alter database {} set enable_bitmapscan = off",
+        names.database
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let pool = collector::store::pool(&names.db_url(), 2).unwrap();
+    let mut store = Store::new(pool.clone());
+    store.migrate().await.unwrap();
+
+    let now = Utc::now();
+    let hour = (now - chrono::Duration::hours(3))
+        .duration_trunc(chrono::Duration::hours(1))
+        .unwrap();
+    let hour_us = hour.timestamp_micros();
+    let mut rng = fastrand::Rng::with_seed(42);
+    // Three series: a full-precision rate, a counter, values with equal and signed zeros.
+    let mut all: Vec<Sample> = Vec::new();
+    let mut expected: Vec<(String, Vec<(i64, f64)>)> = Vec::new();
+    for (r, rid) in ["rate-vm", "counter-vm", "zeros-vm"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = 1e15;
+        let points: Vec<(i64, f64)> = (0..360)
+            .map(|k| {
+                let ts = hour_us + k * 10_000_000 + rng.i64(0..5_000);
+                let v = match r {
+                    0 => rng.f64() * 100.0 / 3.0,
+                    1 => {
+                        c += (rng.u32(0..4000) * 512) as f64 + 0.1;
+                        c
+                    }
+                    _ => [0.0, -0.0, 1.5, -1.5][rng.usize(0..4)],
+                };
+                (ts, v)
+            })
+            .collect();
+        for &(ts, v) in &points {
+            let mut s = vmeter_e2e::cpu_util_sample(rid, v, Utc.timestamp_micros(ts).unwrap());
+            s.name = "hm".into();
+            all.push(s);
+        }
+        expected.push((rid.to_string(), points));
+    }
+    // Shuffled batches: rows land in an order unrelated to time.
+    rng.shuffle(&mut all);
+    for batch in all.chunks(97) {
+        store.write(batch).await.unwrap();
+    }
+    store
+        .write(&[vmeter_e2e::cpu_util_sample("rate-vm", 1.0, now)])
+        .await
+        .unwrap();
+    let run = store
+        .roll_up(now, chrono::Duration::minutes(10), 10_000)
+        .await
+        .unwrap();
+    assert!(run.hours >= 1, "{run:?}");
+
+    for (rid, points) in expected {
+        let (packed,): (Option<Vec<u8>>,) = sqlx::query_as(
+            "select ro.minutes from sample_rollup ro
+               join meter m on m.id = ro.meter_id join resource r on r.id = ro.resource_id
+              where m.name = 'hm' and r.resource_id = $1 and ro.hour = $2",
+        )
+        .bind(&rid)
+        .bind(hour)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let job: Vec<rollup::Minute> = rollup::unpack(&packed.expect("a dense hour")).collect();
+        let ours = minutes_of(hour_us, &points);
+        assert_eq!(job.len(), ours.len(), "{rid}");
+        for (j, o) in job.iter().zip(&ours) {
+            assert_eq!(
+                (j.minute, j.n, j.first_us, j.last_us),
+                (o.minute, o.n, o.first_us, o.last_us),
+                "{rid}"
+            );
+            for (what, a, b) in [
+                ("sum", j.sum, o.sum),
+                ("min", j.min, o.min),
+                ("max", j.max, o.max),
+                ("sumsq", j.sumsq, o.sumsq),
+            ] {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{rid} minute {}: {what} {a:e} (job) vs {b:e}",
+                    j.minute
+                );
+            }
+        }
+    }
+    pool.close().await;
+    drop_database(&admin, &names).await;
+}

@@ -33,6 +33,11 @@ pub const WINDOW_US: i64 = 60_000_000;
 /// `insert … on conflict do update` of the rollup rows computed from the sample rows that
 /// `source` (a `from` clause, alias `s`) selects, grouped by (meter, resource, hour).
 ///
+/// Each minute's aggregates see its samples in time order (the sorted subquery feeds the
+/// grouped aggregation in that order), so `sum` and `sumsq` are the same doubles however the
+/// rows are stored: [`minutes_of`] computes them again from the samples, bit for bit (what a
+/// compacted hour, issue 18, relies on).
+///
 /// A row gets null `minutes` when its series has fewer than two samples per non-empty minute:
 /// such a rollup would be no smaller than the samples it replaces. A full hour (all 60
 /// minutes) is packed without the minute numbers ([`DENSE_RECORD`]-byte records in minute
@@ -60,6 +65,7 @@ fn upsert_sql(source: &str) -> String {
                select s.meter_id, s.resource_id, s.ts, s.volume,
                       date_bin('1 minute', s.ts, {EPOCH}) as w
                {source}
+               order by meter_id, resource_id, w, ts
              ) x
              group by meter_id, resource_id, w
            ) m
@@ -104,6 +110,45 @@ pub struct Minute {
     pub min: f64,
     pub max: f64,
     pub sumsq: f64,
+}
+
+/// The per-minute aggregates of one series-hour from its samples, `(µs since the epoch,
+/// volume)` in time order, exactly as the rollup SQL computes them ([`upsert_sql`]):
+/// `sum` and `sumsq` added in time order from the first sample, `min`/`max` keeping the
+/// later of equal values (PostgreSQL's `float8smaller`/`float8larger`), first and last
+/// sample in µs after the minute's start. `hour_us` is the hour's start.
+pub fn minutes_of(hour_us: i64, samples: &[(i64, f64)]) -> Vec<Minute> {
+    let mut out: Vec<Minute> = Vec::new();
+    for &(ts, v) in samples {
+        let since = ts - hour_us;
+        let minute = since.div_euclid(WINDOW_US) as i16;
+        let at = (since - minute as i64 * WINDOW_US) as i32;
+        match out.last_mut() {
+            Some(m) if m.minute == minute => {
+                m.n += 1;
+                m.last_us = at;
+                m.sum += v;
+                m.sumsq += v * v;
+                if !(m.min < v) {
+                    m.min = v;
+                }
+                if !(m.max > v) {
+                    m.max = v;
+                }
+            }
+            _ => out.push(Minute {
+                minute,
+                n: 1,
+                first_us: at,
+                last_us: at,
+                sum: v,
+                min: v,
+                max: v,
+                sumsq: v * v,
+            }),
+        }
+    }
+    out
 }
 
 /// The minutes packed in `data`: big-endian [`RECORD`]-byte records, or for a full hour
