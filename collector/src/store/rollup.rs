@@ -129,12 +129,9 @@ pub fn minutes_of(hour_us: i64, samples: &[(i64, f64)]) -> Vec<Minute> {
                 m.last_us = at;
                 m.sum += v;
                 m.sumsq += v * v;
-                if !(m.min < v) {
-                    m.min = v;
-                }
-                if !(m.max > v) {
-                    m.max = v;
-                }
+                // The state unless the new value is strictly beyond it (equals: the new).
+                m.min = if m.min < v { m.min } else { v };
+                m.max = if m.max > v { m.max } else { v };
             }
             _ => out.push(Minute {
                 minute,
