@@ -12,6 +12,7 @@ use vmeter_core::{Sample, SampleType};
 use vmeter_e2e::{Names, create_database, drop_database};
 
 const DOC: &str = include_str!("../../docs/sql.md");
+const DASHBOARD: &str = include_str!("../../deploy/grafana/vmeter-dashboard.json");
 
 async fn fresh_db(tag: &str) -> (Names, sqlx::PgPool, sqlx::PgPool) {
     let names = Names::new(tag);
@@ -70,12 +71,9 @@ fn doc_queries() -> Vec<(String, String)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn documented_sql_answers_the_dashboard_questions() {
-    let (names, admin, pool) = fresh_db("q").await;
-    let mut store = Store::new(pool.clone());
-    store.migrate().await.unwrap();
-
+/// Two VMs over the last 20 minutes, one sample a minute (see the body); returns the
+/// minute the data ends at.
+async fn seed(store: &mut Store) -> DateTime<Utc> {
     // Two VMs over the last 20 minutes, one sample a minute: vm-a 1 vCPU at 25 %, vm-b
     // 2 vCPUs at 50 %; RSS growing 1 MiB a minute; one disk and one NIC with fixed rates.
     // vm-b is resized (flavor m1.small → m1.medium, same vCPUs) after 8 minutes.
@@ -154,6 +152,16 @@ async fn documented_sql_answers_the_dashboard_questions() {
         }
     }
     store.write(&batch).await.unwrap();
+    now
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_sql_answers_the_dashboard_questions() {
+    let (names, admin, pool) = fresh_db("q").await;
+    let mut store = Store::new(pool.clone());
+    store.migrate().await.unwrap();
+
+    seed(&mut store).await;
 
     let queries = doc_queries();
     assert_eq!(queries.len(), 8, "the eight documented queries");
@@ -219,6 +227,163 @@ async fn documented_sql_answers_the_dashboard_questions() {
         vec![(&json!("vm-b"), 24.0)],
         "vm-b's first 8 minutes of cpu, cpu_util and memory.resident"
     );
+    drop_db(&names, &admin, pool).await;
+}
+
+/// A panel's SQL as Grafana's PostgreSQL data source sends it: `$__timeFilter(col)` and
+/// `$__timeGroupAlias(col, interval)` expanded as its macros do, `$__interval` as `1m`, and
+/// a multi-value variable as its quoted values (`${vm:sqlstring}`).
+fn render(sql: &str, from: DateTime<Utc>, to: DateTime<Utc>, vms: &[&str]) -> String {
+    let mut s = sql.replace("$__interval", "'1m'");
+    s = s.replace(
+        "${vm:sqlstring}",
+        &vms.iter()
+            .map(|v| format!("'{v}'"))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    while let Some(at) = s.find("$__timeFilter(") {
+        let end = at + s[at..].find(')').expect("closed");
+        let col = &s[at + "$__timeFilter(".len()..end];
+        let expanded = format!(
+            "{col} BETWEEN '{}' AND '{}'",
+            from.to_rfc3339(),
+            to.to_rfc3339()
+        );
+        s.replace_range(at..=end, &expanded);
+    }
+    while let Some(at) = s.find("$__timeGroupAlias(") {
+        let end = at + s[at..].find(')').expect("closed");
+        let args = &s[at + "$__timeGroupAlias(".len()..end];
+        let (col, interval) = args.split_once(',').expect("column, interval");
+        let secs = match interval.trim().trim_matches('\'') {
+            "1m" => 60,
+            "5m" => 300,
+            other => panic!("interval {other}"),
+        };
+        let expanded = format!(
+            "floor(extract(epoch from {})/{secs})*{secs} AS \"time\"",
+            col.trim()
+        );
+        s.replace_range(at..=end, &expanded);
+    }
+    assert!(!s.contains('$'), "a macro or variable left: {s}");
+    s
+}
+
+/// The Grafana dashboard (deploy/grafana): every panel's SQL, rendered as Grafana renders it,
+/// answers on real data with the columns its format needs, and the values the data holds.
+/// No Grafana runs here: the JSON is checked for what the panels need (a query per panel on
+/// the dashboard's data source variable), not rendered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboards_panels_answer_on_real_data() {
+    let (names, admin, pool) = fresh_db("graf").await;
+    let mut store = Store::new(pool.clone());
+    store.migrate().await.unwrap();
+    let now = seed(&mut store).await;
+
+    let dash: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
+    let vars = dash["templating"]["list"].as_array().expect("variables");
+    assert!(
+        vars.iter()
+            .any(|v| v["name"] == "DS" && v["type"] == "datasource")
+    );
+    // The VM variable's query lists the VMs.
+    let vm_var = vars
+        .iter()
+        .find(|v| v["name"] == "vm")
+        .expect("a vm variable");
+    let listed: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(
+        vm_var["query"].as_str().expect("a query").to_string(),
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(listed, ["vm-a", "vm-b"]);
+
+    let (from, to) = (now - Duration::hours(1), now + Duration::minutes(1));
+    let mut answers: HashMap<String, Vec<Value>> = HashMap::new();
+    let panels = dash["panels"].as_array().expect("panels");
+    assert_eq!(panels.len(), 7);
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a title").to_string();
+        let target = &panel["targets"][0];
+        assert_eq!(target["datasource"]["uid"], "${DS}", "{title}");
+        let sql = render(
+            target["rawSql"].as_str().expect("rawSql"),
+            from,
+            to,
+            &["vm-a", "vm-b"],
+        );
+        let rows: Vec<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select to_jsonb(t) from ({sql}) t"
+        )))
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{title}: {e}\n{sql}"));
+        assert!(!rows.is_empty(), "{title} answered nothing");
+        if target["format"] == "time_series" {
+            for r in &rows {
+                assert!(
+                    r["time"].is_number() && r["metric"].is_string() && r["value"].is_number(),
+                    "{title}: a time series row needs time, metric, value: {r}"
+                );
+            }
+        }
+        answers.insert(title, rows);
+    }
+    let num = |v: &Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    let values = |title: &str, metric: &str| -> Vec<f64> {
+        answers[title]
+            .iter()
+            .filter(|r| r["metric"] == metric)
+            .map(|r| num(&r["value"]))
+            .collect()
+    };
+    let all_equal = |v: Vec<f64>, want: f64, what: &str| {
+        assert!(
+            !v.is_empty() && v.iter().all(|x| (x - want).abs() < 1e-9),
+            "{what}: {v:?}"
+        );
+    };
+    all_equal(values("CPU % per VM", "vm-a"), 25.0, "vm-a CPU");
+    all_equal(values("CPU % per VM", "vm-b"), 50.0, "vm-b CPU");
+    let rss = values("Memory used per VM (MiB)", "vm-a");
+    assert_eq!(rss.iter().copied().fold(0.0, f64::max), 119.0);
+    all_equal(
+        values("Disk bytes/s per VM and device", "vm-a vda read"),
+        1000.0,
+        "disk read",
+    );
+    all_equal(
+        values("Disk bytes/s per VM and device", "vm-b vda write"),
+        2000.0,
+        "disk write",
+    );
+    all_equal(
+        values("NIC bytes/s per VM and interface", "vm-a tap0 rx"),
+        300.0,
+        "rx",
+    );
+    all_equal(
+        values("NIC bytes/s per VM and interface", "vm-b tap0 tx"),
+        400.0,
+        "tx",
+    );
+    all_equal(
+        values("Fleet: busy vCPUs per host", "compute-1"),
+        1.25,
+        "busy vCPUs per host",
+    );
+    all_equal(
+        values("Fleet: busy vCPUs per project", "p"),
+        1.25,
+        "busy vCPUs per project",
+    );
+    let top = &answers["Fleet: top 10 VMs by CPU"];
+    assert_eq!(top[0]["vm"], "vm-b", "{top:?}");
+    assert_eq!(num(&top[0]["cpu_percent_avg"]), 50.0);
+    assert_eq!(top.len(), 2);
     drop_db(&names, &admin, pool).await;
 }
 
