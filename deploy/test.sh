@@ -46,4 +46,22 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # would rebuild the binaries without them.
 FEATURES=collector/failpoints,notification/failpoints,agent-compute/failpoints
 cargo build --workspace --bins --locked --features "$FEATURES"
+
+# The Debian packages (release builds, without fail points): built, installed into this
+# machine, their units checked offline (no systemd runs here: docs/packages.md);
+# tests/tests/packages.rs then runs the installed binaries with the installed configs.
+bash deploy/package.sh
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+as_root dpkg -i target/debian/vmeter-*.deb
+if ! command -v systemd-analyze >/dev/null; then
+  as_root apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+(
+  cd /lib/systemd/system
+  systemd-analyze verify vmeter-agent-compute.service vmeter-notification.service vmeter-collector.service
+  for unit in vmeter-agent-compute vmeter-notification vmeter-collector; do
+    # Exposure 0–10 (shown) is 0–100 here: fail above 2.0 ("OK" is below 5).
+    systemd-analyze security --offline=true --threshold=20 "$unit.service" | tail -1
+  done
+)
 cargo test --workspace --locked --features "$FEATURES" -- --test-threads=2

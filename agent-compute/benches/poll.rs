@@ -257,7 +257,7 @@ fn main() {
     let spool = std::env::temp_dir().join(format!("vmeter-bench-spool-{}", std::process::id()));
     let interval = 3.0;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agent-compute"))
-        .env_remove("VMETER_CONFIG")
+        .env("VMETER_CONFIG", "/dev/null") // defaults, not an installed /etc/vmeter config
         .env(
             "VMETER_LIBVIRT__URI",
             format!("test+unix://{}", path.display()),

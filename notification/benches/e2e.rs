@@ -176,7 +176,7 @@ fn start_notification(cfg: &BrokerConfig) -> Child {
     let bin = std::env::var("VMETER_BENCH_NOTIFICATION")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_notification").to_string());
     Command::new(bin)
-        .env_remove("VMETER_CONFIG")
+        .env("VMETER_CONFIG", "/dev/null") // defaults, not an installed /etc/vmeter config
         .env("VMETER_BROKER__URL", &cfg.url)
         .env("VMETER_BROKER__EXCHANGE", &cfg.exchange)
         .env("VMETER_BROKER__RAW_QUEUE", &cfg.raw_queue)

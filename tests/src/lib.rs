@@ -91,7 +91,7 @@ pub fn listen_addr() -> String {
 }
 
 /// The socket [`listen_addr`] made for `addr`, if no service has taken it yet.
-fn take_listener(addr: &str) -> Option<std::net::TcpListener> {
+pub fn take_listener(addr: &str) -> Option<std::net::TcpListener> {
     let mut all = LISTENERS.lock().expect("not poisoned");
     let at = all.iter().position(|(a, _)| a == addr)?;
     Some(all.swap_remove(at).1)
@@ -288,6 +288,30 @@ fn fastrand_u32() -> u32 {
     t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)
 }
 
+/// Makes `cmd`'s process start with `listener` as descriptor 3 and `LISTEN_FDS=1` (systemd's
+/// socket activation; `vmeter_core::service::bind` takes it). Drop `listener` after the
+/// spawn: the child has its own copy.
+pub fn give_socket(cmd: &mut Command, listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    cmd.env("LISTEN_FDS", "1");
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) on
+    // descriptors this process owns; descriptor 3 is the child's listening socket.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A child process killed (SIGTERM, then SIGKILL) when dropped; its log goes to a file.
 pub struct Service {
     pub name: &'static str,
@@ -330,32 +354,17 @@ impl Service {
             path.display()
         );
         let mut cmd = Command::new(&path);
+        // Built-in defaults under the test's overrides, not /etc/vmeter/<binary>.yaml (which
+        // the packages install on this machine): an empty config file.
         cmd.args(args)
-            .env_remove("VMETER_CONFIG")
+            .env("VMETER_CONFIG", "/dev/null")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .envs(env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(f);
         if let Some(l) = &listener {
-            use std::os::fd::AsRawFd;
-            use std::os::unix::process::CommandExt;
-            let fd = l.as_raw_fd();
-            cmd.env("LISTEN_FDS", "1");
-            // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) on
-            // descriptors this process owns; descriptor 3 is the child's listening socket.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if fd == 3 {
-                        if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(fd, 3) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            give_socket(&mut cmd, l);
         }
         let child = cmd
             .spawn()

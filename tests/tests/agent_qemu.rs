@@ -205,7 +205,18 @@ async fn real_qemu_guests_spinning_and_idle() {
     }
     let conn = broker::connect().await;
     let mut agent = Service::start("agent", "agent-compute", &[], &env, &dir);
-    broker::wait_for_queue(&conn, &names.raw_queue, Duration::from_secs(30)).await;
+    if tokio::time::timeout(
+        Duration::from_secs(30),
+        broker::wait_for_queue(&conn, &names.raw_queue, Duration::from_secs(60)),
+    )
+    .await
+    .is_err()
+    {
+        panic!(
+            "the agent did not declare its queue within 30 s\n{}",
+            agent.log_text()
+        );
+    }
     // Collect at least 8 s, then on until the idle guest's firmware phase is over (at most
     // 60 s): both guests are measured over the same, last four one-second intervals.
     let mut got = broker::collect_for(&conn, &names.raw_queue, Duration::from_secs(8)).await;
