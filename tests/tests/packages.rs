@@ -135,18 +135,13 @@ async fn installed_packages_carry_samples_from_libvirt_to_postgres() {
     env.push(("VMETER_HTTP__LISTEN".into(), listen_addr()));
     let notification = start_unit("vmeter-notification", &env, &logs);
 
-    let mut env = common.clone();
+    // The agent as the other tests run it, on the demo node copied above.
+    let mut env = names.agent_env("unused", &state.0.join("spool"), &listen_addr());
+    env.retain(|(k, _)| k != "VMETER_SIGNING__TELEMETRY_SECRET" && k != "VMETER_LIBVIRT__URI");
     env.push((
         "VMETER_LIBVIRT__URI".into(),
         format!("test://{}", node.display()),
     ));
-    env.push(("VMETER_POLLING__INTERVAL_SECS".into(), "2".into()));
-    env.push(("VMETER_POLLING__SHUFFLE_TIME_SECS".into(), "0".into()));
-    env.push((
-        "VMETER_SPOOL__DIR".into(),
-        state.0.join("spool").display().to_string(),
-    ));
-    env.push(("VMETER_HTTP__LISTEN".into(), listen_addr()));
     let agent = start_unit("vmeter-agent-compute", &env, &logs);
 
     let diag = || {
