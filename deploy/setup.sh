@@ -61,7 +61,7 @@ chmod 600 "$CRED"
 # ---- 1. packages. --no-install-recommends matters: with recommends, libvirt-daemon pulls
 #         qemu-system-x86 7.2, which removes a newer preinstalled qemu-utils (214 MB instead of 40).
 # gcc + libc6-dev: mimalloc (the services' allocator) is C built by cargo.
-PKGS="rabbitmq-server libvirt-dev libvirt-clients pkg-config gcc libc6-dev postgresql-15 postgresql-client-15 ca-certificates"
+PKGS="rabbitmq-server libvirt-dev libvirt-clients pkg-config gcc libc6-dev postgresql-15 postgresql-client-15 ca-certificates openssl"
 [ "${WITH_LIBVIRTD:-0}" = 1 ] && PKGS="$PKGS libvirt-daemon"
 missing=""
 for p in $PKGS; do
@@ -92,7 +92,46 @@ SELECT 'CREATE DATABASE $DB_NAME OWNER $DB_USER'
 SQL
 
 # ---- 3. RabbitMQ (rabbitmq-server -detached; ready after 5-11 s depending on load)
+# AMQP over TLS on 5671 besides plain AMQP on 5672 (loopback tests, the services on this
+# host). The CA is made here, for the demo and the tests (docs/multi-host.md: use your own):
+# /etc/vmeter/tls/ca.pem is what clients trust (broker.tls_ca_file), the broker's
+# certificate is for localhost and 127.0.0.1.
+TLS_DIR=/etc/vmeter/tls
+if [ ! -s "$TLS_DIR/broker.pem" ] || [ ! -s "$TLS_DIR/ca.pem" ]; then
+  log "making the demo CA and the broker's TLS certificate ($TLS_DIR)"
+  install -d -m 0755 "$TLS_DIR"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vmeter demo CA" \
+    -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS_DIR/broker.key" -out "$TLS_DIR/broker.csr" 2>/dev/null
+  printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
+    'keyUsage=digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' > "$TLS_DIR/broker.ext"
+  openssl x509 -req -in "$TLS_DIR/broker.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 825 -extfile "$TLS_DIR/broker.ext" -out "$TLS_DIR/broker.pem" 2>/dev/null
+  rm -f "$TLS_DIR/broker.csr" "$TLS_DIR/broker.ext"
+  chmod 0600 "$TLS_DIR/ca.key"
+  chmod 0644 "$TLS_DIR/ca.pem" "$TLS_DIR/broker.pem"
+fi
+chown rabbitmq:rabbitmq "$TLS_DIR/broker.key"
+chmod 0600 "$TLS_DIR/broker.key"
+MQ_CONF=/etc/rabbitmq/rabbitmq.conf
+MQ_TLS_CONF="listeners.ssl.default = 5671
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/broker.pem
+ssl_options.keyfile = $TLS_DIR/broker.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+ssl_options.versions.1 = tlsv1.3
+ssl_options.versions.2 = tlsv1.2"
 mq_running() { rabbitmq-diagnostics -q check_running >/dev/null 2>&1; }
+if [ "$(cat "$MQ_CONF" 2>/dev/null)" != "$MQ_TLS_CONF" ]; then
+  printf '%s\n' "$MQ_TLS_CONF" > "$MQ_CONF"
+  if mq_running; then
+    log "restarting RabbitMQ for its TLS listener"
+    rabbitmqctl -q stop >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do mq_running || break; sleep 0.5; done
+  fi
+fi
 if ! mq_running; then
   log "starting RabbitMQ"
   rabbitmq-server -detached

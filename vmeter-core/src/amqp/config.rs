@@ -45,6 +45,10 @@ pub struct BrokerConfig {
     /// Longest wait for a connection's AMQP handshake, seconds; then the attempt counts as
     /// failed and the back-off goes on.
     pub connect_timeout_secs: u64,
+    /// With an `amqps://` URL: a PEM file of CA certificates trusted for the broker's
+    /// certificate, besides the system's (`/etc/ssl/certs`). The certificate is always
+    /// verified, host name included; there is no switch to skip it.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Largest AMQP frame this client accepts, bytes (the broker may lower it). The client
     /// keeps two I/O buffers of 32 frames each, so this bounds them: 128 KiB (RabbitMQ's
     /// default) costs 8 MiB per connection, 16 KiB 1 MiB. Unset: the service's default
@@ -68,6 +72,7 @@ impl Default for BrokerConfig {
             prefetch: 200,
             reconnect_max_secs: 30,
             connect_timeout_secs: 10,
+            tls_ca_file: None,
             frame_max: None,
         }
     }

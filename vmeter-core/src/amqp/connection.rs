@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::LongString;
 use lapin::{Connection, ConnectionProperties};
 
@@ -14,6 +15,12 @@ pub enum ConnectError {
     /// Refused, unreachable, authentication failed, ….
     #[error(transparent)]
     Broker(#[from] lapin::Error),
+    /// `tls_ca_file` cannot be read.
+    #[error("broker.tls_ca_file {path}: {source}")]
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// The broker took the TCP connection but did not finish the AMQP handshake in time (a
     /// RabbitMQ node that is still booting does this; without a limit the caller would wait
     /// forever: seen as a notification service that never reconnected after a broker restart).
@@ -28,14 +35,27 @@ pub async fn connect(cfg: &BrokerConfig, name: &str) -> Result<Connection, Conne
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
     let parsed = cfg.url.parse::<lapin::uri::AMQPUri>();
     let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
+    let tls = match &cfg.tls_ca_file {
+        Some(path) => OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(std::fs::read_to_string(path).map_err(|source| {
+                ConnectError::CaFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+        },
+        None => OwnedTLSConfig::default(),
+    };
     let connecting = async {
+        let runtime = lapin::runtime::default_runtime()?;
         match (cfg.frame_max, parsed) {
             (Some(frame_max), Ok(mut uri)) => {
                 uri.query.frame_max.get_or_insert(frame_max);
-                Connection::connect_uri(uri, props).await
+                Connection::connect_uri_with_config(uri, props, tls, runtime).await
             }
             // Unset, or a URL that does not parse (lapin says why).
-            _ => Connection::connect(&cfg.url, props).await,
+            _ => Connection::connect_with_config(&cfg.url, props, tls, runtime).await,
         }
     };
     match tokio::time::timeout(limit, connecting).await {

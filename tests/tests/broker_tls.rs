@@ -1,0 +1,197 @@
+//! An agent that reaches the broker only over TLS (`amqps://` on 5671, the broker's
+//! certificate verified against the CA deploy/setup.sh made) with credentials of its own,
+//! which let it publish raw samples and nothing else. Without the CA the certificate is
+//! refused and nothing is published (the batches wait in the spool).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use vmeter_core::amqp::{self, BrokerConfig};
+use vmeter_e2e::{Names, Service, broker, listen_addr};
+
+const CA: &str = "/etc/vmeter/tls/ca.pem";
+const SECRET: &str = "tls-secret";
+
+/// A broker user of this test, removed when dropped (also when the test fails).
+struct User(String);
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.0])
+            .output();
+    }
+}
+
+/// The test's topology, declared by the broker's admin (an agent declares nothing).
+fn topology(names: &Names) -> BrokerConfig {
+    BrokerConfig {
+        url: vmeter_core::config::local_amqp_url("ADMIN"),
+        exchange: names.exchange.clone(),
+        raw_queue: names.raw_queue.clone(),
+        processed_queue: names.processed_queue.clone(),
+        dead_letter_exchange: names.dlx.clone(),
+        dead_letter_queue: names.dead_queue.clone(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_publishes_over_verified_tls_with_its_own_credentials_only() {
+    let names = Names::new("tls");
+    let dir = names.dir("tls");
+    let conn = broker::connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    amqp::declare_topology(&ch, &topology(&names))
+        .await
+        .unwrap();
+
+    // This agent's own user, made as an operator makes one (deploy/add-agent.sh), on this
+    // test's exchange: write to it with routing key sample.raw, nothing else.
+    let out = Command::new("bash")
+        .arg(vmeter_e2e::repo_root().join("deploy/add-agent.sh"))
+        .args([names.id.as_str(), "localhost"])
+        .env("VMETER_EXCHANGE", &names.exchange)
+        .output()
+        .unwrap();
+    let user = User(format!("vmeter-agent-{}", names.id));
+    assert!(
+        out.status.success(),
+        "add-agent.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        url.starts_with(&format!("amqps://{}:", user.0)) && url.contains("@localhost:5671/"),
+        "{url}"
+    );
+
+    let agent_env = |ca: Option<&str>, spool: &str| {
+        let mut env = names.agent_env(SECRET, &dir.join(spool), &listen_addr());
+        env.retain(|(k, _)| k != "VMETER_BROKER__URL");
+        env.push(("VMETER_BROKER__URL".into(), url.clone()));
+        if let Some(ca) = ca {
+            env.push(("VMETER_BROKER__TLS_CA_FILE".into(), ca.into()));
+        }
+        env
+    };
+
+    // Without the CA: the broker's certificate is not trusted; nothing goes out.
+    let untrusting = Service::start(
+        "agent-no-ca",
+        "agent-compute",
+        &[],
+        &agent_env(None, "spool-a"),
+        &dir,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !untrusting.log_text().contains("Broker unreachable") {
+        assert!(Instant::now() < deadline, "{}", untrusting.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = untrusting.log_text();
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "the log says the certificate is the reason:\n{log}"
+    );
+    drop(untrusting);
+    let none = broker::take(
+        &conn,
+        &names.raw_queue,
+        1,
+        Duration::from_millis(500),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(none.is_empty(), "published without a trusted certificate");
+
+    // With the CA: samples arrive, over a TLS connection of the agent's user.
+    let agent = Service::start(
+        "agent-tls",
+        "agent-compute",
+        &[],
+        &agent_env(Some(CA), "spool-b"),
+        &dir,
+    );
+    let got = broker::take(
+        &conn,
+        &names.raw_queue,
+        20,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        got.len() >= 20,
+        "{} samples\n{}",
+        got.len(),
+        agent.log_text()
+    );
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "user", "ssl", "ssl_protocol"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    let mine: Vec<&str> = listed.lines().filter(|l| l.starts_with(&user.0)).collect();
+    assert!(!mine.is_empty(), "{listed}");
+    assert!(
+        mine.iter()
+            .all(|l| l.contains("true") && l.contains("tlsv1.")),
+        "every connection of the agent's user is TLS: {mine:?}"
+    );
+    drop(agent);
+
+    // Its credentials publish raw samples and nothing else.
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(std::fs::read_to_string(CA).unwrap()),
+    };
+    let as_agent = Connection::connect_with_config(
+        &url,
+        ConnectionProperties::default(),
+        tls,
+        lapin::runtime::default_runtime().unwrap(),
+    )
+    .await
+    .expect("the agent's user connects over TLS");
+    let c = as_agent.create_channel().await.unwrap();
+    let consume = c
+        .basic_consume(
+            names.raw_queue.as_str().into(),
+            "snoop".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert!(consume.is_err(), "the agent's user may not consume");
+    let c = as_agent.create_channel().await.unwrap();
+    let publish = c
+        .basic_publish(
+            names.exchange.as_str().into(),
+            "sample.processed".into(),
+            BasicPublishOptions::default(),
+            b"forged",
+            BasicProperties::default(),
+        )
+        .await;
+    let refused = match publish {
+        Err(_) => true,
+        // The refusal closes the channel asynchronously.
+        Ok(confirm) => {
+            confirm.await.is_err() || {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                !c.status().connected()
+            }
+        }
+    };
+    assert!(
+        refused,
+        "the agent's user may not publish processed samples"
+    );
+    let _ = as_agent.close(200, "done".into()).await;
+
+    broker::cleanup(&conn, &names).await;
+}
