@@ -28,9 +28,11 @@ use vmeter_core::wire::Decoder;
 use crate::definition::PipelineDef;
 use crate::pipeline::Runtime;
 use crate::state;
+use cadence::Cadence;
 use publish::{publish_outputs, route};
 use reload::{apply_reload, restore_state, spawn_reload_watcher};
 
+mod cadence;
 mod config;
 mod publish;
 mod reload;
@@ -38,9 +40,6 @@ mod reload;
 pub use config::{Config, HttpConfig, PipelineConfig};
 
 const SERVICE: &str = "notification";
-
-/// How often quiet series are looked for (`pipeline.state_ttl_secs`).
-const EVICT_EVERY: Duration = Duration::from_secs(60);
 
 /// Counters of this service (handles cached at start).
 struct Metrics {
@@ -116,7 +115,7 @@ pub async fn run(
             .unwrap_or(i64::MAX / 1000)
             .min(i64::MAX / 1000),
     );
-    let mut last_eviction = tokio::time::Instant::now();
+    let mut cadence = Cadence::new(flush_every);
 
     let session = async |conn: &lapin::Connection,
                          publisher: &Publisher,
@@ -134,8 +133,7 @@ pub async fn run(
         broker_up.store(true, Ordering::Relaxed);
         tracing::info!(queue = %cfg.broker.raw_queue, "Consuming (single active consumer; a second instance waits as hot standby).");
         let mut chunks = consumer.ready_chunks(cfg.pipeline.max_chunk_messages.max(1));
-        let mut timer = tokio::time::interval(flush_every);
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        cadence.restart();
         loop {
             tokio::select! {
                 biased;
@@ -174,9 +172,8 @@ pub async fn run(
                     }
                     metrics.chunk_seconds.observe_since(started);
                 }
-                _ = timer.tick() => {
-                    if last_eviction.elapsed() >= EVICT_EVERY {
-                        last_eviction = tokio::time::Instant::now();
+                tick = cadence.tick() => {
+                    if tick.evict {
                         let n = rt.evict_quiet(state_ttl, Utc::now());
                         if n > 0 {
                             metrics.evicted.add(n as u64);
