@@ -195,3 +195,135 @@ async fn an_agent_publishes_over_verified_tls_with_its_own_credentials_only() {
 
     broker::cleanup(&conn, &names).await;
 }
+
+/// A config file put back when dropped (the test edits the installed system's).
+struct Restore(std::path::PathBuf, Vec<u8>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, &self.1);
+    }
+}
+
+/// A hypervisor as an operator installs one: deploy/add-agent.sh on the broker host, then
+/// deploy/install-hypervisor.sh with the package, that URL, the CA and the secret. The
+/// installed agent, with the config the script wrote, publishes over TLS as its own user
+/// (only the test's broker names, libvirt node and directories are overridden).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hypervisor_installed_by_the_script_publishes_over_tls() {
+    use std::os::unix::process::CommandExt;
+
+    let deb = std::fs::read_dir(vmeter_e2e::repo_root().join("target/debian"))
+        .expect("deploy/test.sh builds the packages first")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmeter-agent-compute_"))
+        })
+        .expect("the agent's package");
+    let names = Names::new("hyp");
+    let dir = names.dir("hyp");
+    let conn = broker::connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    amqp::declare_topology(&ch, &topology(&names))
+        .await
+        .unwrap();
+    let out = Command::new("bash")
+        .arg(vmeter_e2e::repo_root().join("deploy/add-agent.sh"))
+        .args([names.id.as_str(), "localhost"])
+        .env("VMETER_EXCHANGE", &names.exchange)
+        .output()
+        .unwrap();
+    let _user = User(format!("vmeter-agent-{}", names.id));
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let config = std::path::PathBuf::from("/etc/vmeter/agent-compute.yaml");
+    let _config = Restore(config.clone(), std::fs::read(&config).unwrap());
+    // What an operator copies to the hypervisor: the CA and the secret.
+    let secret = dir.join("secret");
+    std::fs::copy("/etc/vmeter/telemetry_secret", &secret).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::copy(CA, &ca).unwrap();
+    let out = Command::new("bash")
+        .arg(vmeter_e2e::repo_root().join("deploy/install-hypervisor.sh"))
+        .arg(&deb)
+        .arg(&url)
+        .arg(&ca)
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install-hypervisor.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = std::fs::read_to_string(&config).unwrap();
+    assert!(written.contains(&format!("  url: \"{url}\"")), "{written}");
+    assert!(
+        written.contains("\n  tls_ca_file: /etc/vmeter/tls/ca.pem\n"),
+        "{written}"
+    );
+
+    // The installed agent with the written config, as user vmeter; the test's names on top.
+    let ids = Command::new("id").args(["-u", "vmeter"]).output().unwrap();
+    let uid: u32 = String::from_utf8_lossy(&ids.stdout).trim().parse().unwrap();
+    let gids = Command::new("id").args(["-g", "vmeter"]).output().unwrap();
+    let gid: u32 = String::from_utf8_lossy(&gids.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let work = tempfile_dir(&dir, uid, gid);
+    let node = work.join("demo-node.xml");
+    std::fs::copy(vmeter_e2e::repo_root().join("deploy/demo-node.xml"), &node).unwrap();
+    let log = dir.join("agent.log");
+    let child = Command::new("/usr/bin/agent-compute")
+        .args(["--config", "/etc/vmeter/agent-compute.yaml"])
+        .env_remove("VMETER_CONFIG")
+        .env("VMETER_BROKER__EXCHANGE", &names.exchange)
+        .env("VMETER_BROKER__RAW_QUEUE", &names.raw_queue)
+        .env("VMETER_BROKER__PROCESSED_QUEUE", &names.processed_queue)
+        .env("VMETER_BROKER__DEAD_LETTER_EXCHANGE", &names.dlx)
+        .env("VMETER_BROKER__DEAD_LETTER_QUEUE", &names.dead_queue)
+        .env("VMETER_LIBVIRT__URI", format!("test://{}", node.display()))
+        .env("VMETER_POLLING__INTERVAL_SECS", "1")
+        .env("VMETER_POLLING__SHUFFLE_TIME_SECS", "0")
+        .env("VMETER_SPOOL__DIR", work.join("spool"))
+        .env("VMETER_HTTP__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .gid(gid)
+        .uid(uid)
+        .spawn()
+        .unwrap();
+    let agent = Service {
+        name: "installed-agent",
+        child,
+        log,
+    };
+    let got = broker::take(
+        &conn,
+        &names.raw_queue,
+        20,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        got.len() >= 20,
+        "{} samples\n{}",
+        got.len(),
+        agent.log_text()
+    );
+    drop(agent);
+    broker::cleanup(&conn, &names).await;
+}
+
+/// A directory under `dir` that user `uid` owns.
+fn tempfile_dir(dir: &std::path::Path, uid: u32, gid: u32) -> std::path::PathBuf {
+    let work = dir.join("vmeter");
+    std::fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
+    std::os::unix::fs::chown(&work, Some(uid), Some(gid)).unwrap();
+    work
+}

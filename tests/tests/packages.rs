@@ -20,6 +20,9 @@ use vmeter_e2e::{
     take_listener,
 };
 
+/// The tests of this file change and read the installed system's files: one at a time.
+static SYSTEM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `key=` values of an installed unit, in order.
 fn unit_values(unit: &str, key: &str) -> Vec<String> {
     let path = format!("/lib/systemd/system/{unit}.service");
@@ -93,6 +96,7 @@ impl Drop for StateDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installed_packages_carry_samples_from_libvirt_to_postgres() {
+    let _one = SYSTEM.lock().await;
     for bin in ["agent-compute", "notification", "collector"] {
         let path = format!("/usr/bin/{bin}");
         let meta = std::fs::metadata(&path)
@@ -195,4 +199,61 @@ async fn installed_packages_carry_samples_from_libvirt_to_postgres() {
     pool.close().await;
     drop((agent, notification, collector));
     drop_database(&admin, &names).await;
+}
+
+/// A config file put back when dropped (the test edits the installed system's).
+struct Restore(PathBuf, Vec<u8>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, &self.1);
+    }
+}
+
+/// The control host's scripted install (deploy/install-control.sh): broker and database
+/// set up, the two packages installed, their passwords filled in from the credentials
+/// file, and both configs accepted by the installed binaries (`check-config`, which the
+/// script runs as user vmeter).
+#[test]
+fn the_control_host_install_fills_and_checks_the_configs() {
+    let _one = SYSTEM.blocking_lock();
+    let debs: Vec<PathBuf> = ["vmeter-notification_", "vmeter-collector_"]
+        .iter()
+        .map(|prefix| {
+            std::fs::read_dir(repo_root().join("target/debian"))
+                .expect("deploy/test.sh builds the packages first")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+                })
+                .expect("the package")
+        })
+        .collect();
+    let configs = [
+        "/etc/vmeter/notification.yaml",
+        "/etc/vmeter/collector.yaml",
+    ];
+    let _restore: Vec<Restore> = configs
+        .iter()
+        .map(|c| Restore(PathBuf::from(c), std::fs::read(c).unwrap()))
+        .collect();
+    let out = Command::new("bash")
+        .arg(repo_root().join("deploy/install-control.sh"))
+        .args(&debs)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "install-control.sh: {said}");
+    assert!(said.contains("[install-control] installed"), "{said}");
+    for c in configs {
+        let text = std::fs::read_to_string(c).unwrap();
+        assert!(!text.contains(":PASSWORD@"), "{c} still has a placeholder");
+        let mode = std::fs::metadata(c).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{c}");
+    }
 }
