@@ -1,7 +1,5 @@
 //! `agent-compute.yaml`.
 
-use std::net::SocketAddr;
-
 use serde::{Deserialize, Serialize};
 use vmeter_core::amqp::{BrokerConfig, SigningConfig};
 use vmeter_core::telemetry::LogConfig;
@@ -41,21 +39,7 @@ impl Default for SpoolConfig {
     }
 }
 
-/// `http:` section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Address of `/health` and `/metrics`.
-    pub listen: SocketAddr,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: "127.0.0.1:9101".parse().expect("valid"),
-        }
-    }
-}
+vmeter_core::endpoint_config!(HttpConfig, 9101);
 
 /// `libvirt:` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]

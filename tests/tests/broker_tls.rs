@@ -39,18 +39,14 @@ fn topology(names: &Names) -> BrokerConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_publishes_over_verified_tls_with_its_own_credentials_only() {
-    let names = Names::new("tls");
-    let dir = names.dir("tls");
+/// The test's topology declared, and this agent's own broker user made as an operator makes
+/// one (deploy/add-agent.sh) on the test's exchange: write to it with routing key
+/// sample.raw, nothing else. Returns the admin connection, the user (deleted on drop) and
+/// the `amqps://` URL the script printed.
+async fn agent_user(names: &Names) -> (Connection, User, String) {
     let conn = broker::connect().await;
     let ch = conn.create_channel().await.unwrap();
-    amqp::declare_topology(&ch, &topology(&names))
-        .await
-        .unwrap();
-
-    // This agent's own user, made as an operator makes one (deploy/add-agent.sh), on this
-    // test's exchange: write to it with routing key sample.raw, nothing else.
+    amqp::declare_topology(&ch, &topology(names)).await.unwrap();
     let out = Command::new("bash")
         .arg(vmeter_e2e::repo_root().join("deploy/add-agent.sh"))
         .args([names.id.as_str(), "localhost"])
@@ -68,6 +64,14 @@ async fn an_agent_publishes_over_verified_tls_with_its_own_credentials_only() {
         url.starts_with(&format!("amqps://{}:", user.0)) && url.contains("@localhost:5671/"),
         "{url}"
     );
+    (conn, user, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_publishes_over_verified_tls_with_its_own_credentials_only() {
+    let names = Names::new("tls");
+    let dir = names.dir("tls");
+    let (conn, user, url) = agent_user(&names).await;
 
     let agent_env = |ca: Option<&str>, spool: &str| {
         let mut env = names.agent_env(SECRET, &dir.join(spool), &listen_addr());
@@ -223,19 +227,7 @@ async fn a_hypervisor_installed_by_the_script_publishes_over_tls() {
         .expect("the agent's package");
     let names = Names::new("hyp");
     let dir = names.dir("hyp");
-    let conn = broker::connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    amqp::declare_topology(&ch, &topology(&names))
-        .await
-        .unwrap();
-    let out = Command::new("bash")
-        .arg(vmeter_e2e::repo_root().join("deploy/add-agent.sh"))
-        .args([names.id.as_str(), "localhost"])
-        .env("VMETER_EXCHANGE", &names.exchange)
-        .output()
-        .unwrap();
-    let _user = User(format!("vmeter-agent-{}", names.id));
-    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (conn, _user, url) = agent_user(&names).await;
 
     let config = std::path::PathBuf::from("/etc/vmeter/agent-compute.yaml");
     let _config = Restore(config.clone(), std::fs::read(&config).unwrap());

@@ -8,6 +8,31 @@ use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get}
 
 use crate::shutdown::Shutdown;
 
+/// Defines the `http:` section of a service without an API (agent-compute 9101,
+/// notification 9102): `listen`, the address of `/health` and `/metrics`, on loopback at
+/// `$port` by default. A macro rather than one generic type: serde derives no const
+/// generics, and each service has its own default port.
+#[macro_export]
+macro_rules! endpoint_config {
+    ($name:ident, $port:expr) => {
+        #[doc = concat!("`http:` section: `/health` and `/metrics`, on 127.0.0.1:", stringify!($port), " by default.")]
+        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            /// Address of `/health` and `/metrics`.
+            pub listen: std::net::SocketAddr,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    listen: std::net::SocketAddr::from(([127, 0, 0, 1], $port)),
+                }
+            }
+        }
+    };
+}
+
 /// Named readiness flags (e.g. `broker`, `database`, `libvirt`); healthy when all are up.
 #[derive(Clone, Default)]
 pub struct Health {

@@ -1,6 +1,5 @@
 //! `notification.yaml`: the service's configuration.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -21,21 +20,7 @@ pub struct Config {
     pub contract: vmeter_core::contract::Contract,
 }
 
-/// `http:` section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Address of `/health` and `/metrics`.
-    pub listen: SocketAddr,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: "127.0.0.1:9102".parse().expect("valid"),
-        }
-    }
-}
+vmeter_core::endpoint_config!(HttpConfig, 9102);
 
 /// `pipeline:` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
