@@ -52,6 +52,8 @@ cargo build --workspace --bins --locked --features "$FEATURES"
 # tests/tests/packages.rs then runs the installed binaries with the installed configs.
 bash deploy/package.sh
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# Their dependencies first (dpkg does not fetch them; a minimal image may lack adduser).
+as_root apt-get install -y -qq --no-install-recommends adduser libc6 libgcc-s1 libvirt0 >/dev/null
 as_root dpkg -i target/debian/vmeter-*.deb
 if ! command -v systemd-analyze >/dev/null; then
   as_root apt-get install -y -qq --no-install-recommends systemd >/dev/null
