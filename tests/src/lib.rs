@@ -109,6 +109,9 @@ pub struct Names {
     pub dlx: String,
     pub dead_queue: String,
     pub database: String,
+    /// The broker's addresses for the services (`broker.url`, then `failover_urls`): the
+    /// machine's node ([`amqp_url`]), or a cluster's nodes ([`Names::on_brokers`]).
+    pub broker_urls: Vec<String>,
     /// Directories to remove on drop.
     dirs: std::sync::Mutex<Vec<PathBuf>>,
 }
@@ -125,6 +128,7 @@ impl Drop for Names {
         ];
         let exchanges = [self.exchange.clone(), self.dlx.clone()];
         let database = self.database.clone();
+        let urls = self.broker_urls.clone();
         // On a thread of its own: a drop cannot await, and the runtime of the test may be the
         // one unwinding. Bounded, so a broker or database that is away cannot hang the suite.
         let _ = std::thread::spawn(move || {
@@ -137,8 +141,15 @@ impl Drop for Names {
             rt.block_on(async {
                 let cleanup = async {
                     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-                    let props = lapin::ConnectionProperties::default();
-                    if let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await
+                    let mut connected = None;
+                    for url in &urls {
+                        let props = lapin::ConnectionProperties::default();
+                        if let Ok(c) = lapin::Connection::connect(url, props).await {
+                            connected = Some(c);
+                            break;
+                        }
+                    }
+                    if let Some(conn) = connected
                         && let Ok(ch) = conn.create_channel().await
                     {
                         for q in &queues {
@@ -183,8 +194,18 @@ impl Names {
             dead_queue: format!("e2e.{id}.dead"),
             database: format!("vmeter_e2e_{id}"),
             id,
+            broker_urls: vec![amqp_url()],
             dirs: Default::default(),
         }
+    }
+
+    /// Names whose services use the broker at `urls` (the nodes of a cluster: the first is
+    /// `broker.url`, the others `broker.failover_urls`).
+    pub fn on_brokers(tag: &str, urls: Vec<String>) -> Self {
+        assert!(!urls.is_empty(), "at least one broker address");
+        let mut names = Names::new(tag);
+        names.broker_urls = urls;
+        names
     }
 
     /// A new directory `vmeter-<what>-<id>` under the system's temporary directory, removed
@@ -198,8 +219,11 @@ impl Names {
 
     /// Environment overrides that point a service at these names.
     pub fn env(&self, secret: &str) -> Vec<(String, String)> {
+        let failover = serde_json::to_string(&self.broker_urls[1..]).expect("strings");
         vec![
-            ("VMETER_BROKER__URL".into(), amqp_url()),
+            ("VMETER_BROKER__URL".into(), self.broker_urls[0].clone()),
+            // A YAML flow list (JSON is YAML).
+            ("VMETER_BROKER__FAILOVER_URLS".into(), failover),
             ("VMETER_BROKER__EXCHANGE".into(), self.exchange.clone()),
             ("VMETER_BROKER__RAW_QUEUE".into(), self.raw_queue.clone()),
             (
@@ -408,6 +432,8 @@ impl Drop for Service {
 }
 
 /// Broker-side helpers: publish signed batches like an agent, read what a service published.
+pub mod load;
+
 pub mod broker {
     use std::time::{Duration, Instant};
 

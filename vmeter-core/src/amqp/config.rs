@@ -21,6 +21,11 @@ pub enum QueueType {
 pub struct BrokerConfig {
     /// AMQP URL; the vhost is percent-encoded (`%2fvmeter` is the vhost `/vmeter`).
     pub url: String,
+    /// Further addresses of the same broker cluster (other nodes), full URLs like `url`.
+    /// Every connect tries the addresses in turn, starting with the one that last worked
+    /// (at first a random one, so that many hosts spread over the nodes), and moves on to
+    /// the next at once when one fails; the back-off only starts when all have failed.
+    pub failover_urls: Vec<String>,
     /// Topic exchange carrying all sample traffic.
     pub exchange: String,
     /// Queue from the agents to the notification service (single active consumer).
@@ -61,6 +66,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2fvmeter".into(),
+            failover_urls: Vec::new(),
             exchange: "vmeter".into(),
             raw_queue: "vmeter.samples.raw".into(),
             raw_routing_key: "sample.raw".into(),
@@ -79,9 +85,21 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// The URL with any password replaced by `***`, for logs.
+    /// The URL with any password replaced by `***`, for logs; with failover addresses, all
+    /// of them, comma-separated.
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+        self.addresses()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `url`, then `failover_urls`: the broker's addresses in their configured order.
+    pub fn addresses(&self) -> impl ExactSizeIterator<Item = &str> {
+        std::iter::once(self.url.as_str())
+            .chain(self.failover_urls.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 }
 

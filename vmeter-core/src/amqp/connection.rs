@@ -6,7 +6,9 @@ use lapin::tcp::OwnedTLSConfig;
 use lapin::types::LongString;
 use lapin::{Connection, ConnectionProperties};
 
-use super::config::BrokerConfig;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::config::{BrokerConfig, redact_url};
 use crate::shutdown::Shutdown;
 
 /// Why [`connect`] did not connect.
@@ -28,12 +30,58 @@ pub enum ConnectError {
     Timeout(Duration),
 }
 
-/// Opens a connection named `name` (visible in `rabbitmqctl list_connections`), giving up
-/// after `connect_timeout_secs`.
+/// Where the next [`connect`] starts among a broker's addresses: the index of the one that
+/// last worked; `usize::MAX` until the first connect picks one at random. One per process:
+/// a service's connections (consumer, API publisher) follow the same node.
+static PREFERRED: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Opens a connection named `name` (visible in `rabbitmqctl list_connections`) to the first
+/// of the broker's addresses ([`BrokerConfig::addresses`]) that answers, starting with the
+/// one that last worked and going round once. Each address gets `connect_timeout_secs`; an
+/// address that refuses costs nothing, so a dead cluster node only delays a connect when it
+/// black-holes the connection. The error is the last address's, after every failure was
+/// logged with its address.
 pub async fn connect(cfg: &BrokerConfig, name: &str) -> Result<Connection, ConnectError> {
+    let addresses: Vec<&str> = cfg.addresses().collect();
+    let n = addresses.len();
+    let first = match PREFERRED.load(Ordering::Relaxed) {
+        usize::MAX => fastrand::usize(..n),
+        i => i % n,
+    };
+    let mut last = None;
+    for k in 0..n {
+        let at = (first + k) % n;
+        match connect_one(cfg, addresses[at], name).await {
+            Ok(c) => {
+                PREFERRED.store(at, Ordering::Relaxed);
+                if n > 1 {
+                    tracing::info!(address = %redact_url(addresses[at]), "Connected to broker node {} of {n}.", at + 1);
+                }
+                return Ok(c);
+            }
+            Err(e) => {
+                if n > 1 {
+                    tracing::warn!(address = %redact_url(addresses[at]), error = %e, "Broker node unreachable; trying the next.");
+                }
+                if matches!(e, ConnectError::CaFile { .. }) {
+                    return Err(e);
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("at least one address"))
+}
+
+/// One attempt at one address.
+async fn connect_one(
+    cfg: &BrokerConfig,
+    url: &str,
+    name: &str,
+) -> Result<Connection, ConnectError> {
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
-    let parsed = cfg.url.parse::<lapin::uri::AMQPUri>();
+    let parsed = url.parse::<lapin::uri::AMQPUri>();
     let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let tls = match &cfg.tls_ca_file {
         Some(path) => OwnedTLSConfig {
@@ -55,7 +103,7 @@ pub async fn connect(cfg: &BrokerConfig, name: &str) -> Result<Connection, Conne
                 Connection::connect_uri_with_config(uri, props, tls, runtime).await
             }
             // Unset, or a URL that does not parse (lapin says why).
-            _ => Connection::connect_with_config(&cfg.url, props, tls, runtime).await,
+            _ => Connection::connect_with_config(url, props, tls, runtime).await,
         }
     };
     match tokio::time::timeout(limit, connecting).await {
@@ -147,6 +195,38 @@ mod tests {
             "{e}"
         );
         assert_eq!(started.elapsed().as_secs(), 7);
+        drop(silent);
+    }
+
+    /// Two addresses, one refusing and one silent: each is tried once per connect (one
+    /// round, whichever comes first), the refusal costs no time, the silent one its limit
+    /// (1 s). On the real clock: a refusal is real I/O, which a paused clock would time out.
+    #[tokio::test]
+    async fn a_connect_tries_every_address_once() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused_addr = refused.local_addr().unwrap();
+        drop(refused);
+        let cfg = BrokerConfig {
+            url: format!("amqp://u:p@{refused_addr}/%2f"),
+            failover_urls: vec![format!("amqp://u:p@{}/%2f", silent.local_addr().unwrap())],
+            connect_timeout_secs: 1,
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            connect(&cfg, "test").await.unwrap_err();
+            let took = started.elapsed().as_secs_f64();
+            // Both addresses timed out would be 2 s; the silent one not tried, under 1 s.
+            assert!((1.0..1.9).contains(&took), "{took} s");
+        }
+        assert_eq!(
+            cfg.redacted_url(),
+            format!(
+                "amqp://u:***@{refused_addr}/%2f,amqp://u:***@{}/%2f",
+                silent.local_addr().unwrap()
+            )
+        );
         drop(silent);
     }
 
