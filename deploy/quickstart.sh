@@ -74,6 +74,7 @@ cat <<MSG
 
 vmeter is running (libvirt: $URI, polling every ${INTERVAL}s). Logs: $RUN/*.log
 
+  Charts:  http://127.0.0.1:8777/dashboard/ (a browser on this host, or an SSH tunnel to it)
   API:     curl -s 'http://127.0.0.1:8777/v2/meters/cpu_util?limit=5'
   SQL:     PGPASSWORD=\$(sudo sed -n 's/^DB_PASSWORD=//p' $CRED) psql -h 127.0.0.1 -U vmeter vmeter -c \\
              "select resource_metadata->>'name' as vm, timestamp, round(volume::numeric, 2) as cpu_util

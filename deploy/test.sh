@@ -36,6 +36,14 @@ if [ ! -x "$VMETER_KEYSTONE_VENV/bin/keystone-manage" ]; then
   "$VMETER_KEYSTONE_VENV/bin/pip" install -q --disable-pip-version-check keystone==30.0.0
 fi
 
+# Real headless Chromium (Debian's package) for tests/tests/dashboard.rs: the collector's
+# built-in dashboard drawn over real data.
+if ! command -v chromium >/dev/null; then
+  as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+
 # Style gates: formatting and lints (warnings are errors).
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

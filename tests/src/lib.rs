@@ -432,6 +432,7 @@ impl Drop for Service {
 }
 
 /// Broker-side helpers: publish signed batches like an agent, read what a service published.
+pub mod browser;
 pub mod load;
 
 pub mod broker {

@@ -44,6 +44,7 @@ pub use shape::flatten_metadata;
 
 mod auth;
 mod complex;
+mod dashboard;
 mod error;
 mod ids;
 mod meta;
@@ -95,6 +96,9 @@ pub fn router(api: Api) -> Router {
             "/v2/query/samples",
             axum::routing::post(complex::query_samples),
         )
+        .route("/dashboard", get(dashboard::redirect))
+        .route("/dashboard/", get(dashboard::index))
+        .route("/dashboard/{*file}", get(dashboard::file))
         .route("/", get(meta::versions))
         .route("/v2", get(meta::version_v2))
         .route("/v2/", get(meta::version_v2))
