@@ -97,21 +97,31 @@ SQL
 # /etc/vmeter/tls/ca.pem is what clients trust (broker.tls_ca_file), the broker's
 # certificate is for localhost and 127.0.0.1.
 TLS_DIR=/etc/vmeter/tls
-if [ ! -s "$TLS_DIR/broker.pem" ] || [ ! -s "$TLS_DIR/ca.pem" ]; then
-  log "making the demo CA and the broker's TLS certificate ($TLS_DIR)"
-  install -d -m 0755 "$TLS_DIR"
+install -d -m 0755 "$TLS_DIR"
+if [ ! -s "$TLS_DIR/ca.pem" ]; then
+  log "making the demo CA ($TLS_DIR)"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vmeter demo CA" \
     -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
-    -keyout "$TLS_DIR/broker.key" -out "$TLS_DIR/broker.csr" 2>/dev/null
-  printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
-    'keyUsage=digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' > "$TLS_DIR/broker.ext"
-  openssl x509 -req -in "$TLS_DIR/broker.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
-    -CAcreateserial -days 825 -extfile "$TLS_DIR/broker.ext" -out "$TLS_DIR/broker.pem" 2>/dev/null
-  rm -f "$TLS_DIR/broker.csr" "$TLS_DIR/broker.ext"
   chmod 0600 "$TLS_DIR/ca.key"
-  chmod 0644 "$TLS_DIR/ca.pem" "$TLS_DIR/broker.pem"
+  chmod 0644 "$TLS_DIR/ca.pem"
 fi
+# server_cert NAME: $TLS_DIR/NAME.pem and NAME.key, a server certificate for localhost and
+# 127.0.0.1 from the demo CA (one per server: the broker, PostgreSQL, the collector's API).
+server_cert() {
+  [ -s "$TLS_DIR/$1.pem" ] && [ -s "$TLS_DIR/$1.key" ] && return 0
+  [ -s "$TLS_DIR/ca.key" ] || { log "no $TLS_DIR/ca.key to sign a certificate for $1: put your own $1.pem and $1.key there"; exit 1; }
+  log "making the TLS certificate of $1 ($TLS_DIR/$1.pem)"
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS_DIR/$1.key" -out "$TLS_DIR/$1.csr" 2>/dev/null
+  printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
+    'keyUsage=digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' > "$TLS_DIR/$1.ext"
+  openssl x509 -req -in "$TLS_DIR/$1.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 825 -extfile "$TLS_DIR/$1.ext" -out "$TLS_DIR/$1.pem" 2>/dev/null
+  rm -f "$TLS_DIR/$1.csr" "$TLS_DIR/$1.ext"
+  chmod 0644 "$TLS_DIR/$1.pem"
+  chmod 0600 "$TLS_DIR/$1.key"
+}
+server_cert broker
 chown rabbitmq:rabbitmq "$TLS_DIR/broker.key"
 chmod 0600 "$TLS_DIR/broker.key"
 MQ_CONF=/etc/rabbitmq/rabbitmq.conf
@@ -141,6 +151,30 @@ if ! mq_running; then
 fi
 # The vhost, one user per service and their permissions (also run by deploy/cluster.sh).
 bash "$(dirname "$0")/broker-grants.sh"
+
+# ---- 3b. TLS for PostgreSQL and the collector's API, from the same demo CA. PostgreSQL
+# takes TLS next to plain connections (ssl = on; a collector on another host connects with
+# sslmode=verify-full&sslrootcert=/etc/vmeter/tls/ca.pem and a hostssl line: docs/multi-host.md).
+# The collector's API certificate is for http.tls_cert_file/tls_key_file, readable by the
+# services' group vmeter when the packages made it.
+server_cert postgres
+chown postgres:postgres "$TLS_DIR/postgres.key"
+runuser -u postgres -- psql -q -p "$PG_PORT" -v ON_ERROR_STOP=1 >/dev/null <<SQL
+ALTER SYSTEM SET ssl = on;
+ALTER SYSTEM SET ssl_cert_file = '$TLS_DIR/postgres.pem';
+ALTER SYSTEM SET ssl_key_file = '$TLS_DIR/postgres.key';
+ALTER SYSTEM SET ssl_min_protocol_version = 'TLSv1.2';
+SELECT pg_reload_conf();
+SQL
+for _ in $(seq 1 50); do
+  [ "$(runuser -u postgres -- psql -tAq -p "$PG_PORT" -c 'show ssl')" = on ] && break; sleep 0.1
+done
+[ "$(runuser -u postgres -- psql -tAq -p "$PG_PORT" -c 'show ssl')" = on ] \
+  || { log "PostgreSQL did not take its TLS certificate; see its log"; exit 1; }
+server_cert collector
+if getent group vmeter >/dev/null; then
+  chgrp vmeter "$TLS_DIR/collector.key"; chmod 0640 "$TLS_DIR/collector.key"
+fi
 
 # ---- 4. libvirt: test:///… URIs run in-process inside libvirt.so; nothing to start.
 virsh -q -c test:///default list --name >/dev/null

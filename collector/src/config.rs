@@ -67,6 +67,12 @@ impl Config {
                 ));
             }
         }
+        if self.http.tls_cert_file.is_some() != self.http.tls_key_file.is_some() {
+            return Err(invalid(
+                "http.tls_cert_file",
+                "set both tls_cert_file and tls_key_file (HTTPS), or neither (HTTP)".into(),
+            ));
+        }
         if self.http.max_limit < 1 || self.http.default_limit < 1 {
             return Err(invalid(
                 "http.max_limit",
@@ -74,6 +80,27 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl HttpConfig {
+    /// The HTTPS configuration from `tls_cert_file` and `tls_key_file` (`None`: plain
+    /// HTTP). A file that cannot be read or parsed, or a key that is not the certificate's,
+    /// is a config error naming the key and the file.
+    pub fn tls(
+        &self,
+    ) -> Result<Option<vmeter_core::tls_server::ServerConfig>, vmeter_core::config::ConfigError>
+    {
+        let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) else {
+            return Ok(None);
+        };
+        vmeter_core::tls_server::server_config(cert, key)
+            .map(Some)
+            .map_err(|e| vmeter_core::config::ConfigError::Invalid {
+                origin: cert.display().to_string(),
+                key: "http.tls_cert_file".into(),
+                message: e.to_string(),
+            })
     }
 }
 
@@ -96,6 +123,12 @@ pub struct HttpConfig {
     pub project_tokens: std::collections::BTreeMap<String, String>,
     /// Validate other tokens against Keystone v3 (`null`: static tokens only).
     pub keystone: Option<crate::keystone::KeystoneConfig>,
+    /// Serve HTTPS (the API, the dashboard, `/health`, `/metrics`) with this certificate:
+    /// a PEM file, the server's certificate first, then any intermediates. Set both this
+    /// and `tls_key_file`, or neither (plain HTTP).
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1), readable by the service.
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -107,6 +140,8 @@ impl Default for HttpConfig {
             admin_tokens: Vec::new(),
             project_tokens: Default::default(),
             keystone: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

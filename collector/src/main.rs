@@ -53,6 +53,11 @@ fn main() -> ExitCode {
     if let Err(e) = cfg.signing.resolve().and_then(|()| cfg.validate()) {
         return skeleton::config_error(e);
     }
+    // The HTTPS certificate and key are read now: check-config checks them too.
+    let tls = match cfg.http.tls() {
+        Ok(t) => t,
+        Err(e) => return skeleton::config_error(e),
+    };
     if matches!(cli.cmd, Some(Cmd::CheckConfig)) {
         println!("config OK");
         return ExitCode::SUCCESS;
@@ -123,7 +128,19 @@ fn main() -> ExitCode {
             Err(code) => return code,
         };
         let ingest = ingest::run(cfg, store.pool().clone(), health, stop.clone());
-        let code = skeleton::serve_with("Collector", listener, app, stop, ingest).await;
+        let code = match tls {
+            None => skeleton::serve_with("Collector", listener, app, stop, ingest).await,
+            Some(tls) => match vmeter_core::tls_server::TlsListener::new(listener, tls) {
+                Ok(l) => {
+                    tracing::info!("The API is served over HTTPS.");
+                    skeleton::serve_with("Collector", l, app, stop, ingest).await
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot serve HTTPS; stopping.");
+                    std::process::ExitCode::FAILURE
+                }
+            },
+        };
         maintenance.abort();
         rollups.abort();
         code

@@ -97,6 +97,18 @@ pub fn take_listener(addr: &str) -> Option<std::net::TcpListener> {
     Some(all.swap_remove(at).1)
 }
 
+/// The vhost of the machine's broker (`MQ_VHOST` of the credentials `deploy/setup.sh`
+/// made; `/vmeter` by default).
+pub fn vhost() -> String {
+    let cred = std::env::var("VMETER_CREDENTIALS")
+        .unwrap_or_else(|_| "/etc/vmeter/credentials.env".into());
+    std::fs::read_to_string(&cred)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MQ_VHOST=").map(str::to_string))
+        .unwrap_or_else(|| "/vmeter".into())
+}
+
 /// Names unique to one test run, so tests never see each other's traffic. Dropped (at the
 /// end of the test, or while a failed test unwinds), they take with them what the test made
 /// under them: its queues and exchanges, its database and its directories ([`Names::dir`]).
@@ -452,6 +464,34 @@ pub mod broker {
         Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .expect("RabbitMQ from deploy/setup.sh must be running")
+    }
+
+    /// Waits until no message of `queue` is delivered and unacknowledged (asked of the
+    /// machine's node with `rabbitmqctl`): the consumer acked all it took. Before a crash
+    /// that must not redeliver anything.
+    pub async fn wait_all_acked(queue: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "list_queues", "-p", &super::vhost()])
+                .args(["name", "messages_unacknowledged", "--formatter", "json"])
+                .output()
+                .expect("rabbitmqctl");
+            let rows: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let unacked = rows
+                .iter()
+                .find(|r| r["name"] == queue)
+                .and_then(|r| r["messages_unacknowledged"].as_u64());
+            if unacked == Some(0) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{queue}: {unacked:?} messages still unacknowledged"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The consumer count of `queue`, `None` while it does not exist.

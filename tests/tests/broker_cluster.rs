@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use vmeter_e2e::load::{Generator, stored};
-use vmeter_e2e::{Names, Service, create_database, drop_database, listen_addr, repo_root};
+use vmeter_e2e::{Names, Service, create_database, drop_database, listen_addr, repo_root, vhost};
 
 const SECRET: &str = "cluster-secret";
 
@@ -42,16 +42,6 @@ fn host() -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn vhost() -> String {
-    let cred = std::env::var("VMETER_CREDENTIALS")
-        .unwrap_or_else(|_| "/etc/vmeter/credentials.env".into());
-    std::fs::read_to_string(&cred)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MQ_VHOST=").map(str::to_string))
-        .unwrap_or_else(|| "/vmeter".into())
 }
 
 /// Node `n` (1–3) as RabbitMQ names it.

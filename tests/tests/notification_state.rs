@@ -223,7 +223,10 @@ async fn planned_restart_keeps_state_and_a_crash_does_not() {
         "the sample held by the accumulator survived the restart"
     );
 
-    // A crash (SIGKILL) saves nothing: the next process starts without predecessors.
+    // A crash (SIGKILL) saves nothing: the next process starts without predecessors. Only
+    // once n2 acked its input: a delivery in flight would go to n3 again and give it the
+    // predecessor (seen once in CI).
+    broker::wait_all_acked(&st.names.raw_queue, Duration::from_secs(30)).await;
     n2.child.kill().unwrap();
     n2.child.wait().unwrap();
     assert!(!exists(&st.state));

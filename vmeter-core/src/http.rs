@@ -82,11 +82,11 @@ pub fn router(health: Health) -> Router {
 
 /// Serves `app` on an already bound `listener` until shutdown (see
 /// [`crate::service::serve_with`], which every service uses).
-pub async fn serve_on(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    mut shutdown: Shutdown,
-) -> std::io::Result<()> {
+/// `listener` is plain TCP or [`crate::tls_server::TlsListener`].
+pub async fn serve_on<L>(listener: L, app: Router, mut shutdown: Shutdown) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     if let Ok(listen) = listener.local_addr() {
         tracing::info!(%listen, "HTTP endpoint listening.");
     }

@@ -28,6 +28,7 @@ pub mod service;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
+pub mod tls_server;
 pub mod wire;
 
 pub use sample::{Metadata, Sample, SampleType};

@@ -140,17 +140,18 @@ pub fn inherited_listener() -> std::io::Result<Option<TcpListener>> {
 /// - `work` fails: logged as `"<name> failed."`, exit 1;
 /// - the HTTP server stops while the service is not shutting down: logged, exit 1 (a
 ///   service without `/health` and `/metrics` must not go on unseen).
-pub async fn serve_with<F>(
+pub async fn serve_with<F, L>(
     name: &str,
-    listener: TcpListener,
+    listener: L,
     app: Router,
     stop: Shutdown,
     work: F,
 ) -> ExitCode
 where
     F: Future<Output = anyhow::Result<()>>,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
-    let listen = listener.local_addr().ok();
+    let listen = axum::serve::Listener::local_addr(&listener).ok();
     let mut web = tokio::spawn(crate::http::serve_on(listener, app, stop.clone()));
     tokio::pin!(work);
     let result = tokio::select! {
