@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # Installs vmeter's agent on a hypervisor, as root (docs/multi-host.md):
 #
-#   deploy/install-hypervisor.sh <vmeter-agent-compute .deb> <broker URL> <CA .pem> <telemetry secret file>
+#   deploy/install-hypervisor.sh <vmeter-agent-compute .deb> <broker URL[,URL…]> <CA .pem> <telemetry secret file>
 #
 # - the package (apt fetches libvirt0 and the rest);
 # - broker.url: the amqps:// URL that deploy/add-agent.sh printed for this host on the
-#   broker host (its own user: publish raw samples only);
+#   broker host (its own user: publish raw samples only); with a RabbitMQ cluster, each
+#   node's URL, comma-separated: the first is broker.url, the others broker.failover_urls;
 # - the CA that signed the broker's certificate, as /etc/vmeter/tls/ca.pem (broker.tls_ca_file);
 # - the batches' signing secret, as /etc/vmeter/telemetry_secret (the same on every host);
 # - the agent checks its config, and starts where systemd runs.
 # Running it again updates all of it. Other keys of /etc/vmeter/agent-compute.yaml are kept.
 set -euo pipefail
 umask 077   # the configs hold passwords: no moment readable by others
-[ "$#" = 4 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
+[ "$#" = 4 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 deb=$1 url=$2 ca=$3 secret=$4
 [ "$(id -u)" = 0 ] || { echo "install-hypervisor: run as root" >&2; exit 1; }
-case "$url" in amqps://*) ;; *) echo "install-hypervisor: the broker URL must be amqps:// (TLS)" >&2; exit 2;; esac
+IFS=, read -r -a urls <<< "$url"
+for u in "${urls[@]}"; do
+  case "$u" in amqps://*) ;; *) echo "install-hypervisor: every broker URL must be amqps:// (TLS): $u" >&2; exit 2;; esac
+  case "$u" in *\"*|*\\*) echo "install-hypervisor: a quote or backslash in a URL" >&2; exit 2;; esac
+done
+url=${urls[0]}
+failover=$(printf '"%s", ' "${urls[@]:1}"); failover="[${failover%, }]"; [ "$failover" = '[""]' ] && failover='[]'
 for f in "$deb" "$ca" "$secret"; do [ -r "$f" ] || { echo "install-hypervisor: cannot read $f" >&2; exit 2; }; done
 
 if ! dpkg -i "$deb" >/dev/null 2>&1; then
@@ -27,10 +34,10 @@ install -d -m 0755 /etc/vmeter/tls
 [ "$(realpath "$secret")" = /etc/vmeter/telemetry_secret ] \
   || install -m 0640 -o root -g vmeter "$secret" /etc/vmeter/telemetry_secret
 CONF=/etc/vmeter/agent-compute.yaml
-# broker.url and broker.tls_ca_file, in place (awk: no python on a minimal hypervisor).
-case "$url" in *\"*|*\\*) echo "install-hypervisor: a quote or backslash in the URL" >&2; exit 2;; esac
-awk -v url="$url" '
-  !u && /^  url: "/ { print "  url: \"" url "\""; u = 1; next }
+# broker.url, failover_urls and tls_ca_file, in place (awk: no python on a minimal hypervisor).
+awk -v url="$url" -v failover="$failover" '
+  /^  failover_urls: / { next }
+  !u && /^  url: "/ { print "  url: \"" url "\""; print "  failover_urls: " failover; u = 1; next }
   !t && /^  (# )?tls_ca_file: / { print "  tls_ca_file: /etc/vmeter/tls/ca.pem"; t = 1; next }
   { print }
 ' "$CONF" > "$CONF.new"

@@ -4,8 +4,8 @@
 # libraries.
 #
 # Idempotent and non-interactive; run as root. Safe to re-run: it only installs what is
-# missing and only starts what is not running. Measured facts behind each step:
-# docs/operations.md and the comments below.
+# missing and only starts what is not running. Measured facts behind each step: the
+# comments below.
 #
 # Credentials are random, made on the first run and kept in $VMETER_CREDENTIALS
 # (/etc/vmeter/credentials.env, mode 0600): the PostgreSQL role's password, one RabbitMQ

@@ -236,10 +236,20 @@ async fn a_hypervisor_installed_by_the_script_publishes_over_tls() {
     std::fs::copy("/etc/vmeter/telemetry_secret", &secret).unwrap();
     let ca = dir.join("ca.pem");
     std::fs::copy(CA, &ca).unwrap();
+    // Two broker nodes, as with a cluster: the first is down (a closed port), so the agent
+    // has to fail over to the second.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (head, tail) = url.rsplit_once('@').unwrap();
+    let dead = format!(
+        "{head}@localhost:{dead_port}/{}",
+        tail.split_once('/').unwrap().1
+    );
     let out = Command::new("bash")
         .arg(vmeter_e2e::repo_root().join("deploy/install-hypervisor.sh"))
         .arg(&deb)
-        .arg(&url)
+        .arg(format!("{dead},{url}"))
         .arg(&ca)
         .arg(&secret)
         .output()
@@ -251,7 +261,11 @@ async fn a_hypervisor_installed_by_the_script_publishes_over_tls() {
         String::from_utf8_lossy(&out.stderr)
     );
     let written = std::fs::read_to_string(&config).unwrap();
-    assert!(written.contains(&format!("  url: \"{url}\"")), "{written}");
+    assert!(written.contains(&format!("  url: \"{dead}\"")), "{written}");
+    assert!(
+        written.contains(&format!("\n  failover_urls: [\"{url}\"]\n")),
+        "{written}"
+    );
     assert!(
         written.contains("\n  tls_ca_file: /etc/vmeter/tls/ca.pem\n"),
         "{written}"
