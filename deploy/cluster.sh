@@ -33,7 +33,8 @@ ctl() { local n=$1; shift; rabbitmqctl -q -n "$(node "$n")" "$@"; }
 running() { rabbitmq-diagnostics -q -n "$(node "$1")" check_running >/dev/null 2>&1; }
 pidfile() { echo "$DATA/c$1/pid"; }
 
-start_node() {
+# launch_node N: starts node N in the background if it is down (no wait).
+launch_node() {
   local n=$1 dir="$DATA/c$1"
   running "$n" && return 0
   install -d -o rabbitmq -g rabbitmq "$dir" "$LOGS"
@@ -50,10 +51,22 @@ start_node() {
     RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$LOGS" \
     RABBITMQ_PID_FILE="$(pidfile "$n")" RABBITMQ_LOGS="$LOGS/c$n.log" \
     rabbitmq-server -detached >/dev/null 2>&1
-  # Bare await_startup fails before the node registers with epmd: poll (5-11 s, more under load).
-  for _ in $(seq 1 240); do running "$n" && return 0; sleep 0.5; done
-  log "$(node "$n") did not start; see $LOGS/c$n.log"
+}
+
+# wait_node N: until node N runs. Bare await_startup fails before the node registers with
+# epmd: poll (5-11 s, more under load).
+wait_node() {
+  for _ in $(seq 1 360); do running "$1" && return 0; sleep 0.5; done
+  log "$(node "$1") did not start; see $LOGS/c$1.log"
   return 1
+}
+
+# start_nodes N…: launches them all, then waits for each. All at once: a cluster whose
+# nodes all stopped boots only when the last one to stop is back (each node waits for its
+# peers' tables), so starting them one after the other would wait for nothing.
+start_nodes() {
+  for n in "$@"; do launch_node "$n"; done
+  for n in "$@"; do wait_node "$n"; done
 }
 
 in_cluster() {  # node N sees node 1 as a member
@@ -75,7 +88,7 @@ form() {
 case "${1:-}" in
   start)
     [ -s "$CRED" ] || { log "no $CRED: run deploy/setup.sh first"; exit 1; }
-    for n in 1 2 3; do start_node "$n"; done
+    start_nodes 1 2 3
     form
     # The same vhost, users, passwords and permissions as the machine's own broker.
     RMQ_NODE=$(node 1) bash ./broker-grants.sh
@@ -91,7 +104,7 @@ case "${1:-}" in
     log "$(node "$n") still answers after kill -9"; exit 1
     ;;
   start-node)
-    start_node "${2:?node 1-3}"
+    start_nodes "${2:?node 1-3}"
     ;;
   urls)
     # shellcheck disable=SC1090

@@ -214,9 +214,23 @@ fn broker_running() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// `kill -9` of the RabbitMQ node, then a start; returns when it runs again.
+/// `kill -9` of the machine's RabbitMQ node (that one only: the cluster nodes of
+/// `broker_cluster.rs` run on this machine too), then a start; returns when it runs again.
 fn hard_broker_restart() {
-    run("pkill", &["-9", "-x", "beam.smp"]);
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "eval", "os:getpid()."])
+        .output()
+        .expect("rabbitmqctl");
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    assert!(
+        !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
+        "the node's pid: {pid:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run("kill", &["-9", &pid]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while broker_running() {
         assert!(Instant::now() < deadline, "the broker did not die");
