@@ -176,6 +176,11 @@ pub struct DatabaseConfig {
     /// past its end, s. Samples that arrive later for a rolled-up hour are folded in by the
     /// transaction that writes them (correct, but slower than the common path).
     pub rollup_lag_secs: u64,
+    /// Compact rolled-up hours into `sample_hour` (docs/design-compaction.md), after each
+    /// rollup round. Off by default while the narrow rows of compacted hours are kept (the
+    /// API reads those): on, it costs the compacted copy and gives the `samples` view's
+    /// compacted path.
+    pub compaction: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -191,6 +196,7 @@ impl Default for DatabaseConfig {
             maintenance_interval_secs: 3600,
             rollup_interval_secs: 60,
             rollup_lag_secs: 600,
+            compaction: false,
         }
     }
 }

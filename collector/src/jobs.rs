@@ -43,7 +43,8 @@ pub async fn maintain(mut store: Store, cfg: DatabaseConfig, mut stop: shutdown:
     }
 }
 
-/// Every `rollup_interval_secs`: roll up the hours that closed (docs/storage.md, "Rollups").
+/// Every `rollup_interval_secs`: roll up the hours that closed (docs/storage.md, "Rollups"),
+/// then, with `database.compaction`, compact the rolled-up hours.
 /// A backlog is worked off 24 hours per round, without waiting for the next tick.
 pub async fn roll_up(store: Store, cfg: DatabaseConfig, mut stop: shutdown::Shutdown) {
     if cfg.rollup_interval_secs == 0 {
@@ -85,6 +86,26 @@ pub async fn roll_up(store: Store, cfg: DatabaseConfig, mut stop: shutdown::Shut
             Err(e) => {
                 caught_up = true;
                 tracing::warn!(error = %e, "Rollup failed; retrying next round.");
+            }
+        }
+        if cfg.compaction {
+            let started = std::time::Instant::now();
+            match store.compact(24).await {
+                Ok(run) => {
+                    caught_up &= run.caught_up;
+                    if run.hours > 0 {
+                        tracing::info!(
+                            hours = run.hours,
+                            samples = run.samples,
+                            bytes = run.bytes,
+                            watermark = ?run.watermark,
+                            caught_up = run.caught_up,
+                            ms = started.elapsed().as_millis() as u64,
+                            "Compacted rolled-up hours."
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Compaction failed; retrying next round."),
             }
         }
     }

@@ -312,11 +312,15 @@ function status(text, error) {
   $("status").className = error ? "error" : "";
 }
 
-async function draw() {
+// A refresh keeps the drawn charts (and data-state "drawn") until the new ones are ready;
+// a new view or range says "loading" at once.
+async function draw(refresh) {
   const gen = ++generation;
   const w = window_(state);
-  document.body.dataset.state = "loading";
-  status("loading…");
+  if (refresh !== true) {
+    document.body.dataset.state = "loading";
+    status("loading…");
+  }
   try {
     pending = [];
     const done = state.vm ? await drawVm(w, gen, state.vm) : await drawFleet(w, gen);
@@ -338,7 +342,7 @@ async function draw() {
 
 function schedule() {
   clearInterval(timer);
-  timer = state.refresh > 0 ? setInterval(draw, state.refresh * 1000) : null;
+  timer = state.refresh > 0 ? setInterval(() => draw(true), state.refresh * 1000) : null;
 }
 
 function go() {

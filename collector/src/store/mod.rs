@@ -3,8 +3,8 @@
 //! Where things are: `error` (StoreError, classified for the ack decision), `locks` (the
 //! advisory locks and their order), `partitions`, `attribution` (the `resource` rows
 //! samples point to), `write` (a batch's transactions), `rollup` (per-minute rollups and
-//! their late folds), `retention`, `hourcodec` (the codec of compacted hours, issue 18: not
-//! used by the storage yet). The background jobs that run rollups and retention
+//! their late folds), `retention`, `hourcodec` (the codec of compacted hours) and `compact`
+//! (the compaction job and the writers' merges into compacted hours, issue 18). The background jobs that run rollups and retention
 //! are in [`crate::jobs`].
 
 use std::collections::{HashMap, HashSet};
@@ -13,6 +13,7 @@ use chrono::NaiveDate;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 mod attribution;
+pub mod compact;
 mod error;
 pub mod hourcodec;
 pub mod locks;

@@ -18,6 +18,8 @@ pub struct Retention {
     pub meters: u64,
     /// Rollup rows of the dropped days.
     pub rollup_rows: u64,
+    /// Compacted series-hours of the dropped days.
+    pub compacted_rows: u64,
 }
 
 impl Store {
@@ -54,6 +56,12 @@ impl Store {
         if let Some(end) = dropped_until {
             // Rollups of the dropped days.
             out.rollup_rows = sqlx::query("delete from sample_rollup where hour < $1")
+                .bind(end)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            // Compacted hours of the dropped days.
+            out.compacted_rows = sqlx::query("delete from sample_hour where hour < $1")
                 .bind(end)
                 .execute(&mut *tx)
                 .await?

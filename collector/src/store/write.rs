@@ -8,7 +8,7 @@ use vmeter_core::Sample;
 
 use super::attribution::upsert_attributions;
 use super::error::{StoreError, is_unique_violation};
-use super::{Store, rollup};
+use super::{Store, compact, rollup};
 
 /// Result of writing one batch.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -268,19 +268,18 @@ impl Store {
         turn.wait().await;
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let watermark = rollup::writer_watermark(&mut tx).await?;
+        // Read under the same lock: compacted hours are all rolled up (it is at most the
+        // rollup watermark), so a sample before it is late for both.
+        let compacted = compact::watermark(&mut tx).await?;
         let oldest = ts.iter().min().copied();
         // Samples of rolled-up hours: learn which hours got new rows, and fold them in.
         let late_before = watermark.filter(|w| oldest.is_some_and(|o| o < *w));
         let inserted = if let Some(w) = late_before {
-            type HourRows = Vec<(i32, i32, DateTime<Utc>, i64)>;
-            let hours: Result<HourRows, sqlx::Error> = sqlx::query_as(AssertSqlSafe(format!(
-                "with ins as (
-                   {}
-                   returning meter_id, resource_id, ts)
-                 select meter_id, resource_id, date_bin('1 hour', ts, {}), count(*)
-                 from ins group by 1, 2, 3 order by 1, 2, 3",
-                how.sql(),
-                rollup::EPOCH
+            // The rows this statement inserted (not the duplicates it skipped).
+            type Inserted = Vec<(i32, i32, DateTime<Utc>, f64)>;
+            let rows: Result<Inserted, sqlx::Error> = sqlx::query_as(AssertSqlSafe(format!(
+                "{} returning meter_id, resource_id, ts, volume",
+                how.sql()
             )))
             .bind(&ts)
             .bind(&mid)
@@ -289,14 +288,26 @@ impl Store {
             .fetch_all(&mut *tx)
             .await;
             turn.pass();
-            let hours = hours?;
-            let late: Vec<(i32, i32, DateTime<Utc>)> = hours
+            let rows = rows?;
+            let mut late: Vec<(i32, i32, DateTime<Utc>)> = rows
                 .iter()
-                .filter(|h| h.2 < w)
-                .map(|h| (h.0, h.1, h.2))
+                .filter(|r| r.2 < w)
+                .map(|r| (r.0, r.1, rollup::floor_hour(r.2)))
                 .collect();
+            late.sort_unstable();
+            late.dedup();
             rollup::fold_late(&mut tx, &late).await?;
-            hours.iter().map(|h| h.3 as u64).sum()
+            if let Some(c) = compacted {
+                let mut merge = compact::LateSamples::new();
+                for r in rows.iter().filter(|r| r.2 < c) {
+                    merge
+                        .entry((r.0, r.1, rollup::floor_hour(r.2)))
+                        .or_default()
+                        .push((r.2.timestamp_micros(), r.3));
+                }
+                compact::merge_late(&mut tx, &merge).await?;
+            }
+            rows.len() as u64
         } else {
             let done = sqlx::query(how.sql())
                 .bind(&ts)
