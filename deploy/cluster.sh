@@ -37,6 +37,9 @@ pidfile() { echo "$DATA/c$1/pid"; }
 launch_node() {
   local n=$1 dir="$DATA/c$1"
   running "$n" && return 0
+  # Registered with epmd but not running: still booting (waiting for its peers); a second
+  # instance would only fail and take the first one's pid file with it.
+  epmd -names 2>/dev/null | grep -q "^name vmeter-c$n at" && return 0
   install -d -o rabbitmq -g rabbitmq "$dir" "$LOGS"
   printf 'listeners.tcp.default = %s\n' "$(port "$n")" > "$dir/rabbitmq.conf"
   echo '[].' > "$dir/enabled_plugins"
@@ -99,7 +102,10 @@ case "${1:-}" in
     ;;
   kill)
     n=${2:?node 1-3}
-    kill -9 "$(cat "$(pidfile "$n")")"
+    # The node's own word for its pid (a pid file can be stale or gone).
+    pid=$(ctl "$n" eval 'os:getpid().' | tr -d '"')
+    case "$pid" in ''|*[!0-9]*) log "no pid from $(node "$n"): $pid"; exit 1;; esac
+    kill -9 "$pid"
     for _ in $(seq 1 40); do running "$n" || exit 0; sleep 0.25; done
     log "$(node "$n") still answers after kill -9"; exit 1
     ;;
