@@ -4,8 +4,9 @@ use std::collections::HashMap;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use sqlx::{Postgres, QueryBuilder, Row};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 
 use super::Api;
 use super::auth::Caller;
@@ -17,6 +18,8 @@ use super::sql::{MeterInfo, lookups, push_cond, push_ids, sample_level};
 use super::stream::{CHUNK, Chunk, chunked, json_bytes};
 use crate::jsonw;
 use crate::jsonw::JsonBuf;
+use crate::store::hourcodec;
+use crate::store::rollup::floor_hour;
 
 /// Samples plus the meters and resources they refer to.
 #[derive(Default)]
@@ -67,16 +70,22 @@ impl Fetched {
 }
 
 /// The sample query of `c`: the narrow table alone, meters and resources as integer ids,
-/// newest first.
+/// newest first (ties by meter and attribution id: the same order as [`compacted_samples`]),
+/// from `from` on (the compaction watermark: the hours before it are read compacted).
 pub(super) fn sample_query(
     c: &Cond,
     meters: &HashMap<i32, MeterInfo>,
     res_ids: Option<&[i32]>,
     limit: i64,
+    from: Option<DateTime<Utc>>,
 ) -> QueryBuilder<Postgres> {
     let mut qb = QueryBuilder::new(
         "select s.ts, s.volume, s.meter_id, s.resource_id from sample s where true",
     );
+    if let Some(from) = from {
+        qb.push(" and s.ts >= ");
+        qb.push_bind(from);
+    }
     if c.meter.is_some() {
         let mut ids: Vec<i32> = meters.keys().copied().collect();
         ids.sort_unstable();
@@ -86,9 +95,124 @@ pub(super) fn sample_query(
         push_ids(&mut qb, "s.resource_id", ids);
     }
     push_cond(&mut qb, &sample_level(c), true);
-    qb.push(" order by s.ts desc limit ");
+    qb.push(" order by s.ts desc, s.meter_id, s.resource_id limit ");
     qb.push_bind(limit);
     qb
+}
+
+/// `compaction_state.watermark`: the hours before it are read from `sample_hour` (`None`:
+/// nothing is compacted; the narrow table holds everything).
+pub(super) async fn compacted_before(pool: &PgPool) -> Result<Option<DateTime<Utc>>, ApiError> {
+    Ok(
+        sqlx::query_scalar("select watermark from compaction_state where singleton")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Whether `t` keeps the time bounds and sample key of `c`.
+fn keeps(c: &Cond, meter: i32, rint: i32, t: DateTime<Utc>) -> bool {
+    c.ge.is_none_or(|b| t >= b)
+        && c.gt.is_none_or(|b| t > b)
+        && c.le.is_none_or(|b| t <= b)
+        && c.lt.is_none_or(|b| t < b)
+        && c.sample
+            .is_none_or(|(m, r, k)| m == meter && r == rint && k == t)
+}
+
+/// The samples of compacted hours (before `wm`) that `c` selects, newest first (ties by
+/// meter and attribution id), at most `limit`: the `sample_hour` rows of the meters and
+/// attributions whose hours overlap the range, read newest hour first and decoded here, until
+/// a whole hour has been read past `limit` samples.
+pub(super) async fn compacted_samples(
+    pool: &PgPool,
+    c: &Cond,
+    meters: &HashMap<i32, MeterInfo>,
+    res_ids: Option<&[i32]>,
+    wm: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<SampleRow>, ApiError> {
+    let mut out: Vec<SampleRow> = Vec::new();
+    if limit <= 0 {
+        return Ok(out);
+    }
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+        "select h.meter_id, h.resource_id, h.hour, h.ts, h.v from sample_hour h where h.hour < ",
+    );
+    qb.push_bind(wm);
+    if c.meter.is_some() {
+        let mut ids: Vec<i32> = meters.keys().copied().collect();
+        ids.sort_unstable();
+        push_ids(&mut qb, "h.meter_id", &ids);
+    }
+    if let Some(ids) = res_ids {
+        push_ids(&mut qb, "h.resource_id", ids);
+    }
+    if let Some((m, r, t)) = c.sample {
+        qb.push(" and h.meter_id = ");
+        qb.push_bind(m);
+        qb.push(" and h.resource_id = ");
+        qb.push_bind(r);
+        qb.push(" and h.hour = ");
+        qb.push_bind(floor_hour(t));
+    }
+    if let Some(start) = c.start() {
+        qb.push(" and h.hour >= ");
+        qb.push_bind(floor_hour(start));
+    }
+    if let Some(end) = c.end() {
+        qb.push(" and h.hour <= ");
+        qb.push_bind(end);
+    }
+    qb.push(" order by h.hour desc");
+    let mut rows = qb.build().fetch(pool);
+    let mut hour: Vec<SampleRow> = Vec::new();
+    let mut current: Option<DateTime<Utc>> = None;
+    let flush = |hour: &mut Vec<SampleRow>, out: &mut Vec<SampleRow>| {
+        hour.sort_unstable_by(|a, b| {
+            b.ts.cmp(&a.ts)
+                .then(a.meter_id.cmp(&b.meter_id))
+                .then(a.rint.cmp(&b.rint))
+        });
+        out.append(hour);
+    };
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        let (meter, rint, h): (i32, i32, DateTime<Utc>) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        if current != Some(h) {
+            flush(&mut hour, &mut out);
+            if out.len() as i64 >= limit {
+                break;
+            }
+            current = Some(h);
+        }
+        let (ts, v): (&[u8], &[u8]) = (row.try_get(3)?, row.try_get(4)?);
+        let (Ok(ts), Ok(v)) = (
+            hourcodec::decode_timestamps(ts),
+            hourcodec::decode_volumes(v),
+        ) else {
+            return Err(ApiError::Internal(format!(
+                "compacted hour ({meter}, {rint}, {h}) does not decode"
+            )));
+        };
+        for (us, volume) in ts.into_iter().zip(v) {
+            let Some(t) = DateTime::from_timestamp_micros(us) else {
+                continue;
+            };
+            if keeps(c, meter, rint, t) {
+                hour.push(SampleRow {
+                    ts: t,
+                    volume,
+                    meter_id: meter,
+                    rint,
+                });
+            }
+        }
+    }
+    flush(&mut hour, &mut out);
+    out.truncate(limit as usize);
+    Ok(out)
 }
 
 pub(super) fn sample_row(r: &sqlx::postgres::PgRow) -> Result<SampleRow, sqlx::Error> {
@@ -118,14 +242,20 @@ pub(super) async fn read_samples(
     meters: HashMap<i32, MeterInfo>,
     res_ids: Option<&[i32]>,
 ) -> Result<Fetched, ApiError> {
-    let rows = sample_query(c, &meters, res_ids, limit)
+    let wm = compacted_before(&api.pool).await?;
+    let rows = sample_query(c, &meters, res_ids, limit, wm)
         .build()
         .fetch_all(&api.pool)
         .await?;
-    let rows: Vec<SampleRow> = rows
+    let mut rows: Vec<SampleRow> = rows
         .iter()
         .map(sample_row)
         .collect::<Result<_, sqlx::Error>>()?;
+    // Older than every narrow row read: the compacted hours, newest first.
+    if let Some(wm) = wm {
+        let more = limit - rows.len() as i64;
+        rows.extend(compacted_samples(&api.pool, c, &meters, res_ids, wm, more).await?);
+    }
     let mut ids: Vec<i32> = rows.iter().map(|r| r.rint).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -161,10 +291,25 @@ pub(super) async fn sample_list(
     let res = resources_by_id(api, &ids).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
     let pool = api.pool.clone();
+    let wm = compacted_before(&pool).await?;
     tokio::spawn(async move {
-        let mut qb = sample_query(&c, &meters, Some(&ids), limit);
+        let mut qb = sample_query(&c, &meters, Some(&ids), limit, wm);
         let mut rows = qb.build().fetch(&pool);
         let mut a = jsonw::ArrayChunks::new(CHUNK);
+        let mut sent = 0i64;
+        // A resource pruned meanwhile (retention) is left out, as in `Fetched::joined`.
+        macro_rules! send {
+            ($row:expr) => {
+                let row = $row;
+                if let (Some(m), Some(r)) = (meters.get(&row.meter_id), res.get(&row.rint)) {
+                    if let Some(chunk) = a.item(|j| write_row(j, shape, &(&row, m, r)))
+                        && tx.send(Ok((chunk, false))).await.is_err()
+                    {
+                        return; // the client left
+                    }
+                }
+            };
+        }
         while let Some(row) = rows.next().await {
             let row = match row.and_then(|r| sample_row(&r)) {
                 Ok(r) => r,
@@ -173,14 +318,22 @@ pub(super) async fn sample_list(
                     return;
                 }
             };
-            // A resource pruned meanwhile (retention) is left out, as in `Fetched::joined`.
-            let (Some(m), Some(r)) = (meters.get(&row.meter_id), res.get(&row.rint)) else {
-                continue;
-            };
-            if let Some(chunk) = a.item(|j| write_row(j, shape, &(&row, m, r)))
-                && tx.send(Ok((chunk, false))).await.is_err()
-            {
-                return; // the client left
+            sent += 1;
+            send!(row);
+        }
+        drop(rows);
+        // Older than every narrow row sent: the compacted hours, newest first.
+        if let Some(wm) = wm {
+            match compacted_samples(&pool, &c, &meters, Some(&ids), wm, limit - sent).await {
+                Ok(more) => {
+                    for row in more {
+                        send!(row);
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
             }
         }
         let _ = tx.send(Ok((a.finish(), true))).await;
