@@ -249,24 +249,7 @@ async fn main() {
     }
 
     let start = Instant::now();
-    let mut inflight = Vec::new();
-    for body in &bodies {
-        let h = amqp::count_header(RESOURCES * PER_MESSAGE_POINTS);
-        inflight.push(
-            publisher
-                .send_body(&cfg.exchange, &cfg.processed_routing_key, body, h)
-                .await
-                .unwrap(),
-        );
-        if inflight.len() == WINDOW {
-            for c in inflight.drain(..) {
-                c.confirmed().await.unwrap();
-            }
-        }
-    }
-    for c in inflight {
-        c.confirmed().await.unwrap();
-    }
+    publish_all(&publisher, &cfg, &bodies).await;
     let published = start.elapsed().as_secs_f64();
     let mut last = (0, Instant::now());
     let (stored, dups) = loop {
@@ -438,14 +421,7 @@ async fn main() {
     let second: Vec<Vec<u8>> = (messages..messages + SECOND)
         .map(|k| vmeter_core::wire::encode(&message(k, &mds, &ids)))
         .collect();
-    sqlx::query("truncate sample_hour")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("update compaction_state set watermark = null")
-        .execute(&pool)
-        .await
-        .unwrap();
+    uncompact(&pool).await;
     let (stored_before, dups_before) = counters(&http).await;
     let compactor = collector::store::Store::new(pool.clone());
     let compaction = tokio::spawn(async move {
@@ -454,24 +430,7 @@ async fn main() {
         (run, t.elapsed().as_secs_f64())
     });
     let start = Instant::now();
-    let mut inflight = Vec::new();
-    for body in &second {
-        let h = amqp::count_header(RESOURCES * PER_MESSAGE_POINTS);
-        inflight.push(
-            publisher
-                .send_body(&cfg.exchange, &cfg.processed_routing_key, body, h)
-                .await
-                .unwrap(),
-        );
-        if inflight.len() == WINDOW {
-            for c in inflight.drain(..) {
-                c.confirmed().await.unwrap();
-            }
-        }
-    }
-    for c in inflight {
-        c.confirmed().await.unwrap();
-    }
+    publish_all(&publisher, &cfg, &second).await;
     let want = (SECOND * RESOURCES * PER_MESSAGE_POINTS) as u64;
     loop {
         let (s, d) = counters(&http).await;
@@ -555,14 +514,7 @@ async fn main() {
         secs * 1e6 / covered as f64
     );
     // Compaction (issue 18): every rolled-up hour into sample_hour, nothing else running.
-    sqlx::query("truncate sample_hour")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("update compaction_state set watermark = null")
-        .execute(&pool)
-        .await
-        .unwrap();
+    uncompact(&pool).await;
     let t = Instant::now();
     let run = store.compact(u32::MAX).await.unwrap();
     let secs = t.elapsed().as_secs_f64();
@@ -632,6 +584,41 @@ async fn main() {
         )))
         .execute(&admin)
         .await;
+    }
+}
+
+/// Forgets every compacted hour (the next compaction starts from scratch).
+async fn uncompact(pool: &PgPool) {
+    sqlx::query("truncate sample_hour")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("update compaction_state set watermark = null")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Publishes `bodies` (messages of the processed queue) with [`WINDOW`] confirms in flight;
+/// returns once the broker confirmed every one.
+async fn publish_all(publisher: &Publisher, cfg: &BrokerConfig, bodies: &[Vec<u8>]) {
+    let mut inflight = Vec::new();
+    for body in bodies {
+        let h = amqp::count_header(RESOURCES * PER_MESSAGE_POINTS);
+        inflight.push(
+            publisher
+                .send_body(&cfg.exchange, &cfg.processed_routing_key, body, h)
+                .await
+                .unwrap(),
+        );
+        if inflight.len() == WINDOW {
+            for c in inflight.drain(..) {
+                c.confirmed().await.unwrap();
+            }
+        }
+    }
+    for c in inflight {
+        c.confirmed().await.unwrap();
     }
 }
 

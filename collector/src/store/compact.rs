@@ -224,17 +224,7 @@ impl Store {
             if run.hours >= max_hours {
                 return Ok(run);
             }
-            // Jump over days without a partition (nothing to compact there).
-            let next_day = super::partition_days(&mut tx)
-                .await?
-                .into_iter()
-                .filter_map(|(_, d)| Some(d.and_hms_opt(0, 0, 0)?.and_utc()))
-                .find(|d| *d + Duration::days(1) > start);
-            match next_day {
-                Some(d) if d > start => start = d.min(limit),
-                Some(_) => {}
-                None => start = limit,
-            }
+            start = rollup::next_stored(&mut tx, start, limit).await?;
             let end = (start + Duration::hours(1)).min(limit);
             if end > start {
                 let hour = floor_hour(start);

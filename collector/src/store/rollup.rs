@@ -273,6 +273,26 @@ pub struct RollupRun {
     pub caught_up: bool,
 }
 
+/// Where a job that works hour by hour from `start` (up to `limit`) goes on: `start`, or
+/// past the days without a sample partition (nothing stored there), or `limit`.
+pub async fn next_stored(
+    conn: &mut PgConnection,
+    start: DateTime<Utc>,
+    limit: DateTime<Utc>,
+) -> Result<DateTime<Utc>, sqlx::Error> {
+    // Partitions in day order: the first whose day ends after `start`.
+    let next_day = partition_days(conn)
+        .await?
+        .into_iter()
+        .filter_map(|(_, d)| Some(d.and_hms_opt(0, 0, 0)?.and_utc()))
+        .find(|d| *d + Duration::days(1) > start);
+    Ok(match next_day {
+        Some(d) if d > start => d.min(limit),
+        Some(_) => start,
+        None => limit,
+    })
+}
+
 /// Start of the UTC hour containing `t`.
 pub fn floor_hour(t: DateTime<Utc>) -> DateTime<Utc> {
     t.duration_trunc(Duration::hours(1)).unwrap_or(t)
@@ -314,18 +334,7 @@ impl Store {
             if run.hours >= max_hours {
                 return Ok(run);
             }
-            // Jump over days without a partition (nothing to roll up there).
-            // Partitions in day order: the first whose day ends after `start`.
-            let next_day = partition_days(&mut tx)
-                .await?
-                .into_iter()
-                .filter_map(|(_, d)| Some(d.and_hms_opt(0, 0, 0)?.and_utc()))
-                .find(|d| *d + Duration::days(1) > start);
-            match next_day {
-                Some(d) if d > start => start = d.min(limit),
-                Some(_) => {}
-                None => start = limit,
-            }
+            start = next_stored(&mut tx, start, limit).await?;
             let end = (start + Duration::hours(1)).min(limit);
             if end > start {
                 let rows = sqlx::query(AssertSqlSafe(upsert_sql(
