@@ -545,7 +545,7 @@ async fn main() {
     .await
     .unwrap();
     println!(
-        "if the narrow rows of compacted hours were dropped (not yet: the API reads them): all tables {:.1} B/sample (sample_hour, rollups, meter/resource/series); target ≤ 12 B: {}",
+        "if the narrow rows of compacted hours were dropped (not yet: the API's statistics read them): all tables {:.1} B/sample (sample_hour, rollups, meter/resource/series); target ≤ 12 B: {}",
         per((hour_bytes + other) as f64),
         if per((hour_bytes + other) as f64) <= 12.0 {
             "MET"

@@ -178,8 +178,8 @@ pub struct DatabaseConfig {
     pub rollup_lag_secs: u64,
     /// Compact rolled-up hours into `sample_hour` (docs/design-compaction.md), after each
     /// rollup round. Off by default while the narrow rows of compacted hours are kept (the
-    /// API reads those): on, it costs the compacted copy and gives the `samples` view's
-    /// compacted path.
+    /// API's statistics and complex queries read those): on, it costs the compacted copy,
+    /// which the `samples` view and the API's sample listings then read.
     pub compaction: bool,
 }
 
