@@ -26,6 +26,24 @@ impl Drop for User {
     }
 }
 
+/// Waits for at least 20 of the agent's samples in the raw queue (60 s at most).
+async fn samples_arrive(conn: &Connection, names: &Names, agent: &Service) {
+    let got = broker::take(
+        conn,
+        &names.raw_queue,
+        20,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        got.len() >= 20,
+        "{} samples\n{}",
+        got.len(),
+        agent.log_text()
+    );
+}
+
 /// The test's topology, declared by the broker's admin (an agent declares nothing).
 fn topology(names: &Names) -> BrokerConfig {
     BrokerConfig {
@@ -120,20 +138,7 @@ async fn an_agent_publishes_over_verified_tls_with_its_own_credentials_only() {
         &agent_env(Some(CA), "spool-b"),
         &dir,
     );
-    let got = broker::take(
-        &conn,
-        &names.raw_queue,
-        20,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(
-        got.len() >= 20,
-        "{} samples\n{}",
-        got.len(),
-        agent.log_text()
-    );
+    samples_arrive(&conn, &names, &agent).await;
     let out = Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "user", "ssl", "ssl_protocol"])
         .output()
@@ -307,20 +312,7 @@ async fn a_hypervisor_installed_by_the_script_publishes_over_tls() {
         child,
         log,
     };
-    let got = broker::take(
-        &conn,
-        &names.raw_queue,
-        20,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(
-        got.len() >= 20,
-        "{} samples\n{}",
-        got.len(),
-        agent.log_text()
-    );
+    samples_arrive(&conn, &names, &agent).await;
     drop(agent);
     broker::cleanup(&conn, &names).await;
 }
