@@ -17,6 +17,10 @@
 //! start that is not on a minute (answered from the samples), and the rollup job's cost,
 //! timed by rolling up all 1,000,000 samples again from scratch.
 //!
+//! Then issue 18's figures (`ingest/compaction.rs`): ingest of 300,000 more samples while
+//! the compaction job runs, the 10,000-sample answer from compacted hours, the job alone and
+//! the bytes it stores, and the `samples` view's decoding speed.
+//!
 //! Run: `cargo bench -p collector --bench ingest` (`VMETER_BENCH_KEEP_DB=1` keeps the
 //! database for inspection; `VMETER_BENCH_COLLECTOR=/path/to/collector` runs another build
 //! of the collector, to compare against a baseline).
@@ -35,6 +39,9 @@ use vmeter_core::amqp::{self, BrokerConfig, Publisher};
 use vmeter_core::signing::Signer;
 use vmeter_core::telemetry::scrape;
 use vmeter_core::{Sample, SampleType};
+
+#[path = "ingest/compaction.rs"]
+mod compaction;
 
 const RESOURCES: usize = 100;
 const POINTS: usize = 10_000;
@@ -414,71 +421,13 @@ async fn main() {
         );
     }
 
-    // Ingest while the compaction job runs (issue 18: ≥ 100,000 samples/s): 300,000 more
-    // samples (the next 3,000 points of every resource, hours not rolled up yet) published
-    // while this process compacts every rolled-up hour of the first load from scratch.
+    // Issue 18: ingest while the compaction job runs, then the compacted answer.
     const SECOND: usize = 300;
     let second: Vec<Vec<u8>> = (messages..messages + SECOND)
         .map(|k| vmeter_core::wire::encode(&message(k, &mds, &ids)))
         .collect();
-    uncompact(&pool).await;
-    let (stored_before, dups_before) = counters(&http).await;
-    let compactor = collector::store::Store::new(pool.clone());
-    let compaction = tokio::spawn(async move {
-        let t = Instant::now();
-        let run = compactor.compact(u32::MAX).await.unwrap();
-        (run, t.elapsed().as_secs_f64())
-    });
-    let start = Instant::now();
-    publish_all(&publisher, &cfg, &second).await;
-    let want = (SECOND * RESOURCES * PER_MESSAGE_POINTS) as u64;
-    loop {
-        let (s, d) = counters(&http).await;
-        if s + d - stored_before - dups_before >= want {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the second load stalled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ingest_secs = start.elapsed().as_secs_f64();
-    let (run, compact_secs) = compaction.await.unwrap();
-    let rate = want as f64 / ingest_secs;
-    println!(
-        "ingest while compacting: {rate:.0} samples/s ({want} in {ingest_secs:.2} s), target ≥ 100000: {}; the compaction meanwhile: {} samples of {} hours in {compact_secs:.2} s ({:.0} samples/s)",
-        if rate >= 100_000.0 { "MET" } else { "NOT MET" },
-        run.samples,
-        run.hours,
-        run.samples as f64 / compact_secs
-    );
-
-    // The same 10,000-sample answer with the resource's hours compacted: the API reads the
-    // hours before the compaction watermark from sample_hour (the narrow rows are kept, not
-    // read; tests/tests/collector_compaction.rs checks the answers without them).
-    let body = http_get(&http, &one_resource).await;
-    let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let n = serde_json::from_str::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| v.as_array().map(Vec::len))
-        .unwrap_or(0);
-    assert_eq!(n, POINTS, "the compacted answer has every sample");
-    let mut ms = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let body = http_get_bytes(&http, &one_resource).await;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-        assert!(body.starts_with(b"HTTP/1.1 200") || body.starts_with(b"HTTP/1.0 200"));
-    }
-    ms.sort_by(f64::total_cmp);
-    let median = ms[ms.len() / 2];
-    println!(
-        "API one resource's 10,000 samples, its hours compacted (decoded from sample_hour): median {median:.1} ms of 20 (min {:.1}, max {:.1}); target ≤ 20 ms: {}",
-        ms[0],
-        ms[ms.len() - 1],
-        if median <= 20.0 { "MET" } else { "NOT MET" }
-    );
+    compaction::during_ingest(&pool, &http, &publisher, &cfg, &second).await;
+    compaction::compacted_answer(&http, &one_resource).await;
 
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
@@ -513,59 +462,7 @@ async fn main() {
         run.rows,
         secs * 1e6 / covered as f64
     );
-    // Compaction (issue 18): every rolled-up hour into sample_hour, nothing else running.
-    uncompact(&pool).await;
-    let t = Instant::now();
-    let run = store.compact(u32::MAX).await.unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    sqlx::query("vacuum analyze sample_hour")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let hour_bytes: i64 =
-        sqlx::query_scalar("select pg_total_relation_size('sample_hour')::bigint")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    let per = |b: f64| b / run.samples.max(1) as f64;
-    let rate = run.samples as f64 / secs;
-    println!(
-        "compaction: {} hours, {} samples in {secs:.2} s: {rate:.0} samples/s, target ≥ 500000: {}; sample_hour {:.2} B/sample (streams {:.2}) against the narrow partitions' {:.1}",
-        run.hours,
-        run.samples,
-        if rate >= 500_000.0 { "MET" } else { "NOT MET" },
-        per(hour_bytes as f64),
-        per(run.bytes as f64),
-        sample_bytes as f64 / rows as f64,
-    );
-    let other: i64 = sqlx::query_scalar(
-        "select (pg_total_relation_size('resource') + pg_total_relation_size('meter') + pg_total_relation_size('series') + pg_total_relation_size('sample_rollup'))::bigint",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    println!(
-        "if the narrow rows of compacted hours were dropped (not yet: the API's statistics read them): all tables {:.1} B/sample (sample_hour, rollups, meter/resource/series); target ≤ 12 B: {}",
-        per((hour_bytes + other) as f64),
-        if per((hour_bytes + other) as f64) <= 12.0 {
-            "MET"
-        } else {
-            "NOT MET"
-        }
-    );
-    // The samples view over compacted hours: the PL/pgSQL decoders' speed.
-    let t = Instant::now();
-    let (n, _sum): (i64, Option<f64>) = sqlx::query_as(
-        "select count(*), sum(volume) from samples where timestamp < (select watermark from compaction_state)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "samples view over the compacted hours: {n} rows in {secs:.2} s ({:.2} µs/sample, PL/pgSQL decoding)",
-        secs * 1e6 / n.max(1) as f64
-    );
+    compaction::alone(&store, &pool, sample_bytes as f64 / rows as f64).await;
     pool.close().await;
     let ch = conn.create_channel().await.unwrap();
     for q in [&cfg.raw_queue, &cfg.processed_queue, &cfg.dead_letter_queue] {
