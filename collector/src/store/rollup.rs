@@ -186,21 +186,29 @@ pub async fn watermark(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>,
         .await
 }
 
-/// Takes [`ROLLUP_LOCK`] shared for the transaction and returns the watermark read after
-/// it: samples written in this transaction before it must be folded in ([`fold_late`]).
+/// Takes [`ROLLUP_LOCK`] shared for the transaction and returns the rollup and compaction
+/// watermarks read after it: samples written in this transaction before the first must be
+/// folded in ([`fold_late`]), before the second merged into their compacted rows
+/// (`compact::merge_late`). The compaction watermark is never after the rollup one.
 ///
 /// The same statement turns JIT compilation off for the transaction: the per-row probe of
 /// the sample insert makes its estimated cost exceed `jit_above_cost`, and compiling costs
 /// 6 ms per batch for nothing (the insert is index probes, not expressions).
-pub async fn writer_watermark(
+pub async fn writer_watermarks(
     tx: &mut Transaction<'_, Postgres>,
-) -> Result<Option<DateTime<Utc>>, StoreError> {
+) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>), StoreError> {
     sqlx::query("select pg_advisory_xact_lock_shared($1), set_config('jit', 'off', true)")
         .bind(ROLLUP_LOCK)
         .execute(&mut **tx)
         .await?;
-    // A statement of its own: its snapshot is taken after the lock was granted.
-    Ok(watermark(tx).await?)
+    // A statement of its own: its snapshot is taken after the lock was granted. Both in
+    // one round trip (this is on every batch's path).
+    Ok(sqlx::query_as(
+        "select r.watermark, c.watermark from rollup_state r, compaction_state c
+         where r.singleton and c.singleton",
+    )
+    .fetch_one(&mut **tx)
+    .await?)
 }
 
 /// Recomputes the rollup rows of `hours` (meter, resource, hour start; sorted, distinct)

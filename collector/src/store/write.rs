@@ -267,10 +267,8 @@ impl Store {
         //    see the wait in this process). Seen as a collector that stored nothing more.
         turn.wait().await;
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let watermark = rollup::writer_watermark(&mut tx).await?;
-        // Read under the same lock: compacted hours are all rolled up (it is at most the
-        // rollup watermark), so a sample before it is late for both.
-        let compacted = compact::watermark(&mut tx).await?;
+        // Compacted hours are all rolled up: a sample before `compacted` is late for both.
+        let (watermark, compacted) = rollup::writer_watermarks(&mut tx).await?;
         let oldest = ts.iter().min().copied();
         // Samples of rolled-up hours: learn which hours got new rows, and fold them in.
         let late_before = watermark.filter(|w| oldest.is_some_and(|o| o < *w));
