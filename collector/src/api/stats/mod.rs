@@ -1,15 +1,12 @@
 //! `GET /v2/meters/{meter}/statistics`.
 //!
-//! Two ways to the same answer:
-//! - **from the rollups** (collector/src/store/rollup.rs) when every bucket bound is a whole
-//!   minute (the period is a multiple of 60 s and the buckets start on a minute, `timestamp`
-//!   bounds with `ge`/`lt` on minutes) and no cardinality is asked: the rolled-up hours are
-//!   read as packed per-minute partial aggregates, the hours after the watermark (and
-//!   series too sparse to roll up) from the samples, and the parts are merged in Rust;
-//! - **from the samples** otherwise: one SQL statement over the narrow sample table.
-//!
-//! Both give Ceilometer's rows in Ceilometer's order (period, unit, groupby values); sums
-//! may differ in the last bits, as summation order differs.
+//! Computed in Rust (`compute.rs`) from whichever layout holds each hour: compacted hours
+//! (`sample_hour`), per-minute rollups, narrow samples. Two modes with the same answer:
+//! **minutes** when every bucket bound is a whole minute (the period is a multiple of 60 s,
+//! the buckets start on a minute, the time bounds are on minutes), from per-minute
+//! aggregates wherever an hour is closed; **samples** otherwise, from every sample. Every
+//! part is added in one order (series, then time), so an answer does not change when its
+//! hours are compacted. Rows come in Ceilometer's order (period, unit, groupby values).
 
 use std::collections::HashMap;
 
@@ -27,13 +24,11 @@ use crate::api::sql::{MeterInfo, meters_named, push_ids, resource_ids};
 use crate::api::stream::json_bytes;
 use crate::jsonw;
 
-use from_rollups::from_rollups;
-use from_samples::from_samples;
+use compute::compute;
 use plan::{Agg, GroupBy, MIN_PERIOD_SECS, aggregates, bucket_grid};
 use write::{StatCtx, write_stat};
 
-mod from_rollups;
-mod from_samples;
+mod compute;
 mod plan;
 mod write;
 
@@ -71,7 +66,6 @@ struct Plan<'a> {
     groupby: Vec<GroupBy>,
     /// (period µs, t0, end of the last bucket).
     buckets: Option<(i64, DateTime<Utc>, DateTime<Utc>)>,
-    stddev: bool,
     card_asked: [bool; 3],
 }
 
@@ -191,23 +185,14 @@ pub(super) async fn statistics(
         res_ids,
         groupby,
         buckets,
-        stddev: aggs.contains(&Agg::Std("stddev")),
         card_asked: [
             aggs.contains(&Agg::Cardinality("resource_id")),
             aggs.contains(&Agg::Cardinality("user_id")),
             aggs.contains(&Agg::Cardinality("project_id")),
         ],
     };
-    let (mut out, groups) = match from_rollups(&api, &plan).await? {
-        Some(x) => {
-            path_counter("rollup").inc();
-            x
-        }
-        None => {
-            path_counter("samples").inc();
-            from_samples(&api, &plan).await?
-        }
-    };
+    let (mut out, groups, mode) = compute(&api, &plan).await?;
+    path_counter(mode.label()).inc();
 
     let g = plan.groupby.len();
     let mut names: Vec<(&'static str, usize)> = plan
@@ -241,7 +226,7 @@ pub(super) async fn statistics(
 fn path_counter(path: &str) -> vmeter_core::telemetry::Counter {
     vmeter_core::telemetry::counter(
         "vmeter_api_statistics_total",
-        "Statistics requests answered, by the path that computed them (rollup: per-minute rollups plus the samples not rolled up yet; samples: the sample table only).",
+        "Statistics requests answered, by the parts that computed them (rollup: per-minute aggregates of the closed hours, rollups or compacted, plus the samples not rolled up yet; samples: every sample).",
         &[("path", path)],
     )
 }
