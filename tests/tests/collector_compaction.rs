@@ -262,13 +262,35 @@ async fn compacted_hours_read_the_same_resume_and_take_late_samples_once() {
         t.await.unwrap();
     }
     job.await.unwrap().unwrap();
+    // Late samples of compacted hours are stored in their compacted rows only: the view
+    // shows what was there plus each new time once.
     let after = rows(&pool, "samples").await;
+    let like = before
+        .iter()
+        .find(|r| r.5 == "vm-1" && r.1 == "cpu_util")
+        .unwrap()
+        .clone();
+    let mut want = before.clone();
+    for w in 0..4i64 {
+        for round in 0..10i64 {
+            let at = t0 + Duration::seconds(5 + round * 10 + w * 600) + Duration::hours(round % 2);
+            let mut r = like.clone();
+            (r.0, r.4) = (at.timestamp_micros(), (99.0 + w as f64).to_bits());
+            want.push(r.clone());
+            (r.4, r.5) = (1.5f64.to_bits(), format!("late-{w}"));
+            want.push(r);
+        }
+    }
+    want.sort_by(|a, b| (&a.5, &a.1, a.0, &a.7).cmp(&(&b.5, &b.1, b.0, &b.7)));
     assert_eq!(
-        after,
-        rows(&pool, NARROW).await,
+        after, want,
         "the compacted rows took every late sample once"
     );
-    assert_eq!(after.len(), before.len() + 4 * 10 * 2);
+    assert_eq!(
+        rows(&pool, NARROW).await,
+        before,
+        "late samples of compacted hours are not written to the narrow table"
+    );
     // The redelivered first sample kept its first value.
     let first: f64 = sqlx::query_scalar(
         "select volume from samples where resource_id = 'vm-1' and meter = 'cpu_util' and timestamp = $1",
@@ -359,6 +381,7 @@ async fn the_api_answers_the_same_from_compacted_hours() {
     env.push(("VMETER_HTTP__LISTEN".into(), addr.clone()));
     env.push(("VMETER_DATABASE__ROLLUP_INTERVAL_SECS".into(), "0".into()));
     let mut collector = Service::start("collector", "collector", &[], &env, &logs);
+    // A path, or `POST <path> <body>` (a complex query).
     let get = |path: String| {
         let addr = addr.clone();
         async move {
@@ -368,7 +391,13 @@ async fn the_api_answers_the_same_from_compacted_hours() {
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
-            let (code, body) = request(&addr, "GET", &path, &[], None).await;
+            let (code, body) = match path.strip_prefix("POST ") {
+                Some(rest) => {
+                    let (p, body) = rest.split_once(' ').unwrap();
+                    request(&addr, "POST", p, &[], Some(body)).await
+                }
+                None => request(&addr, "GET", &path, &[], None).await,
+            };
             assert_eq!(code, 200, "{path}: {body}");
             body
         }
@@ -405,9 +434,40 @@ async fn the_api_answers_the_same_from_compacted_hours() {
         "/v2/meters/cpu/statistics?period=60&q.field=timestamp&q.op=gt&q.value=2026-03-01T11:58:00&q.field=timestamp&q.op=le&q.value=2026-03-01T12:02:00&groupby=resource_id",
         "/v2/meters/cpu_util/statistics?q.field=resource_id&q.value=vm-2&q.field=timestamp&q.op=le&q.value=2026-03-01T11:30:00.5",
     ];
+    // Complex queries (the filter and order as JSON in strings, as Ceilometer's client
+    // sends them): series-level and sample-level conditions, orders with ties.
+    let complex = |filter: &str, orderby: &str, limit: u32| {
+        format!(
+            "POST /v2/query/samples {}",
+            serde_json::json!({"filter": filter, "orderby": orderby, "limit": limit})
+        )
+    };
+    let complex = [
+        complex(
+            r#"{"and": [{"=": {"counter_name": "cpu_util"}}, {"=": {"resource_id": "vm-2"}}]}"#,
+            r#"[{"counter_volume": "asc"}]"#,
+            50,
+        ),
+        complex(
+            r#"{"or": [{"=": {"project_id": "p-new"}}, {">": {"counter_volume": 58.5}}]}"#,
+            r#"[{"project_id": "desc"}, {"timestamp": "asc"}]"#,
+            5000,
+        ),
+        complex(
+            r#"{"and": [{">": {"timestamp": "2026-03-01T11:50:00"}}, {"<=": {"timestamp": "2026-03-01T12:10:00"}}, {"=": {"resource_metadata.instance_type": "m1.small"}}]}"#,
+            "",
+            100000,
+        ),
+        complex(
+            r#"{"not": {"in": {"counter_name": ["cpu", "disk.usage"]}}}"#,
+            r#"[{"resource_id": "asc"}]"#,
+            700,
+        ),
+    ];
     let paths: Vec<String> = paths
         .into_iter()
         .chain(stats.iter().map(|s| s.to_string()))
+        .chain(complex)
         .collect();
     let mut before = Vec::new();
     for p in &paths {
@@ -424,8 +484,22 @@ async fn the_api_answers_the_same_from_compacted_hours() {
         "every answer has samples"
     );
 
+    let rollups = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from sample_rollup where hour < $1")
+            .bind(t0 + Duration::hours(2))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        rollups().await,
+        2 * (4 * 2 + 1) + 2,
+        "vm-2's two attributions, the sparse series"
+    );
     store.compact(100).await.unwrap();
     assert_eq!(watermark(&pool).await, Some(t0 + Duration::hours(2)));
+    // The compacted hours' rollups are gone: their minutes come from sample_hour.
+    assert_eq!(rollups().await, 0);
     for (p, b) in all_paths.iter().zip(&before) {
         assert_eq!(&get(p.clone()).await, b, "after compaction: {p}");
     }
@@ -437,21 +511,79 @@ async fn the_api_answers_the_same_from_compacted_hours() {
         .unwrap()
         .rows_affected();
     assert_eq!(deleted, 2 * 4 * 2 * 360 + 24 + 8);
-    // And without their rollups (compacted hours' minutes are computed from sample_hour).
-    let deleted = sqlx::query("delete from sample_rollup where hour < $1")
-        .bind(t0 + Duration::hours(2))
-        .execute(&pool)
-        .await
-        .unwrap()
-        .rows_affected();
-    assert_eq!(
-        deleted,
-        2 * (4 * 2 + 1) + 2,
-        "vm-2's two attributions, the sparse series"
-    );
     for (p, b) in all_paths.iter().zip(&before) {
         assert_eq!(&get(p.clone()).await, b, "from sample_hour alone: {p}");
     }
+
+    // The next day: a sample two hours in (another resource and project, outside every
+    // query above) closes the whole first day; rolled up and compacted, its narrow
+    // partition is dropped (an hour after the watermark passed its end).
+    let clock = sample(
+        "cpu",
+        SampleType::Cumulative,
+        "clock",
+        "p-clock",
+        "m1.small",
+        t0 + Duration::hours(16),
+        0.0,
+    );
+    store.write(std::slice::from_ref(&clock)).await.unwrap();
+    store
+        .roll_up(Utc::now(), Duration::minutes(10), 100)
+        .await
+        .unwrap();
+    let run = store.compact(100).await.unwrap();
+    assert_eq!(run.watermark, Some(t0 + Duration::hours(15)));
+    assert_eq!(run.partitions_dropped, vec!["sample_p20260301".to_string()]);
+    for (p, b) in all_paths.iter().zip(&before) {
+        assert_eq!(&get(p.clone()).await, b, "the day's partition dropped: {p}");
+    }
+    // A late sample for that day, from a collector that never saw its partition: merged into
+    // its compacted row; no partition is made again.
+    let late = sample(
+        "disk.usage",
+        SampleType::Gauge,
+        "vm-1",
+        "p",
+        "m1.small",
+        t0 + Duration::minutes(150) + Duration::microseconds(3),
+        42.0,
+    );
+    let mut fresh = Store::new(pool.clone());
+    let written = fresh.write(std::slice::from_ref(&late)).await.unwrap();
+    assert_eq!(written.inserted, 1);
+    assert_eq!(
+        fresh
+            .write(std::slice::from_ref(&late))
+            .await
+            .unwrap()
+            .inserted,
+        0,
+        "a redelivery"
+    );
+    let partitions: Vec<String> =
+        collector::store::partition_days(&mut pool.acquire().await.unwrap())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+    assert!(
+        !partitions.contains(&"sample_p20260301".to_string()),
+        "{partitions:?}"
+    );
+    let (code, body) = request(
+        &addr,
+        "GET",
+        "/v2/meters/disk.usage?q.field=timestamp&q.op=ge&q.value=2026-03-01T12:30:00&q.field=timestamp&q.op=lt&q.value=2026-03-01T12:30:01",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(listed[0]["counter_volume"], 42.0, "{body}");
 
     // A compacted row that does not decode (a forged or damaged stream): the listings that
     // need it answer 500 and say which row, the others still answer, nothing panics.

@@ -16,6 +16,7 @@
 
 use axum::extract::State;
 use axum::response::Response;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::{Postgres, QueryBuilder, Row};
 
@@ -232,7 +233,9 @@ fn push_expr(
     Ok(())
 }
 
-/// Appends `order by …` from Ceilometer's orderby document (newest first by default).
+/// Appends `order by …` from Ceilometer's orderby document (newest first by default), over
+/// the columns of [`build`]'s outer query (alias `x`). Ties are broken by the sample's key
+/// (time, meter, attribution), so an answer does not depend on the layout it came from.
 fn push_order(qb: &mut QueryBuilder<Postgres>, orderby: Option<&str>) -> Result<(), ApiError> {
     let mut terms = Vec::new();
     if let Some(text) = orderby.filter(|t| !t.trim().is_empty()) {
@@ -246,9 +249,13 @@ fn push_order(qb: &mut QueryBuilder<Postgres>, orderby: Option<&str>) -> Result<
                 .and_then(|o| o.iter().next())
                 .ok_or_else(|| bad(format!("an orderby term is {{field: asc|desc}}: {item}")))?;
             let col = match column(field)? {
-                Column::Text(c) => c,
-                Column::Volume => "s.volume",
-                Column::Time => "s.ts",
+                Column::Text(c) => OUTER
+                    .iter()
+                    .find(|(inner, _)| *inner == c)
+                    .map(|(_, outer)| *outer)
+                    .unwrap_or("x.ts"),
+                Column::Volume => "x.volume",
+                Column::Time => "x.ts",
                 Column::Metadata(_) => return Err(bad("orderby on metadata is not supported")),
             };
             let dir = match dir.as_str().map(str::to_ascii_lowercase).as_deref() {
@@ -259,36 +266,126 @@ fn push_order(qb: &mut QueryBuilder<Postgres>, orderby: Option<&str>) -> Result<
             terms.push(format!("{col} {dir}"));
         }
     }
-    if terms.is_empty() {
-        terms.push("s.ts desc".into());
-    }
+    terms.push("x.ts desc, x.meter_id, x.resource_id".into());
     qb.push(" order by ");
     qb.push(terms.join(", "));
     Ok(())
 }
 
-/// The SQL of a complex query over samples, scoped to `who`'s project.
+/// The outer query's column of each text field.
+const OUTER: [(&str, &str); 7] = [
+    ("m.name", "x.name"),
+    ("m.type", "x.type"),
+    ("m.unit", "x.unit"),
+    ("r.resource_id", "x.rid"),
+    ("r.project_id", "x.project_id"),
+    ("r.user_id", "x.user_id"),
+    ("r.source", "x.source"),
+];
+
+/// The columns both layouts' branches select, in the order the answer reads them.
+const COLUMNS: &str =
+    "m.name, m.type, m.unit, r.resource_id as rid, r.user_id, r.project_id, r.source, r.metadata";
+
+/// The compaction watermark, in SQL (hours before it are in `sample_hour`).
+const WATERMARK: &str = "coalesce((select watermark from compaction_state), '-infinity')";
+
+/// The time bounds a filter puts on every sample it selects (its `timestamp` comparisons
+/// at the top level or in a top-level `and`): `(after, until)` for pruning compacted hours.
+fn time_bounds(e: &Value) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    let mut out = (None, None);
+    let conjuncts: Vec<&Value> = match e.get("and").or_else(|| e.get("AND")) {
+        Some(Value::Array(list)) if e.as_object().is_some_and(|o| o.len() == 1) => {
+            list.iter().collect()
+        }
+        _ => vec![e],
+    };
+    for c in conjuncts {
+        let Some((op, arg)) = c
+            .as_object()
+            .filter(|o| o.len() == 1)
+            .and_then(|o| o.iter().next())
+        else {
+            continue;
+        };
+        let Some((field, v)) = arg
+            .as_object()
+            .filter(|a| a.len() == 1)
+            .and_then(|a| a.iter().next())
+        else {
+            continue;
+        };
+        if !matches!(column(field), Ok(Column::Time)) {
+            continue;
+        }
+        let Some(t) = v.as_str().and_then(vmeter_core::sample::parse_timestamp) else {
+            continue;
+        };
+        let op = sql_op(&op.to_ascii_lowercase());
+        if matches!(op, Some(">" | ">=" | "=")) {
+            out.0 = Some(out.0.map_or(t, |a: DateTime<Utc>| a.max(t)));
+        }
+        if matches!(op, Some("<" | "<=" | "=")) {
+            out.1 = Some(out.1.map_or(t, |b: DateTime<Utc>| b.min(t)));
+        }
+    }
+    out
+}
+
+/// The SQL of a complex query over samples, scoped to `who`'s project: the same filter over
+/// the narrow rows from the compaction watermark on and over the compacted hours before it
+/// (decoded by the PL/pgSQL decoders of migration 0005; only the hours of the series the
+/// filter's top-level conditions leave, and within its top-level time bounds, are decoded).
 pub fn build(
     q: &ComplexQuery,
     who: &Caller,
     limit: i64,
 ) -> Result<QueryBuilder<Postgres>, ApiError> {
-    let mut qb = QueryBuilder::new(
-        "select s.meter_id, s.resource_id, s.ts, s.volume, m.name, m.type, m.unit,
-                r.resource_id, r.user_id, r.project_id, r.source, r.metadata
-         from sample s join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id
-         where true",
-    );
-    if let Some(text) = q.filter.as_deref().filter(|t| !t.trim().is_empty()) {
-        let e: Value =
-            serde_json::from_str(text).map_err(|e| bad(format!("filter is not JSON: {e}")))?;
-        qb.push(" and ");
-        push_expr(&mut qb, &e, 0, &mut 0)?;
+    let filter: Option<Value> = match q.filter.as_deref().filter(|t| !t.trim().is_empty()) {
+        Some(text) => {
+            Some(serde_json::from_str(text).map_err(|e| bad(format!("filter is not JSON: {e}")))?)
+        }
+        None => None,
+    };
+    let mut qb = QueryBuilder::new(format!(
+        "select x.meter_id, x.resource_id, x.ts, x.volume, x.name, x.type, x.unit,
+                x.rid, x.user_id, x.project_id, x.source, x.metadata
+         from (select s.meter_id, s.resource_id, s.ts, s.volume, {COLUMNS}
+               from sample s join meter m on m.id = s.meter_id join resource r on r.id = s.resource_id
+               where s.ts >= {WATERMARK}"
+    ));
+    let push_where = |qb: &mut QueryBuilder<Postgres>| -> Result<(), ApiError> {
+        if let Some(e) = &filter {
+            qb.push(" and ");
+            push_expr(qb, e, 0, &mut 0)?;
+        }
+        if let Caller::Project(p) = who {
+            qb.push(" and r.project_id = ");
+            qb.push_bind(p.clone());
+        }
+        Ok(())
+    };
+    push_where(&mut qb)?;
+    qb.push(format!(
+        " union all
+          select h.meter_id, h.resource_id, s.ts, s.volume, {COLUMNS}
+          from sample_hour h join meter m on m.id = h.meter_id join resource r on r.id = h.resource_id
+          cross join lateral (
+            select timestamptz '1970-01-01 00:00:00+00' + d.us * interval '1 microsecond' as ts, d.volume
+            from unnest(vmeter_hour_timestamps(h.ts), vmeter_hour_volumes(h.v)) as d(us, volume)) s
+          where h.hour < {WATERMARK}"
+    ));
+    let (after, until) = filter.as_ref().map_or((None, None), time_bounds);
+    if let Some(t) = after {
+        qb.push(" and h.hour > ");
+        qb.push_bind(t - chrono::Duration::hours(1));
     }
-    if let Caller::Project(p) = who {
-        qb.push(" and r.project_id = ");
-        qb.push_bind(p.clone());
+    if let Some(t) = until {
+        qb.push(" and h.hour <= ");
+        qb.push_bind(t);
     }
+    push_where(&mut qb)?;
+    qb.push(") x");
     push_order(&mut qb, q.orderby.as_deref())?;
     qb.push(" limit ");
     qb.push_bind(limit);
@@ -349,9 +446,13 @@ mod tests {
             Some(r#"[{"counter_volume": "ASC"}, {"timestamp": "desc"}]"#),
         )
         .unwrap();
+        // The same filter over both layouts, the compacted hours pruned by its time bound.
         assert!(s.contains("(r.resource_id = $1 and s.ts >= $2 and not coalesce(m.name in ($3, $4), false) and (r.metadata #>> $5) = $6)"), "{s}");
+        assert!(s.contains("h.hour > $7 and (r.resource_id = $8 and s.ts >= $9 and not coalesce(m.name in ($10, $11), false) and (r.metadata #>> $12) = $13)"), "{s}");
         assert!(
-            s.ends_with("order by s.volume asc, s.ts desc limit $7"),
+            s.ends_with(
+                "order by x.volume asc, x.ts desc, x.ts desc, x.meter_id, x.resource_id limit $14"
+            ),
             "{s}"
         );
         assert!(!s.contains("vm-1"), "values are bound, never in the SQL");
@@ -401,6 +502,34 @@ mod tests {
     }
 
     #[test]
+    fn time_bounds_come_from_top_level_conjuncts_only() {
+        let t = |s: &str| vmeter_core::sample::parse_timestamp(s);
+        let e: Value = serde_json::from_str(
+            r#"{"and": [{">": {"timestamp": "2026-01-01T10:00:00"}}, {"<=": {"recorded_at": "2026-01-01T12:00:00"}}, {">=": {"timestamp": "2026-01-01T09:00:00"}}, {"=": {"source": "x"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            time_bounds(&e),
+            (t("2026-01-01T10:00:00"), t("2026-01-01T12:00:00"))
+        );
+        let e: Value =
+            serde_json::from_str(r#"{"=": {"timestamp": "2026-01-01T10:00:00"}}"#).unwrap();
+        assert_eq!(
+            time_bounds(&e),
+            (t("2026-01-01T10:00:00"), t("2026-01-01T10:00:00"))
+        );
+        // Under an `or` or a `not`, a bound says nothing about every sample.
+        for text in [
+            r#"{"or": [{">": {"timestamp": "2026-01-01T10:00:00"}}, {"=": {"source": "x"}}]}"#,
+            r#"{"not": {"<": {"timestamp": "2026-01-01T10:00:00"}}}"#,
+            r#"{"and": [{"not": {"<": {"timestamp": "2026-01-01T10:00:00"}}}]}"#,
+        ] {
+            let e: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(time_bounds(&e), (None, None), "{text}");
+        }
+    }
+
+    #[test]
     fn a_project_token_is_scoped() {
         let q = ComplexQuery {
             filter: Some(
@@ -415,8 +544,8 @@ mod tests {
             .as_str()
             .to_string();
         assert!(
-            s.contains(") and r.project_id = $3"),
-            "the scope is outside the caller's or: {s}"
+            s.contains(") and r.project_id = $3") && s.contains(") and r.project_id = $6"),
+            "the scope is outside the caller's or, in both layouts: {s}"
         );
     }
 }

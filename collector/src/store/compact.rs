@@ -14,16 +14,19 @@
 //!   their rows ([`merge_late`]) after locking them, skipping times a row already has (a
 //!   redelivery), so two writers of the same hour each merge into what the other committed.
 //!
-//! This version keeps the narrow rows of compacted hours (the API reads them); the
-//! `samples` view reads the compacted rows before the watermark.
+//! The rollup rows of a compacted hour are deleted in its transaction (the API computes
+//! its per-minute aggregates from the compacted row), and the narrow partition of a day is
+//! dropped once the whole day is compacted ([`DROP_MARGIN`] after). The `samples` view
+//! reads the compacted rows before the watermark, the narrow ones from it on.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
 use super::hourcodec::{self, CodecError};
 use super::locks;
+use super::partitions::partition_days;
 use super::rollup::{self, ROLLUP_LOCK, floor_hour};
 use super::{Store, StoreError};
 
@@ -49,7 +52,15 @@ pub struct CompactRun {
     pub watermark: Option<DateTime<Utc>>,
     /// Whether every rolled-up hour is compacted (false: stopped at `max_hours`).
     pub caught_up: bool,
+    /// Narrow partitions dropped (days compacted whole, [`DROP_MARGIN`] ago).
+    pub partitions_dropped: Vec<String>,
 }
+
+/// How long after the compaction watermark passes a day's end its narrow partition is
+/// dropped. A reader that read the watermark (the API, in one snapshot; the `samples`
+/// view, per statement) reads the narrow rows from it on: the partition must outlive any
+/// such statement still running. `DROP TABLE` also waits for the statements using it.
+pub const DROP_MARGIN: Duration = Duration::hours(1);
 
 /// One series-hour, encoded.
 struct Encoded {
@@ -213,15 +224,16 @@ impl Store {
                     .await?;
             let (Some(limit), Some(oldest)) = (rolled, oldest) else {
                 run.caught_up = true;
+                drop(tx);
+                run.partitions_dropped = self.drop_compacted_days(wm).await?;
                 return Ok(run);
             };
             lag_gauge(wm, limit);
             let mut start = wm.unwrap_or_else(|| floor_hour(oldest));
-            if start >= limit {
-                run.caught_up = true;
-                return Ok(run);
-            }
-            if run.hours >= max_hours {
+            if start >= limit || run.hours >= max_hours {
+                run.caught_up = start >= limit;
+                drop(tx);
+                run.partitions_dropped = self.drop_compacted_days(wm).await?;
                 return Ok(run);
             }
             start = rollup::next_stored(&mut tx, start, limit).await?;
@@ -252,6 +264,13 @@ impl Store {
                 let samples: u64 = rows.iter().map(|r| r.n as u64).sum();
                 let bytes: u64 = rows.iter().map(|r| (r.ts.len() + r.v.len()) as u64).sum();
                 upsert(&mut tx, &vec![hour; rows.len()], &rows).await?;
+                // The hour's per-minute aggregates are computed from its compacted rows
+                // from now on (decision 2): its rollup rows go.
+                sqlx::query("delete from sample_rollup where hour >= $1 and hour < $2")
+                    .bind(hour)
+                    .bind(end)
+                    .execute(&mut *tx)
+                    .await?;
                 run.rows += rows.len() as u64;
                 run.samples += samples;
                 run.bytes += bytes;
@@ -266,6 +285,46 @@ impl Store {
             run.watermark = Some(end);
             lag_gauge(Some(end), limit);
         }
+    }
+}
+
+impl Store {
+    /// Drops the narrow partitions (`sample_pYYYYMMDD`) of the days that end at least
+    /// [`DROP_MARGIN`] before the compaction watermark `wm`: every sample of those days
+    /// is in `sample_hour`, and writers route samples before the watermark there. Returns
+    /// the names dropped.
+    async fn drop_compacted_days(
+        &self,
+        wm: Option<DateTime<Utc>>,
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(wm) = wm else {
+            return Ok(Vec::new());
+        };
+        let mut tx = self.pool().begin().await?;
+        locks::exclusive(&mut tx, locks::PARTITION_LOCK).await?;
+        let mut dropped = Vec::new();
+        for (name, day) in partition_days(&mut tx).await? {
+            let end = day
+                .succ_opt()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| t.and_utc());
+            if end.is_some_and(|end| end + DROP_MARGIN <= wm) {
+                sqlx::query(AssertSqlSafe(format!("drop table {name}")))
+                    .execute(&mut *tx)
+                    .await?;
+                dropped.push(name);
+            }
+        }
+        tx.commit().await?;
+        if !dropped.is_empty() {
+            vmeter_core::telemetry::counter(
+                "vmeter_compaction_partitions_dropped_total",
+                "Narrow sample partitions dropped because their day is compacted.",
+                &[],
+            )
+            .add(dropped.len() as u64);
+        }
+        Ok(dropped)
     }
 }
 

@@ -4,8 +4,8 @@
 //!
 //! | lock | exclusive | shared |
 //! |---|---|---|
-//! | [`ROLLUP_LOCK`] | the rollup job (advancing the watermark), retention | every sample write, until it commits |
-//! | [`PARTITION_LOCK`] | creating a partition, retention (dropping partitions) | — |
+//! | [`ROLLUP_LOCK`] | the rollup and compaction jobs (advancing their watermarks), retention | every sample write, until it commits |
+//! | [`PARTITION_LOCK`] | creating a partition, retention and the compaction job (dropping partitions) | — |
 //!
 //! Never wait for anything in this process (a turn, a channel, another task) while holding
 //! one of these locks: PostgreSQL's deadlock detector cannot see that wait. A shared request

@@ -36,6 +36,9 @@ pub struct Store {
     /// Meter name → (type, unit, id); looked up without allocating.
     meters: HashMap<String, Vec<(vmeter_core::SampleType, String, i32)>>,
     partitions: HashSet<NaiveDate>,
+    /// The compaction watermark as this store last read it (it only grows): the days that
+    /// end before it need no narrow partition (their samples go to `sample_hour`).
+    compacted_to: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Connects a pool (lazily: no connection is made until first use).
@@ -76,6 +79,7 @@ impl Store {
             pool,
             meters: HashMap::new(),
             partitions: HashSet::new(),
+            compacted_to: None,
         }
     }
 

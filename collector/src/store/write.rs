@@ -116,6 +116,12 @@ impl InsertTurn {
     }
 }
 
+/// Whether day `d` ends before the compaction watermark `c`.
+fn compacted_day(d: &NaiveDate, c: Option<DateTime<Utc>>) -> bool {
+    let end = d.succ_opt().and_then(|n| n.and_hms_opt(0, 0, 0));
+    end.zip(c).is_some_and(|(end, c)| end.and_utc() <= c)
+}
+
 impl Store {
     async fn meter_id(
         &mut self,
@@ -205,15 +211,21 @@ impl Store {
         //    same series at once. Should the samples' transaction fail, the resources'
         //    metadata and first/last seen and the series' first/last time may already show
         //    the batch; writing it again is idempotent.
+        //    A day that ends before the compaction watermark needs none: its samples are
+        //    merged into `sample_hour` (its partition may have been dropped). The watermark
+        //    is read again when a day's partition is not known (it only grows).
         let days: HashSet<NaiveDate> = samples.iter().map(|s| s.timestamp.date_naive()).collect();
         let missing: Vec<NaiveDate> = days
             .into_iter()
-            .filter(|d| !self.partitions.contains(d))
+            .filter(|d| !self.partitions.contains(d) && !compacted_day(d, self.compacted_to))
             .collect();
         if !missing.is_empty() {
             let mut tx = self.pool.begin().await?;
+            self.compacted_to = compact::watermark(&mut tx).await?;
             for d in missing {
-                self.ensure_partition(&mut tx, d).await?;
+                if !compacted_day(&d, self.compacted_to) {
+                    self.ensure_partition(&mut tx, d).await?;
+                }
             }
             tx.commit().await?;
         }
@@ -237,7 +249,12 @@ impl Store {
             .collect();
         rows.sort_unstable();
         rows.dedup_by_key(|r| (r.0, r.1, r.2));
-        let (mut ts, mut mid, mut rid, mut vol) = (
+        let (mut ts, mut mid, mut rid, mut vol): (
+            Vec<DateTime<Utc>>,
+            Vec<i32>,
+            Vec<i32>,
+            Vec<f64>,
+        ) = (
             Vec::with_capacity(rows.len()),
             Vec::with_capacity(rows.len()),
             Vec::with_capacity(rows.len()),
@@ -269,14 +286,40 @@ impl Store {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         // Compacted hours are all rolled up: a sample before `compacted` is late for both.
         let (watermark, compacted) = rollup::writer_watermarks(&mut tx).await?;
+        self.compacted_to = compacted;
+        // Samples of compacted hours are merged into their compacted rows and nothing else:
+        // those hours have no rollup rows any more, and their day's narrow partition may be
+        // gone. The rows are sorted by time within a series: each hour's list is in order.
+        let mut merge = compact::LateSamples::new();
+        if let Some(c) = compacted.filter(|c| ts.iter().any(|t| t < c)) {
+            let mut keep = 0;
+            for i in 0..ts.len() {
+                if ts[i] < c {
+                    merge
+                        .entry((mid[i], rid[i], rollup::floor_hour(ts[i])))
+                        .or_default()
+                        .push((ts[i].timestamp_micros(), vol[i]));
+                } else {
+                    (ts[keep], mid[keep], rid[keep], vol[keep]) = (ts[i], mid[i], rid[i], vol[i]);
+                    keep += 1;
+                }
+            }
+            ts.truncate(keep);
+            mid.truncate(keep);
+            rid.truncate(keep);
+            vol.truncate(keep);
+        }
         let oldest = ts.iter().min().copied();
         // Samples of rolled-up hours: learn which hours got new rows, and fold them in.
         let late_before = watermark.filter(|w| oldest.is_some_and(|o| o < *w));
-        let inserted = if let Some(w) = late_before {
+        let mut inserted = if ts.is_empty() {
+            turn.pass();
+            0
+        } else if let Some(w) = late_before {
             // The rows this statement inserted (not the duplicates it skipped).
-            type Inserted = Vec<(i32, i32, DateTime<Utc>, f64)>;
+            type Inserted = Vec<(i32, i32, DateTime<Utc>)>;
             let rows: Result<Inserted, sqlx::Error> = sqlx::query_as(AssertSqlSafe(format!(
-                "{} returning meter_id, resource_id, ts, volume",
+                "{} returning meter_id, resource_id, ts",
                 how.sql()
             )))
             .bind(&ts)
@@ -295,16 +338,6 @@ impl Store {
             late.sort_unstable();
             late.dedup();
             rollup::fold_late(&mut tx, &late).await?;
-            if let Some(c) = compacted {
-                let mut merge = compact::LateSamples::new();
-                for r in rows.iter().filter(|r| r.2 < c) {
-                    merge
-                        .entry((r.0, r.1, rollup::floor_hour(r.2)))
-                        .or_default()
-                        .push((r.2.timestamp_micros(), r.3));
-                }
-                compact::merge_late(&mut tx, &merge).await?;
-            }
             rows.len() as u64
         } else {
             let done = sqlx::query(how.sql())
@@ -317,6 +350,7 @@ impl Store {
             turn.pass();
             done?.rows_affected()
         };
+        inserted += compact::merge_late(&mut tx, &merge).await?;
         tx.commit().await?;
         Ok(Written {
             inserted,

@@ -10,14 +10,15 @@
 //! A request is computed in one of two modes:
 //! - **minutes** when every bucket bound is a whole minute (the period a multiple of 60 s,
 //!   the buckets and the time bounds on minutes): the parts are per-minute aggregates
-//!   (rollup rows; for a compacted hour the same aggregates computed from its decoded
-//!   samples, bit for bit, by [`rollup::minutes_of`], and the same rule for a sparse hour)
-//!   and, for the hours not rolled up, single samples;
+//!   (rollup rows; for a compacted hour and an hour not rolled up yet the same aggregates
+//!   computed from its samples, bit for bit, by [`rollup::minutes_of`]), or for a sparse
+//!   series-hour (fewer than two samples per minute, the rollup job's rule) its samples;
 //! - **samples** otherwise: every sample in the range is a part.
 //!
 //! Every part is added to its (bucket, unit, group) in one order, whatever layout it came
 //! from: by series (meter id, attribution id), then time. So an answer is the same bytes
-//! before and after its hours are compacted: the same doubles, added in the same order.
+//! before and after its hours are rolled up and compacted: the same doubles, added in the
+//! same order. (An hour still open can change from sparse to dense as samples arrive.)
 //! Memory: the compacted and rollup rows of the range (≈ 9 and 8 B per sample), the parts
 //! of one narrow sample at a time, and one accumulator per (bucket, unit, group).
 
@@ -415,28 +416,29 @@ impl Merge<'_> {
         self.part(meter, rint, w, &x);
     }
 
+    /// The parts of one series-hour's samples (in time order): in minutes mode what the
+    /// rollup job makes of the hour, its minutes, or for a sparse series (fewer than two
+    /// samples per minute) the samples themselves; else the samples.
+    fn hour(&mut self, meter: i32, rint: i32, hour: i64, samples: &[(i64, f64)]) {
+        if self.sel.mode == Mode::Minutes {
+            let minutes = rollup::minutes_of(hour, samples);
+            if samples.len() >= 2 * minutes.len() {
+                for m in &minutes {
+                    self.minute(meter, rint, hour, m);
+                }
+                return;
+            }
+        }
+        for &(ts, v) in samples {
+            self.sample(meter, rint, ts, v);
+        }
+    }
+
     fn item(&mut self, it: &Item, compacted: &[PgRow], rolled: &[PgRow]) -> Result<(), ApiError> {
         match &it.what {
             Hour::Compacted(i) => {
                 let samples = decode(&compacted[*i], it)?;
-                if self.sel.mode == Mode::Samples {
-                    for (ts, v) in samples {
-                        self.sample(it.meter, it.rint, ts, v);
-                    }
-                    return Ok(());
-                }
-                // What the rollup job made of this hour: its minutes, or for a sparse
-                // series (fewer than two samples per minute) nothing but the samples.
-                let minutes = rollup::minutes_of(it.hour, &samples);
-                if samples.len() < 2 * minutes.len() {
-                    for (ts, v) in samples {
-                        self.sample(it.meter, it.rint, ts, v);
-                    }
-                } else {
-                    for m in &minutes {
-                        self.minute(it.meter, it.rint, it.hour, m);
-                    }
-                }
+                self.hour(it.meter, it.rint, it.hour, &samples);
             }
             Hour::Rolled(i) => {
                 let data: &[u8] = rolled[*i].try_get_unchecked(3)?;
@@ -644,10 +646,16 @@ pub(super) async fn compute(
     };
 
     // The narrow samples from `narrow_from` on, in series and time order, merged with the
-    // closed hours: a series' closed hours come before its narrow samples.
+    // closed hours: a series' closed hours come before its narrow samples. In minutes mode
+    // they are read by whole hours and taken an hour at a time, as the rollup job and a
+    // compacted hour take them: an answer does not change when an hour is rolled up.
     let mut next = 0;
-    let lo = sel.a.max(narrow_from);
-    if lo < sel.b {
+    let (mut lo, mut hi) = (sel.a.max(narrow_from), sel.b);
+    if sel.mode == Mode::Minutes {
+        lo = lo.saturating_sub(lo.rem_euclid(HOUR_US)).max(narrow_from);
+        hi = hi.saturating_add((HOUR_US - hi.rem_euclid(HOUR_US)) % HOUR_US);
+    }
+    if lo < hi {
         let mut qb = QueryBuilder::new(
             "select s.meter_id, s.resource_id, s.ts, s.volume from sample s where true",
         );
@@ -655,24 +663,42 @@ pub(super) async fn compute(
             qb.push(" and s.ts >= ");
             qb.push_bind(from_micros(lo));
         }
-        if sel.b < i64::MAX {
+        if hi < i64::MAX {
             qb.push(" and s.ts < ");
-            qb.push_bind(from_micros(sel.b));
+            qb.push_bind(from_micros(hi));
         }
         push_series(&mut qb, "s.", &sel);
         qb.push(" order by s.meter_id, s.resource_id, s.ts");
         let mut rows = qb.build().fetch(&mut *tx);
+        // The series-hour being gathered (minutes mode).
+        let mut open: Option<(i32, i32, i64)> = None;
+        let mut hour: Vec<(i64, f64)> = Vec::new();
         while let Some(r) = rows.try_next().await? {
             let (meter, rint): (i32, i32) = (r.try_get_unchecked(0)?, r.try_get_unchecked(1)?);
-            while let Some(it) = items
-                .get(next)
-                .filter(|it| (it.meter, it.rint) <= (meter, rint))
-            {
-                m.item(it, &compacted, &rolled)?;
-                next += 1;
+            let (ts, v) = (micros(r.try_get_unchecked(2)?), r.try_get_unchecked(3)?);
+            let key = (meter, rint, ts - ts.rem_euclid(HOUR_US));
+            if open != Some(key) {
+                if let Some((om, or, oh)) = open.take() {
+                    m.hour(om, or, oh, &hour);
+                    hour.clear();
+                }
+                while let Some(it) = items
+                    .get(next)
+                    .filter(|it| (it.meter, it.rint) <= (meter, rint))
+                {
+                    m.item(it, &compacted, &rolled)?;
+                    next += 1;
+                }
+                open = Some(key);
             }
-            let ts = micros(r.try_get_unchecked(2)?);
-            m.sample(meter, rint, ts, r.try_get_unchecked(3)?);
+            if sel.mode == Mode::Samples {
+                m.sample(meter, rint, ts, v);
+            } else {
+                hour.push((ts, v));
+            }
+        }
+        if let Some((om, or, oh)) = open {
+            m.hour(om, or, oh, &hour);
         }
     }
     for it in &items[next..] {
