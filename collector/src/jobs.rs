@@ -107,6 +107,16 @@ pub async fn roll_up(store: Store, cfg: DatabaseConfig, mut stop: shutdown::Shut
                 }
                 Err(e) => tracing::warn!(error = %e, "Compaction failed; retrying next round."),
             }
+            match store.drop_compacted_days().await {
+                Ok(days) if !days.is_empty() => tracing::info!(
+                    dropped = ?days,
+                    "Dropped the narrow partitions of compacted days."
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "Dropping compacted days' partitions failed; retrying next round.")
+                }
+            }
         }
     }
 }

@@ -52,8 +52,6 @@ pub struct CompactRun {
     pub watermark: Option<DateTime<Utc>>,
     /// Whether every rolled-up hour is compacted (false: stopped at `max_hours`).
     pub caught_up: bool,
-    /// Narrow partitions dropped (days compacted whole, [`DROP_MARGIN`] ago).
-    pub partitions_dropped: Vec<String>,
 }
 
 /// How long after the compaction watermark passes a day's end its narrow partition is
@@ -224,16 +222,12 @@ impl Store {
                     .await?;
             let (Some(limit), Some(oldest)) = (rolled, oldest) else {
                 run.caught_up = true;
-                drop(tx);
-                run.partitions_dropped = self.drop_compacted_days(wm).await?;
                 return Ok(run);
             };
             lag_gauge(wm, limit);
             let mut start = wm.unwrap_or_else(|| floor_hour(oldest));
             if start >= limit || run.hours >= max_hours {
                 run.caught_up = start >= limit;
-                drop(tx);
-                run.partitions_dropped = self.drop_compacted_days(wm).await?;
                 return Ok(run);
             }
             start = rollup::next_stored(&mut tx, start, limit).await?;
@@ -290,18 +284,15 @@ impl Store {
 
 impl Store {
     /// Drops the narrow partitions (`sample_pYYYYMMDD`) of the days that end at least
-    /// [`DROP_MARGIN`] before the compaction watermark `wm`: every sample of those days
-    /// is in `sample_hour`, and writers route samples before the watermark there. Returns
-    /// the names dropped.
-    async fn drop_compacted_days(
-        &self,
-        wm: Option<DateTime<Utc>>,
-    ) -> Result<Vec<String>, StoreError> {
-        let Some(wm) = wm else {
-            return Ok(Vec::new());
-        };
+    /// [`DROP_MARGIN`] before the compaction watermark: every sample of those days is in
+    /// `sample_hour`, and writers route samples before the watermark there. The collector's
+    /// job runs it after [`compact`](Self::compact). Returns the names dropped.
+    pub async fn drop_compacted_days(&self) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool().begin().await?;
         locks::exclusive(&mut tx, locks::PARTITION_LOCK).await?;
+        let Some(wm) = watermark(&mut tx).await? else {
+            return Ok(Vec::new());
+        };
         let mut dropped = Vec::new();
         for (name, day) in partition_days(&mut tx).await? {
             let end = day
