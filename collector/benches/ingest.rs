@@ -161,7 +161,9 @@ async fn counters(addr: &str) -> (u64, u64) {
     )
 }
 
-fn start_collector(cfg: &BrokerConfig, db: &str, http: &str) -> Child {
+/// The collector on `db`; `jobs`: its rollup job every 5 s (compaction off: the bench
+/// compacts itself), else no background job.
+fn start_collector(cfg: &BrokerConfig, db: &str, http: &str, jobs: bool) -> Child {
     // `VMETER_BENCH_COLLECTOR`: another build of the collector (A/B against a baseline).
     let bin = std::env::var("VMETER_BENCH_COLLECTOR")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_collector").to_string());
@@ -181,7 +183,11 @@ fn start_collector(cfg: &BrokerConfig, db: &str, http: &str) -> Child {
         .env("VMETER_CONTRACT__MAX_AGE_DAYS", "")
         .env("VMETER_DATABASE__URL", db)
         .env("VMETER_HTTP__LISTEN", http)
-        .env("VMETER_DATABASE__ROLLUP_INTERVAL_SECS", "5")
+        .env(
+            "VMETER_DATABASE__ROLLUP_INTERVAL_SECS",
+            if jobs { "5" } else { "0" },
+        )
+        .env("VMETER_DATABASE__COMPACTION", "false")
         .env("VMETER_LOG__LEVEL", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -246,7 +252,7 @@ async fn main() {
     );
 
     let http = format!("127.0.0.1:{}", 20000 + std::process::id() % 20000);
-    let mut child = start_collector(&cfg, &db_url, &http);
+    let mut child = start_collector(&cfg, &db_url, &http, true);
     // Ready once its API answers (migrations done, consuming).
     for _ in 0..300 {
         if tokio::net::TcpStream::connect(&http).await.is_ok() {
@@ -365,7 +371,12 @@ async fn main() {
     let rid = &ids[0];
     let one_resource =
         format!("/v2/meters/cpu_util?q.field=resource_id&q.value={rid}&limit={POINTS}");
-    let stats = "/v2/meters/cpu_util/statistics?period=60&groupby=resource_id".to_string();
+    // The first load's whole minutes (999,600 samples): the same samples when more arrive.
+    let stats = format!(
+        "/v2/meters/cpu_util/statistics?period=60&groupby=resource_id&q.field=timestamp&q.op=lt&q.value={}",
+        (t0() + chrono::Duration::seconds((POINTS as i64 * 10) / 60 * 60))
+            .format("%Y-%m-%dT%H:%M:%S")
+    );
     let unaligned = format!(
         "{stats}&q.field=timestamp&q.op=ge&q.value={}",
         (t0() + chrono::Duration::seconds(7)).format("%Y-%m-%dT%H:%M:%S")
@@ -379,7 +390,7 @@ async fn main() {
             RESOURCES * POINTS * 10 / 60,
         ),
         (
-            "the same statistics, start 7 s past a minute (from the samples; no target)",
+            "the same statistics, start 7 s past a minute (every sample, narrow rows; no target)",
             &unaligned,
             f64::INFINITY,
             RESOURCES * POINTS * 10 / 60,
@@ -421,7 +432,12 @@ async fn main() {
         );
     }
 
-    // Issue 18: ingest while the compaction job runs, then the compacted answer.
+    // Issue 18: answers to compare once everything is compacted; today's layout's size.
+    let probes = compaction::probes(t0(), rid);
+    let before = compaction::answers(&http, &probes).await;
+    let before_bytes = (compaction::all_tables(&pool).await, rows);
+
+    // Ingest while the compaction job runs, then the compacted answer.
     const SECOND: usize = 300;
     let second: Vec<Vec<u8>> = (messages..messages + SECOND)
         .map(|k| vmeter_core::wire::encode(&message(k, &mds, &ids)))
@@ -463,6 +479,41 @@ async fn main() {
         secs * 1e6 / covered as f64
     );
     compaction::alone(&store, &pool, sample_bytes as f64 / rows as f64).await;
+    // Everything compacted, the compacted days' partitions dropped: size, answers, latency.
+    let mut child = start_collector(&cfg, &db_url, &http, false);
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(&http).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    compaction::final_layout(
+        &store,
+        &pool,
+        &http,
+        &probes,
+        &before,
+        before_bytes,
+        &[
+            ("one resource's 10,000 samples", one_resource.clone(), 20.0),
+            (
+                "statistics?period=60 over 999,600 samples grouped by resource",
+                stats.clone(),
+                200.0,
+            ),
+            (
+                "the same statistics, start 7 s past a minute",
+                unaligned.clone(),
+                300.0,
+            ),
+        ],
+    )
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
     pool.close().await;
     let ch = conn.create_channel().await.unwrap();
     for q in [&cfg.raw_queue, &cfg.processed_queue, &cfg.dead_letter_queue] {

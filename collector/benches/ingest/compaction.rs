@@ -112,21 +112,6 @@ pub async fn alone(store: &Store, pool: &PgPool, narrow: f64) {
         per(run.bytes as f64),
         narrow,
     );
-    let other: i64 = sqlx::query_scalar(
-        "select (pg_total_relation_size('resource') + pg_total_relation_size('meter') + pg_total_relation_size('series') + pg_total_relation_size('sample_rollup'))::bigint",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    println!(
-        "if the narrow rows of compacted hours were dropped (not yet: the API's statistics read them): all tables {:.1} B/sample (sample_hour, rollups, meter/resource/series); target ≤ 12 B: {}",
-        per((hour_bytes + other) as f64),
-        if per((hour_bytes + other) as f64) <= 12.0 {
-            "MET"
-        } else {
-            "NOT MET"
-        }
-    );
     // The samples view over compacted hours: the PL/pgSQL decoders' speed.
     let t = Instant::now();
     let (n, _sum): (i64, Option<f64>) = sqlx::query_as(
@@ -140,4 +125,243 @@ pub async fn alone(store: &Store, pool: &PgPool, narrow: f64) {
         "samples view over the compacted hours: {n} rows in {secs:.2} s ({:.2} µs/sample, PL/pgSQL decoding)",
         secs * 1e6 / n.max(1) as f64
     );
+}
+
+/// One request whose answer must not change when its hours are compacted: a path, and for
+/// a complex query the body to POST.
+pub struct Probe {
+    label: &'static str,
+    path: String,
+    body: Option<String>,
+}
+
+/// The probes over the first load's hours `[t0, t0 + 27 h)` (the second load comes later):
+/// a listing, statistics by whole minutes and unaligned, with groups and a cardinality, a
+/// project's samples, a complex query.
+pub fn probes(t0: chrono::DateTime<chrono::Utc>, rid: &str) -> Vec<Probe> {
+    let iso = |h: i64, s: i64| {
+        (t0 + chrono::Duration::hours(h) + chrono::Duration::seconds(s))
+            .format("%Y-%m-%dT%H:%M:%S")
+            .to_string()
+    };
+    let range = format!(
+        "q.field=timestamp&q.op=ge&q.value={}&q.field=timestamp&q.op=lt&q.value={}",
+        iso(0, 0),
+        iso(27, 0)
+    );
+    let unaligned = format!(
+        "q.field=timestamp&q.op=ge&q.value={}&q.field=timestamp&q.op=lt&q.value={}",
+        iso(0, 7),
+        iso(27, 0)
+    );
+    let complex = serde_json::json!({
+        "filter": format!(
+            r#"{{"and": [{{"=": {{"resource_id": "{rid}"}}}}, {{">=": {{"timestamp": "{}"}}}}, {{"<": {{"timestamp": "{}"}}}}]}}"#,
+            iso(3, 0),
+            iso(9, 0)
+        ),
+        "orderby": r#"[{"counter_volume": "asc"}]"#,
+        "limit": 500,
+    });
+    let p = |label, path: String| Probe {
+        label,
+        path,
+        body: None,
+    };
+    vec![
+        p(
+            "one resource's samples",
+            format!("/v2/meters/cpu_util?q.field=resource_id&q.value={rid}&{range}&limit=10000"),
+        ),
+        p(
+            "statistics period=60 by resource",
+            format!("/v2/meters/cpu_util/statistics?period=60&groupby=resource_id&{range}"),
+        ),
+        p(
+            "statistics period=3600",
+            format!("/v2/meters/cpu_util/statistics?period=3600&{range}"),
+        ),
+        p(
+            "statistics period=60, start 7 s past a minute, by resource",
+            format!("/v2/meters/cpu_util/statistics?period=60&groupby=resource_id&{unaligned}"),
+        ),
+        p(
+            "statistics period=600 by flavor with project cardinality and stddev",
+            format!(
+                "/v2/meters/cpu_util/statistics?period=600&groupby=resource_metadata.instance_type&aggregate.func=cardinality&aggregate.param=project_id&aggregate.func=stddev&aggregate.func=sum&{range}"
+            ),
+        ),
+        p(
+            "statistics without a period",
+            format!("/v2/meters/cpu_util/statistics?{range}"),
+        ),
+        p(
+            "a project's samples",
+            format!("/v2/samples?q.field=project_id&q.value=project-3&{range}&limit=2000"),
+        ),
+        Probe {
+            label: "complex query, one resource, 6 hours, by volume",
+            path: "/v2/query/samples".into(),
+            body: Some(complex.to_string()),
+        },
+    ]
+}
+
+/// The answers' bodies (status line and headers cut off: the `Date` header changes).
+pub async fn answers(http: &str, probes: &[Probe]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for p in probes {
+        let raw = request(http, p).await;
+        let at = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(raw.len(), |i| i + 4);
+        assert!(
+            raw.starts_with(b"HTTP/1.1 200") || raw.starts_with(b"HTTP/1.0 200"),
+            "{}: {}",
+            p.label,
+            String::from_utf8_lossy(&raw[..raw.len().min(300)])
+        );
+        assert!(raw.len() > at + 2, "{}: an empty answer", p.label);
+        out.push(raw[at..].to_vec());
+    }
+    out
+}
+
+async fn request(addr: &str, p: &Probe) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = match &p.body {
+        None => format!("GET {} HTTP/1.0\r\nHost: {addr}\r\n\r\n", p.path),
+        Some(b) => format!(
+            "POST {} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            p.path,
+            b.len()
+        ),
+    };
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    s.read_to_end(&mut buf).await.unwrap();
+    buf
+}
+
+/// Bytes of every table of the database (heap, indexes, TOAST), after `vacuum analyze`.
+pub async fn all_tables(pool: &PgPool) -> i64 {
+    sqlx::query("vacuum analyze").execute(pool).await.unwrap();
+    sqlx::query_scalar(
+        "select sum(pg_total_relation_size(c.oid))::bigint from pg_class c
+           join pg_namespace n on n.oid = c.relnamespace
+          where n.nspname = 'public' and c.relkind = 'r'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The final layout: data time moved on (a sample three days later), every closed hour
+/// rolled up and compacted, the narrow partitions of the compacted days dropped. Then what
+/// it costs against `before_bytes` (the same data in today's layout, measured earlier in
+/// this run), whether `probes` answer `before` byte for byte, and the API's latency on it.
+pub async fn final_layout(
+    store: &Store,
+    pool: &PgPool,
+    http: &str,
+    probes: &[Probe],
+    before: &[Vec<u8>],
+    before_bytes: (i64, i64),
+    timed: &[(&str, String, f64)],
+) {
+    let t0 = super::t0();
+    let mut clock = super::message(0, &super::all_metadata(), &["clock".to_string()])
+        .into_iter()
+        .take(1)
+        .collect::<Vec<_>>();
+    clock[0].name = "bench.clock".into();
+    clock[0].timestamp = t0 + chrono::Duration::days(4);
+    let mut writer = Store::new(pool.clone());
+    writer.write(&clock).await.unwrap();
+    store
+        .roll_up(chrono::Utc::now(), chrono::Duration::seconds(600), u32::MAX)
+        .await
+        .unwrap();
+    let run = store.compact(u32::MAX).await.unwrap();
+    let dropped = store.drop_compacted_days().await.unwrap();
+    let samples: i64 = sqlx::query_scalar(
+        "select (select coalesce(sum(n), 0) from sample_hour) + (select count(*) from sample)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let bytes = all_tables(pool).await;
+    let narrow_left: i64 = sqlx::query_scalar("select count(*) from sample")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let per = bytes as f64 / samples as f64;
+    println!(
+        "compacted layout: watermark {:?}, partitions dropped {dropped:?}, {narrow_left} narrow rows left; all tables {:.1} MB for {samples} samples = {per:.2} B/sample, target ≤ 12: {}; today's layout in this run: {:.1} MB for {} samples = {:.2} B/sample",
+        run.watermark,
+        bytes as f64 / 1e6,
+        if per <= 12.0 { "MET" } else { "NOT MET" },
+        before_bytes.0 as f64 / 1e6,
+        before_bytes.1,
+        before_bytes.0 as f64 / before_bytes.1 as f64,
+    );
+
+    // The same answers, byte for byte.
+    let after = answers(http, probes).await;
+    for ((p, b), a) in probes.iter().zip(before).zip(&after) {
+        assert!(
+            a == b,
+            "{}: the answer changed after compaction ({} bytes before, {} after)",
+            p.label,
+            b.len(),
+            a.len()
+        );
+    }
+    println!(
+        "answers before and after compaction: {} of {} byte for byte the same ({} KiB): {}",
+        after.len(),
+        probes.len(),
+        after.iter().map(Vec::len).sum::<usize>() / 1024,
+        probes
+            .iter()
+            .map(|p| p.label)
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+
+    // Latency with everything compacted, median of 20 after a warm-up.
+    for (label, path, target_ms) in timed {
+        let probe = Probe {
+            label: "timed",
+            path: path.clone(),
+            body: None,
+        };
+        let rows = serde_json::from_slice::<serde_json::Value>(
+            &answers(http, std::slice::from_ref(&probe)).await[0],
+        )
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0);
+        let mut ms = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let raw = request(http, &probe).await;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            assert!(raw.starts_with(b"HTTP/1.1 200") || raw.starts_with(b"HTTP/1.0 200"));
+        }
+        ms.sort_by(f64::total_cmp);
+        let median = ms[ms.len() / 2];
+        println!(
+            "API {label}, everything compacted: median {median:.1} ms of 20 ({rows} rows; min {:.1}, max {:.1}); target ≤ {target_ms} ms: {}",
+            ms[0],
+            ms[ms.len() - 1],
+            if median <= *target_ms {
+                "MET"
+            } else {
+                "NOT MET"
+            }
+        );
+    }
 }
