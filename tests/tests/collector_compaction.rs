@@ -207,6 +207,26 @@ async fn compacted_hours_read_the_same_resume_and_take_late_samples_once() {
     assert_eq!(n, 2 * 4 * 2 * 360);
     // The view now decodes those two hours: the same rows, bit for bit.
     assert_eq!(rows(&pool, "samples").await, before);
+    // samples_between: the view's rows in a range (both ends included), across the
+    // watermark, from a range that starts mid-hour and ends on a sample's time.
+    for (from, to) in [
+        ("2026-03-01 10:30:00+00", "2026-03-01 12:30:00.004+00"),
+        ("2026-03-01 09:00:00+00", "2026-03-01 10:00:10.003919+00"),
+        ("2026-03-01 11:59:59+00", "2026-03-01 13:00:00+00"),
+    ] {
+        let range = format!("'{from}'::timestamptz and '{to}'::timestamptz");
+        let want = rows(
+            &pool,
+            &format!("(select * from samples where timestamp between {range}) v"),
+        )
+        .await;
+        assert!(!want.is_empty());
+        assert_eq!(
+            rows(&pool, &format!("samples_between('{from}', '{to}') f")).await,
+            want,
+            "{from} .. {to}"
+        );
+    }
 
     // Late samples for the compacted hours, from four collectors at once, each batch also
     // delivered twice, while the job runs: a new time in an existing series, a redelivery

@@ -230,8 +230,9 @@ async fn documented_sql_answers_the_dashboard_questions() {
     drop_db(&names, &admin, pool).await;
 }
 
-/// A panel's SQL as Grafana's PostgreSQL data source sends it: `$__timeFilter(col)` and
-/// `$__timeGroupAlias(col, interval)` expanded as its macros do, `$__interval` as `1m`, and
+/// A panel's SQL as Grafana's PostgreSQL data source sends it: `$__timeFrom()`,
+/// `$__timeTo()`, `$__timeFilter(col)` and `$__timeGroupAlias(col, interval)` expanded as
+/// its macros do, `$__interval` as `1m`, and
 /// a multi-value variable as its quoted values (`${vm:sqlstring}`).
 fn render(sql: &str, from: DateTime<Utc>, to: DateTime<Utc>, vms: &[&str]) -> String {
     let mut s = sql.replace("$__interval", "'1m'");
@@ -242,6 +243,8 @@ fn render(sql: &str, from: DateTime<Utc>, to: DateTime<Utc>, vms: &[&str]) -> St
             .collect::<Vec<_>>()
             .join(","),
     );
+    s = s.replace("$__timeFrom()", &format!("'{}'", from.to_rfc3339()));
+    s = s.replace("$__timeTo()", &format!("'{}'", to.to_rfc3339()));
     while let Some(at) = s.find("$__timeFilter(") {
         let end = at + s[at..].find(')').expect("closed");
         let col = &s[at + "$__timeFilter(".len()..end];
@@ -302,6 +305,51 @@ async fn the_grafana_dashboards_panels_answer_on_real_data() {
     assert_eq!(listed, ["vm-a", "vm-b"]);
 
     let (from, to) = (now - Duration::hours(1), now + Duration::minutes(1));
+    let answers = panel_answers(&pool, &dash, from, to).await;
+    check_panels(&answers);
+
+    // The same panels once those hours are compacted (data time moved on by a sample of
+    // another meter three hours later), their narrow rows deleted: the same answers, from
+    // the compacted rows (samples_between decodes them).
+    let clock = sample(
+        "clock",
+        SampleType::Gauge,
+        "s",
+        1.0,
+        "clock",
+        now + Duration::hours(3),
+        &json!({}),
+    );
+    store.write(&[clock]).await.unwrap();
+    store
+        .roll_up(now + Duration::hours(4), Duration::minutes(10), 100)
+        .await
+        .unwrap();
+    let run = store.compact(100).await.unwrap();
+    let wm = run.watermark.expect("compacted");
+    assert!(wm > to, "{run:?}");
+    let deleted = sqlx::query("delete from sample where ts < $1")
+        .bind(wm)
+        .execute(&pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(deleted >= 20 * 2 * 2, "{deleted}");
+    assert_eq!(
+        panel_answers(&pool, &dash, from, to).await,
+        answers,
+        "the panels over compacted hours"
+    );
+    drop_db(&names, &admin, pool).await;
+}
+
+/// Every panel's rows (as JSON), by title, over `[from, to]`.
+async fn panel_answers(
+    pool: &sqlx::PgPool,
+    dash: &Value,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> HashMap<String, Vec<Value>> {
     let mut answers: HashMap<String, Vec<Value>> = HashMap::new();
     let panels = dash["panels"].as_array().expect("panels");
     assert_eq!(panels.len(), 7);
@@ -318,7 +366,7 @@ async fn the_grafana_dashboards_panels_answer_on_real_data() {
         let rows: Vec<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "select to_jsonb(t) from ({sql}) t"
         )))
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await
         .unwrap_or_else(|e| panic!("{title}: {e}\n{sql}"));
         assert!(!rows.is_empty(), "{title} answered nothing");
@@ -332,6 +380,11 @@ async fn the_grafana_dashboards_panels_answer_on_real_data() {
         }
         answers.insert(title, rows);
     }
+    answers
+}
+
+/// The values the seeded data holds, in each panel.
+fn check_panels(answers: &HashMap<String, Vec<Value>>) {
     let num = |v: &Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
     let values = |title: &str, metric: &str| -> Vec<f64> {
         answers[title]
@@ -384,7 +437,6 @@ async fn the_grafana_dashboards_panels_answer_on_real_data() {
     assert_eq!(top[0]["vm"], "vm-b", "{top:?}");
     assert_eq!(num(&top[0]["cpu_percent_avg"]), 50.0);
     assert_eq!(top.len(), 2);
-    drop_db(&names, &admin, pool).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
