@@ -272,10 +272,14 @@ pub async fn final_layout(
     timed: &[(&str, String, f64)],
 ) {
     let t0 = super::t0();
-    let mut clock = super::message(0, &super::all_metadata(), &["clock".to_string()])
-        .into_iter()
-        .take(1)
-        .collect::<Vec<_>>();
+    let mut clock = super::message(
+        0,
+        &super::all_metadata(),
+        &vec!["clock".to_string(); RESOURCES],
+    )
+    .into_iter()
+    .take(1)
+    .collect::<Vec<_>>();
     clock[0].name = "bench.clock".into();
     clock[0].timestamp = t0 + chrono::Duration::days(4);
     let mut writer = Store::new(pool.clone());
@@ -298,6 +302,27 @@ pub async fn final_layout(
         .await
         .unwrap();
     let per = bytes as f64 / samples as f64;
+    // Where the bytes are, B/sample: the largest tables by name, the rest together.
+    let parts: Vec<(String, i64)> = sqlx::query_as(
+        "select c.relname::text, pg_total_relation_size(c.oid)::bigint from pg_class c
+           join pg_namespace n on n.oid = c.relnamespace
+          where n.nspname = 'public' and c.relkind = 'r' order by 2 desc",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut shown: Vec<String> = parts
+        .iter()
+        .take(5)
+        .map(|(name, b)| format!("{name} {:.2}", *b as f64 / samples as f64))
+        .collect();
+    let rest: i64 = parts.iter().skip(5).map(|p| p.1).sum();
+    shown.push(format!(
+        "{} others {:.2}",
+        parts.len().saturating_sub(5),
+        rest as f64 / samples as f64
+    ));
+    println!("compacted layout by table, B/sample: {}", shown.join(", "));
     println!(
         "compacted layout: watermark {:?}, partitions dropped {dropped:?}, {narrow_left} narrow rows left; all tables {:.1} MB for {samples} samples = {per:.2} B/sample, target ≤ 12: {}; today's layout in this run: {:.1} MB for {} samples = {:.2} B/sample",
         run.watermark,
