@@ -169,8 +169,8 @@ pub struct DatabaseConfig {
     pub retention_days: Option<u32>,
     /// How often retention runs (and partitions ahead are created), s.
     pub maintenance_interval_secs: u64,
-    /// How often the rollup job looks for closed hours to roll up, s (0: never; statistics
-    /// then always read the samples).
+    /// How often the rollup job looks for closed hours to roll up, s (0: never, and no
+    /// compaction either; statistics then compute every hour's minutes from its samples).
     pub rollup_interval_secs: u64,
     /// An hour is rolled up once the wall clock and the newest stored sample are this far
     /// past its end, s. Samples that arrive later for a rolled-up hour are folded in by the
