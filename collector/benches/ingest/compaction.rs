@@ -73,8 +73,21 @@ async fn latency(http: &str, path: &str) -> (usize, [f64; 3]) {
         path: path.to_string(),
         body: None,
     };
+    latency_of(http, &probe).await
+}
+
+/// The median latency of each probe, ms (20 requests after a warm-up).
+pub async fn probe_latencies(http: &str, probes: &[Probe]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for p in probes {
+        out.push(latency_of(http, p).await.1[0]);
+    }
+    out
+}
+
+async fn latency_of(http: &str, probe: &Probe) -> (usize, [f64; 3]) {
     let rows = serde_json::from_slice::<serde_json::Value>(
-        &answers(http, std::slice::from_ref(&probe)).await[0],
+        &answers(http, std::slice::from_ref(probe)).await[0],
     )
     .ok()
     .and_then(|v| v.as_array().map(Vec::len))
@@ -82,7 +95,7 @@ async fn latency(http: &str, path: &str) -> (usize, [f64; 3]) {
     let mut ms = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        let raw = request(http, &probe).await;
+        let raw = request(http, probe).await;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(raw.starts_with(b"HTTP/1.1 200") || raw.starts_with(b"HTTP/1.0 200"));
     }
@@ -274,6 +287,7 @@ pub async fn final_layout(
     probes: &[Probe],
     before: &[Vec<u8>],
     before_bytes: (i64, i64),
+    before_ms: &[f64],
     timed: &[(&str, String, f64)],
 ) {
     let t0 = super::t0();
@@ -328,6 +342,15 @@ pub async fn final_layout(
         rest as f64 / samples as f64
     ));
     println!("compacted layout by table, B/sample: {}", shown.join(", "));
+    // The attribution rows' updates (every batch moves their first/last seen): in place
+    // (HOT) since schema version 7.
+    let (upd, hot): (i64, i64) = sqlx::query_as(
+        "select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relname = 'resource'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    println!("resource rows updated {upd} times, {hot} of them in place (HOT)");
     println!(
         "compacted layout: watermark {:?}, partitions dropped {dropped:?}, {narrow_left} narrow rows left; all tables {:.1} MB for {samples} samples = {per:.2} B/sample, target ≤ 12: {}; today's layout in this run: {:.1} MB for {} samples = {:.2} B/sample",
         run.watermark,
@@ -360,6 +383,14 @@ pub async fn final_layout(
             .collect::<Vec<_>>()
             .join("; ")
     );
+
+    let after_ms = probe_latencies(http, probes).await;
+    for ((p, b), a) in probes.iter().zip(before_ms).zip(&after_ms) {
+        println!(
+            "probe {}: median {b:.1} ms in today's layout, {a:.1} ms compacted",
+            p.label
+        );
+    }
 
     // Latency with everything compacted, median of 20 after a warm-up.
     for (label, path, target_ms) in timed {
