@@ -434,9 +434,11 @@ async fn main() {
 
     // Issue 18: answers to compare once everything is compacted; today's layout's size.
     let probes = compaction::probes(t0(), rid);
-    let before = compaction::answers(&http, &probes).await;
-    let before_ms = compaction::probe_latencies(&http, &probes).await;
-    let before_bytes = (compaction::all_tables(&pool).await, rows);
+    let before = compaction::Before {
+        answers: compaction::answers(&http, &probes).await,
+        ms: compaction::probe_latencies(&http, &probes).await,
+        bytes: (compaction::all_tables(&pool).await, rows),
+    };
 
     // Ingest while the compaction job runs, then the compacted answer.
     const SECOND: usize = 300;
@@ -494,8 +496,6 @@ async fn main() {
         &http,
         &probes,
         &before,
-        before_bytes,
-        &before_ms,
         &[
             ("one resource's 10,000 samples", one_resource.clone(), 20.0),
             (

@@ -263,6 +263,14 @@ async fn request(addr: &str, p: &Probe) -> Vec<u8> {
     buf
 }
 
+/// Today's layout, measured before compaction: the probes' answers and median latencies,
+/// and (bytes of every table, samples).
+pub struct Before {
+    pub answers: Vec<Vec<u8>>,
+    pub bytes: (i64, i64),
+    pub ms: Vec<f64>,
+}
+
 /// Bytes of every table of the database (heap, indexes, TOAST), after `vacuum analyze`.
 pub async fn all_tables(pool: &PgPool) -> i64 {
     sqlx::query("vacuum analyze").execute(pool).await.unwrap();
@@ -285,11 +293,14 @@ pub async fn final_layout(
     pool: &PgPool,
     http: &str,
     probes: &[Probe],
-    before: &[Vec<u8>],
-    before_bytes: (i64, i64),
-    before_ms: &[f64],
+    before: &Before,
     timed: &[(&str, String, f64)],
 ) {
+    let Before {
+        answers: before,
+        bytes: before_bytes,
+        ms: before_ms,
+    } = before;
     let t0 = super::t0();
     let mut clock = super::message(
         0,
