@@ -40,6 +40,8 @@ use vmeter_core::signing::Signer;
 use vmeter_core::telemetry::scrape;
 use vmeter_core::{Sample, SampleType};
 
+#[path = "ingest/agent_mix.rs"]
+mod agent_mix;
 #[path = "ingest/compaction.rs"]
 mod compaction;
 
@@ -262,7 +264,7 @@ async fn main() {
     }
 
     let start = Instant::now();
-    publish_all(&publisher, &cfg, &bodies).await;
+    publish_all(&publisher, &cfg, &bodies, RESOURCES * PER_MESSAGE_POINTS).await;
     let published = start.elapsed().as_secs_f64();
     let mut last = (0, Instant::now());
     let (stored, dups) = loop {
@@ -517,6 +519,17 @@ async fn main() {
     }
     let _ = child.wait();
     pool.close().await;
+
+    // The size target again, on agent-style data (many meters, counters and rates), in a
+    // database of its own.
+    let agent_db = format!("{id}_agent");
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {agent_db}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let agent_url = format!("{}/{agent_db}", admin_url.rsplit_once('/').unwrap().0);
+    agent_mix::run(&publisher, &cfg, &agent_url, &http).await;
+
     let ch = conn.create_channel().await.unwrap();
     for q in [&cfg.raw_queue, &cfg.processed_queue, &cfg.dead_letter_queue] {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
@@ -527,13 +540,15 @@ async fn main() {
             .await;
     }
     if std::env::var_os("VMETER_BENCH_KEEP_DB").is_some() {
-        println!("database kept (VMETER_BENCH_KEEP_DB): {db_url}");
+        println!("databases kept (VMETER_BENCH_KEEP_DB): {db_url}, {agent_url}");
     } else {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "drop database if exists {id} with (force)"
-        )))
-        .execute(&admin)
-        .await;
+        for db in [&id, &agent_db] {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "drop database if exists {db} with (force)"
+            )))
+            .execute(&admin)
+            .await;
+        }
     }
 }
 
@@ -549,12 +564,17 @@ async fn uncompact(pool: &PgPool) {
         .unwrap();
 }
 
-/// Publishes `bodies` (messages of the processed queue) with [`WINDOW`] confirms in flight;
-/// returns once the broker confirmed every one.
-async fn publish_all(publisher: &Publisher, cfg: &BrokerConfig, bodies: &[Vec<u8>]) {
+/// Publishes `bodies` (messages of the processed queue, `per_message` samples each) with
+/// [`WINDOW`] confirms in flight; returns once the broker confirmed every one.
+async fn publish_all(
+    publisher: &Publisher,
+    cfg: &BrokerConfig,
+    bodies: &[Vec<u8>],
+    per_message: usize,
+) {
     let mut inflight = Vec::new();
     for body in bodies {
-        let h = amqp::count_header(RESOURCES * PER_MESSAGE_POINTS);
+        let h = amqp::count_header(per_message);
         inflight.push(
             publisher
                 .send_body(&cfg.exchange, &cfg.processed_routing_key, body, h)

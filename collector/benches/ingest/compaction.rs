@@ -28,7 +28,7 @@ pub async fn during_ingest(
         (run, t.elapsed().as_secs_f64())
     });
     let start = Instant::now();
-    publish_all(publisher, cfg, second).await;
+    publish_all(publisher, cfg, second, RESOURCES * PER_MESSAGE_POINTS).await;
     let want = (second.len() * RESOURCES * PER_MESSAGE_POINTS) as u64;
     loop {
         let (s, d) = counters(http).await;
@@ -148,9 +148,20 @@ pub async fn alone(store: &Store, pool: &PgPool, narrow: f64) {
 /// One request whose answer must not change when its hours are compacted: a path, and for
 /// a complex query the body to POST.
 pub struct Probe {
-    label: &'static str,
+    pub label: &'static str,
     path: String,
     body: Option<String>,
+}
+
+impl Probe {
+    /// A `GET` of `path`.
+    pub fn get(label: &'static str, path: String) -> Probe {
+        Probe {
+            label,
+            path,
+            body: None,
+        }
+    }
 }
 
 /// The probes over the first load's hours `[t0, t0 + 27 h)` (the second load comes later):
@@ -271,6 +282,57 @@ pub struct Before {
     pub ms: Vec<f64>,
 }
 
+/// Moves data time four days past `t0` (one `bench.clock` sample), rolls up and compacts
+/// every closed hour and drops the compacted days' narrow partitions, as the collector's
+/// jobs would: the job's run and the partitions dropped.
+pub async fn advance_and_compact(
+    store: &Store,
+    pool: &PgPool,
+    t0: chrono::DateTime<chrono::Utc>,
+) -> (collector::store::compact::CompactRun, Vec<String>) {
+    let mut clock = super::message(
+        0,
+        &super::all_metadata(),
+        &vec!["clock".to_string(); RESOURCES],
+    );
+    clock.truncate(1);
+    clock[0].name = "bench.clock".into();
+    clock[0].timestamp = t0 + chrono::Duration::days(4);
+    let mut writer = Store::new(pool.clone());
+    writer.write(&clock).await.unwrap();
+    store
+        .roll_up(chrono::Utc::now(), chrono::Duration::seconds(600), u32::MAX)
+        .await
+        .unwrap();
+    let run = store.compact(u32::MAX).await.unwrap();
+    let dropped = store.drop_compacted_days().await.unwrap();
+    (run, dropped)
+}
+
+/// The largest tables' bytes per sample (of `samples`) by name, the rest together.
+pub async fn by_table(pool: &PgPool, samples: i64) -> String {
+    let parts: Vec<(String, i64)> = sqlx::query_as(
+        "select c.relname::text, pg_total_relation_size(c.oid)::bigint from pg_class c
+           join pg_namespace n on n.oid = c.relnamespace
+          where n.nspname = 'public' and c.relkind = 'r' order by 2 desc",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut shown: Vec<String> = parts
+        .iter()
+        .take(5)
+        .map(|(name, b)| format!("{name} {:.2}", *b as f64 / samples as f64))
+        .collect();
+    let rest: i64 = parts.iter().skip(5).map(|p| p.1).sum();
+    shown.push(format!(
+        "{} others {:.2}",
+        parts.len().saturating_sub(5),
+        rest as f64 / samples as f64
+    ));
+    shown.join(", ")
+}
+
 /// Bytes of every table of the database (heap, indexes, TOAST), after `vacuum analyze`.
 pub async fn all_tables(pool: &PgPool) -> i64 {
     sqlx::query("vacuum analyze").execute(pool).await.unwrap();
@@ -301,25 +363,7 @@ pub async fn final_layout(
         bytes: before_bytes,
         ms: before_ms,
     } = before;
-    let t0 = super::t0();
-    let mut clock = super::message(
-        0,
-        &super::all_metadata(),
-        &vec!["clock".to_string(); RESOURCES],
-    )
-    .into_iter()
-    .take(1)
-    .collect::<Vec<_>>();
-    clock[0].name = "bench.clock".into();
-    clock[0].timestamp = t0 + chrono::Duration::days(4);
-    let mut writer = Store::new(pool.clone());
-    writer.write(&clock).await.unwrap();
-    store
-        .roll_up(chrono::Utc::now(), chrono::Duration::seconds(600), u32::MAX)
-        .await
-        .unwrap();
-    let run = store.compact(u32::MAX).await.unwrap();
-    let dropped = store.drop_compacted_days().await.unwrap();
+    let (run, dropped) = advance_and_compact(store, pool, super::t0()).await;
     let samples: i64 = sqlx::query_scalar(
         "select (select coalesce(sum(n), 0) from sample_hour) + (select count(*) from sample)",
     )
@@ -332,27 +376,10 @@ pub async fn final_layout(
         .await
         .unwrap();
     let per = bytes as f64 / samples as f64;
-    // Where the bytes are, B/sample: the largest tables by name, the rest together.
-    let parts: Vec<(String, i64)> = sqlx::query_as(
-        "select c.relname::text, pg_total_relation_size(c.oid)::bigint from pg_class c
-           join pg_namespace n on n.oid = c.relnamespace
-          where n.nspname = 'public' and c.relkind = 'r' order by 2 desc",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    let mut shown: Vec<String> = parts
-        .iter()
-        .take(5)
-        .map(|(name, b)| format!("{name} {:.2}", *b as f64 / samples as f64))
-        .collect();
-    let rest: i64 = parts.iter().skip(5).map(|p| p.1).sum();
-    shown.push(format!(
-        "{} others {:.2}",
-        parts.len().saturating_sub(5),
-        rest as f64 / samples as f64
-    ));
-    println!("compacted layout by table, B/sample: {}", shown.join(", "));
+    println!(
+        "compacted layout by table, B/sample: {}",
+        by_table(pool, samples).await
+    );
     // The attribution rows' updates (every batch moves their first/last seen): in place
     // (HOT) since schema version 7.
     let (upd, hot): (i64, i64) = sqlx::query_as(
