@@ -74,4 +74,11 @@ fi
     systemd-analyze security --offline=true --threshold=20 "$unit.service" | tail -1
   done
 )
+# The cluster test (tests/tests/broker_cluster.rs) starts a three-node RabbitMQ cluster
+# beside the machine's broker and leaves it up for the next run of that test alone. Stop
+# it after the suite unless it was up before: three more Erlang VMs (~0.8 GB, some CPU)
+# would stay on this machine and skew a benchmark run after the tests.
+if ! bash deploy/cluster.sh status 2>/dev/null | grep -q running; then
+  trap 'bash deploy/cluster.sh stop >/dev/null 2>&1 || true' EXIT
+fi
 cargo test --workspace --locked --features "$FEATURES" -- --test-threads=2

@@ -19,7 +19,9 @@
 //!
 //! Then issue 18's figures (`ingest/compaction.rs`): ingest of 300,000 more samples while
 //! the compaction job runs, the 10,000-sample answer from compacted hours, the job alone and
-//! the bytes it stores, and the `samples` view's decoding speed.
+//! the bytes it stores, and the `samples` view's decoding speed; then everything compacted
+//! (the eight answers compared byte for byte with today's layout's), and the size target
+//! again on agent-style data in a database of its own (`ingest/agent_mix.rs`).
 //!
 //! Run: `cargo bench -p collector --bench ingest` (`VMETER_BENCH_KEEP_DB=1` keeps the
 //! database for inspection; `VMETER_BENCH_COLLECTOR=/path/to/collector` runs another build

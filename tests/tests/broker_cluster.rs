@@ -10,8 +10,9 @@
 //! bound while the node is down, and that the agent's `cpu_util` keeps arriving. It prints
 //! a table: fault → samples published/stored/duplicated, longest stall, recovery.
 //!
-//! It starts the cluster itself when it is not running (about 20 s) and leaves it running;
-//! it restarts the nodes it killed, also when it fails.
+//! It starts the cluster itself when it is not running (about 20 s) and leaves it running
+//! (`deploy/test.sh` stops it after the suite unless it was up before); it restarts the
+//! nodes it killed, also when it fails.
 
 use std::time::{Duration, Instant};
 
