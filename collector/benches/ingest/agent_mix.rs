@@ -480,6 +480,7 @@ pub async fn run(publisher: &Publisher, cfg: &BrokerConfig, db_url: &str, http: 
     );
     let tables = compaction::by_table(&pool, samples).await;
     println!("agent-style data, compacted, by table, B/sample: {tables}");
+    println!("agent-style data: {}", compaction::hot_updates(&pool).await);
 
     // Where the streams' bytes go: timestamps, and volumes by kind of meter.
     let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(

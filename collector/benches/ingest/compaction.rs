@@ -309,6 +309,22 @@ pub async fn advance_and_compact(
     (run, dropped)
 }
 
+/// How many updates of the attribution and series rows (every batch moves their first and
+/// last times) stayed on their page (HOT: no new index entries; schema versions 7 and 8).
+pub async fn hot_updates(pool: &PgPool) -> String {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "select relname::text, n_tup_upd, n_tup_hot_upd from pg_stat_user_tables
+          where relname in ('resource', 'series') order by relname",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|(t, upd, hot)| format!("{t} rows updated {upd} times, {hot} of them in place (HOT)"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The largest tables' bytes per sample (of `samples`) by name, the rest together.
 pub async fn by_table(pool: &PgPool, samples: i64) -> String {
     let parts: Vec<(String, i64)> = sqlx::query_as(
@@ -380,15 +396,7 @@ pub async fn final_layout(
         "compacted layout by table, B/sample: {}",
         by_table(pool, samples).await
     );
-    // The attribution rows' updates (every batch moves their first/last seen): in place
-    // (HOT) since schema version 7.
-    let (upd, hot): (i64, i64) = sqlx::query_as(
-        "select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relname = 'resource'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    println!("resource rows updated {upd} times, {hot} of them in place (HOT)");
+    println!("{}", hot_updates(pool).await);
     println!(
         "compacted layout: watermark {:?}, partitions dropped {dropped:?}, {narrow_left} narrow rows left; all tables {:.1} MB for {samples} samples = {per:.2} B/sample, target ≤ 12: {}; today's layout in this run: {:.1} MB for {} samples = {:.2} B/sample",
         run.watermark,
