@@ -42,6 +42,8 @@ use vmeter_core::signing::Signer;
 use vmeter_core::telemetry::scrape;
 use vmeter_core::{Sample, SampleType};
 
+#[path = "ingest/agent_data.rs"]
+mod agent_data;
 #[path = "ingest/agent_mix.rs"]
 mod agent_mix;
 #[path = "ingest/compaction.rs"]

@@ -159,7 +159,9 @@ async fn notification_dies_between_confirm_and_ack() {
     let t0 = chrono::Utc::now() - chrono::Duration::hours(1);
     let mut notification =
         Service::start("notification-crash", "notification", &[], &crashing, &logs);
-    broker::wait_for_queue(&conn, &names.raw_queue, Duration::from_secs(30)).await;
+    // Consumed, hence bound: a queue that merely exists may not be bound yet, and the
+    // mandatory publishes below would come back unroutable.
+    broker::wait_for_consumer(&conn, &names.raw_queue, Duration::from_secs(30)).await;
     for tick in 0..3i64 {
         let batch: Vec<_> = (0..5)
             .map(|r| {
