@@ -27,20 +27,13 @@
 //! database for inspection; `VMETER_BENCH_COLLECTOR=/path/to/collector` runs another build
 //! of the collector, to compare against a baseline).
 
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
+use chrono::Utc;
 use lapin::{Connection, ConnectionProperties};
-use serde_json::json;
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmeter_core::amqp::{self, BrokerConfig, Publisher};
 use vmeter_core::signing::Signer;
-use vmeter_core::telemetry::scrape;
-use vmeter_core::{Sample, SampleType};
 
 #[path = "ingest/agent_data.rs"]
 mod agent_data;
@@ -48,6 +41,15 @@ mod agent_data;
 mod agent_mix;
 #[path = "ingest/compaction.rs"]
 mod compaction;
+#[path = "ingest/data.rs"]
+mod data;
+#[path = "ingest/harness.rs"]
+mod harness;
+
+use data::{all_metadata, changed_attribution, message, t0};
+use harness::{
+    body_len, counters, http_get, http_get_bytes, paths, publish_all, start_collector, uncompact,
+};
 
 const RESOURCES: usize = 100;
 const POINTS: usize = 10_000;
@@ -55,150 +57,6 @@ const PER_MESSAGE_POINTS: usize = 10;
 const DUPLICATE_MESSAGES: usize = 100;
 const SECRET: &str = "bench-secret";
 const WINDOW: usize = 32;
-
-/// Flavor of resource `r` at point `p`: every resource is resized twice over the run
-/// (m1.small → m1.medium at point 3,000, → m1.large at 7,000: ~8 and ~19 hours in).
-fn flavor(p: usize) -> (&'static str, u32, u32) {
-    match p {
-        0..3_000 => ("m1.small", 1, 2048),
-        3_000..7_000 => ("m1.medium", 2, 4096),
-        _ => ("m1.large", 4, 8192),
-    }
-}
-
-/// Project of resource `r` at point `p`: every tenth resource moves to another project
-/// at point 5,000.
-fn project(r: usize, p: usize) -> String {
-    if r.is_multiple_of(10) && p >= 5_000 {
-        format!("project-{}-new", r % 10)
-    } else {
-        format!("project-{}", r % 10)
-    }
-}
-
-/// Agent-style metadata of resource `r` with flavor `f`.
-fn metadata(r: usize, f: (&str, u32, u32)) -> Arc<vmeter_core::Metadata> {
-    let (name, vcpus, ram) = f;
-    let v = json!({
-        "name": format!("instance-{r:08x}"), "host": "compute-01", "cpu_number": vcpus,
-        "vcpus": vcpus, "memory_mb": ram, "status": "active", "state": "running",
-        "display_name": format!("web-{r}"), "instance_type": name,
-        "flavor": {"name": name, "vcpus": vcpus, "ram": ram, "disk": 20},
-        "image_ref": "5c1a0f5e-6b8a-4c8e-9d0f-2a4b6c8d0e1f",
-    });
-    Arc::new(v.as_object().unwrap().clone())
-}
-
-/// The metadata of each resource, one `Arc` per flavor (as the decoder shares them).
-type Mds = Vec<HashMap<&'static str, Arc<vmeter_core::Metadata>>>;
-
-fn all_metadata() -> Mds {
-    (0..RESOURCES)
-        .map(|r| {
-            [0, 3_000, 7_000]
-                .into_iter()
-                .map(|p| (flavor(p).0, metadata(r, flavor(p))))
-                .collect()
-        })
-        .collect()
-}
-
-/// Samples whose attribution (project, metadata) differs from their resource's newest.
-fn changed_attribution() -> u64 {
-    let last = POINTS - 1;
-    (0..RESOURCES)
-        .flat_map(|r| (0..POINTS).map(move |p| (r, p)))
-        .filter(|&(r, p)| flavor(p).0 != flavor(last).0 || project(r, p) != project(r, last))
-        .count() as u64
-}
-
-/// Message `k`: points `k*10 .. k*10+10` of every resource.
-fn message(k: usize, mds: &Mds, ids: &[String]) -> Vec<Sample> {
-    let t0 = t0();
-    let mut out = Vec::with_capacity(RESOURCES * PER_MESSAGE_POINTS);
-    for r in 0..RESOURCES {
-        for p in k * PER_MESSAGE_POINTS..(k + 1) * PER_MESSAGE_POINTS {
-            out.push(Sample {
-                name: "cpu_util".into(),
-                kind: SampleType::Gauge,
-                unit: "%".into(),
-                volume: ((p * 7 + r * 13) % 1000) as f64 / 10.0,
-                user_id: Some("0f0e0d0c0b0a09080706050403020100".into()),
-                project_id: Some(project(r, p)),
-                resource_id: ids[r].clone(),
-                timestamp: t0 + chrono::Duration::seconds(p as i64 * 10),
-                resource_metadata: mds[r][flavor(p).0].clone(),
-                source: "openstack".into(),
-                message_id: uuid::Uuid::new_v4(),
-                monotonic_time: None,
-            });
-        }
-    }
-    out
-}
-
-async fn http_get(addr: &str, path: &str) -> String {
-    String::from_utf8(http_get_bytes(addr, path).await).expect("UTF-8 answer")
-}
-
-/// The whole answer, as bytes: what a client that stores or forwards the body does (the
-/// latency figures do not include checking 7 MB of UTF-8 or growing a `String`).
-async fn http_get_bytes(addr: &str, path: &str) -> Vec<u8> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::with_capacity(64 * 1024);
-    s.read_to_end(&mut buf).await.unwrap();
-    buf
-}
-
-async fn body_len(addr: &str, path: &str) -> usize {
-    http_get(addr, path).await.len()
-}
-
-/// `(stored, duplicates)` from the collector's `/metrics`.
-async fn counters(addr: &str) -> (u64, u64) {
-    let text = http_get(addr, "/metrics").await;
-    let get = |name| scrape(&text, name) as u64;
-    (
-        get("vmeter_collector_samples_stored_total"),
-        get("vmeter_collector_duplicates_total"),
-    )
-}
-
-/// The collector on `db`; `jobs`: its rollup job every 5 s (compaction off: the bench
-/// compacts itself), else no background job.
-fn start_collector(cfg: &BrokerConfig, db: &str, http: &str, jobs: bool) -> Child {
-    // `VMETER_BENCH_COLLECTOR`: another build of the collector (A/B against a baseline).
-    let bin = std::env::var("VMETER_BENCH_COLLECTOR")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_collector").to_string());
-    Command::new(bin)
-        .env("VMETER_CONFIG", "/dev/null") // defaults, not an installed /etc/vmeter config
-        .env("VMETER_BROKER__URL", &cfg.url)
-        .env("VMETER_BROKER__EXCHANGE", &cfg.exchange)
-        .env("VMETER_BROKER__RAW_QUEUE", &cfg.raw_queue)
-        .env("VMETER_BROKER__PROCESSED_QUEUE", &cfg.processed_queue)
-        .env(
-            "VMETER_BROKER__DEAD_LETTER_EXCHANGE",
-            &cfg.dead_letter_exchange,
-        )
-        .env("VMETER_BROKER__DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
-        .env("VMETER_SIGNING__TELEMETRY_SECRET", SECRET)
-        // Fixed timestamps: no age window (the contract is still checked).
-        .env("VMETER_CONTRACT__MAX_AGE_DAYS", "")
-        .env("VMETER_DATABASE__URL", db)
-        .env("VMETER_HTTP__LISTEN", http)
-        .env(
-            "VMETER_DATABASE__ROLLUP_INTERVAL_SECS",
-            if jobs { "5" } else { "0" },
-        )
-        .env("VMETER_DATABASE__COMPACTION", "false")
-        .env("VMETER_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the collector binary")
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -554,56 +412,4 @@ async fn main() {
             .await;
         }
     }
-}
-
-/// Forgets every compacted hour (the next compaction starts from scratch).
-async fn uncompact(pool: &PgPool) {
-    sqlx::query("truncate sample_hour")
-        .execute(pool)
-        .await
-        .unwrap();
-    sqlx::query("update compaction_state set watermark = null")
-        .execute(pool)
-        .await
-        .unwrap();
-}
-
-/// Publishes `bodies` (messages of the processed queue, `per_message` samples each) with
-/// [`WINDOW`] confirms in flight; returns once the broker confirmed every one.
-async fn publish_all(
-    publisher: &Publisher,
-    cfg: &BrokerConfig,
-    bodies: &[Vec<u8>],
-    per_message: usize,
-) {
-    let mut inflight = Vec::new();
-    for body in bodies {
-        let h = amqp::count_header(per_message);
-        inflight.push(
-            publisher
-                .send_body(&cfg.exchange, &cfg.processed_routing_key, body, h)
-                .await
-                .unwrap(),
-        );
-        if inflight.len() == WINDOW {
-            for c in inflight.drain(..) {
-                c.confirmed().await.unwrap();
-            }
-        }
-    }
-    for c in inflight {
-        c.confirmed().await.unwrap();
-    }
-}
-
-/// Statistics requests answered so far (from rollups, from samples), from `/metrics`.
-async fn paths(http: &str) -> (u64, u64) {
-    let m = http_get(http, "/metrics").await;
-    let get = |p: &str| scrape(&m, &format!("vmeter_api_statistics_total{{path=\"{p}\"}}")) as u64;
-    (get("rollup"), get("samples"))
-}
-
-/// The first sample's time.
-fn t0() -> chrono::DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
 }
